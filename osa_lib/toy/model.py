@@ -1,0 +1,114 @@
+"""The toy text-to-image model: a pixel-space diffusers pipeline trained on the toy world.
+
+Components, all standard Hugging Face classes so that the method's code paths are the same
+as for SDXL:
+- ``tokenizer``: a word-level ``PreTrainedTokenizerFast`` built locally from the world's
+  vocabulary (no download), one token per word plus ``<bos>``/``<eos>``/``<pad>``.
+- ``text_encoder``: a small ``CLIPTextModel`` (causal, like SDXL's encoders), trained from
+  scratch; its ``last_hidden_state`` conditions the U-Net.
+- ``unet``: a ``UNet2DConditionModel`` on a 12x16x16 "latent": the 3x32x32 image rearranged by
+  a fixed, lossless space-to-depth (``pixel_unshuffle``) - the toy's stand-in for SDXL's VAE,
+  which makes CPU training about 3x faster. Cross-attention at 16x16 and 8x8 in the down, mid
+  and up blocks.
+- ``scheduler``: ``DDIMScheduler`` for sampling (training uses DDPM noise with the same betas).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from .world import IMAGE_SIZE, VOCABULARY, parse_caption
+
+__all__ = ["ToyPipeline", "build_tokenizer", "build_toy_pipeline", "images_to_latents",
+           "latents_to_images", "MAX_TOKENS", "DEFAULT_MODEL_DIR"]
+
+MAX_TOKENS = 16  # longest caption (3 characters) is 14 words + <bos> + <eos>
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+LATENT_CHANNELS, LATENT_SIZE = 12, IMAGE_SIZE // 2
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "toy_model"
+
+
+def images_to_latents(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 32, 32) in [-1, 1] -> (B, 12, 16, 16): lossless space-to-depth."""
+    return torch.nn.functional.pixel_unshuffle(images, 2)
+
+
+def latents_to_images(latents: torch.Tensor) -> torch.Tensor:
+    """(B, 12, 16, 16) -> (B, 3, 32, 32) in [0, 1]; the toy's "VAE decode"."""
+    return (torch.nn.functional.pixel_shuffle(latents, 2).clamp(-1, 1) + 1) / 2
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the toy vocabulary, built from nothing but the word list."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + VOCABULARY)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", model_max_length=MAX_TOKENS)
+
+
+def build_toy_pipeline(seed: int = 0) -> "ToyPipeline":
+    """A freshly initialised (untrained) toy pipeline; ``osa_lib.toy.train`` trains it."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2))
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        layers_per_block=1, block_out_channels=(64, 96, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                              clip_sample=True, prediction_type="epsilon")
+    return ToyPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+class ToyPipeline(DiffusionPipeline):
+    """Text-to-image in pixel space for the toy world, with classifier-free guidance."""
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+    def tokenize(self, prompts: list[str], validate: bool = True) -> torch.Tensor:
+        """Token ids (B, MAX_TOKENS); every non-empty prompt is checked against the grammar."""
+        if validate:
+            for p in prompts:
+                if p:
+                    parse_caption(p, id_prompt=len(p.split()) <= 3 and " in " not in f" {p} ")
+        return self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS,
+                              truncation=True, return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings (B, MAX_TOKENS, 128)."""
+        ids = self.tokenize(prompts).to(self.text_encoder.device)
+        return self.text_encoder(ids).last_hidden_state
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], num_inference_steps: int = 25, guidance_scale: float = 4.0,
+                 generator: torch.Generator | None = None, output_type: str = "np"):
+        """Sample images; returns (B, H, W, 3) float in [0, 1] (``output_type="np"``) or a tensor."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        cond = self.encode_prompt(prompts)
+        uncond = self.encode_prompt([""] * len(prompts))
+        device = self.unet.device
+        x = torch.randn((len(prompts), LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), generator=generator,
+                        device="cpu").to(device)
+        self.scheduler.set_timesteps(num_inference_steps)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            eps_u, eps_c = self.unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample.chunk(2)
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
+            x = self.scheduler.step(eps, t, x).prev_sample
+        images = latents_to_images(x)
+        return images.permute(0, 2, 3, 1).cpu().numpy() if output_type == "np" else images

@@ -1,0 +1,170 @@
+"""Train the toy text-to-image model on freshly rendered toy-world scenes.
+
+    python -m osa_lib.toy.train --max-minutes 85            # CPU, ~the shipped model
+    python -m osa_lib.toy.train --device cuda --steps 20000  # on a GPU
+
+Resumable: the full training state (weights, EMA weights, optimiser, step, data seed) is
+written to ``--ckpt-dir`` every ``--save-every`` steps and picked up on the next start. The
+EMA weights are exported as a diffusers pipeline to ``--out`` at every checkpoint, so a run
+cut short still leaves a usable model. Held-out (colour, shape, scene) triples are never
+rendered for training (see ``world.HELD_OUT_TRIPLES``).
+
+The loss is the plain denoising loss on images and captions; nothing supervises attention.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from .model import DEFAULT_MODEL_DIR, ToyPipeline, build_toy_pipeline, images_to_latents
+from .world import HELD_OUT_TRIPLES, sample_scene
+
+__all__ = ["SceneStream", "train", "main"]
+
+
+class SceneStream(torch.utils.data.IterableDataset):
+    """Endless batches of (images (B, 3, 32, 32) in [-1, 1], captions) from the renderer."""
+
+    def __init__(self, batch_size: int, seed: int, p_empty_caption: float = 0.1):
+        self.batch_size, self.seed, self.p_empty_caption = batch_size, seed, p_empty_caption
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        while True:
+            scenes = [sample_scene(rng, exclude=HELD_OUT_TRIPLES) for _ in range(self.batch_size)]
+            images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2)
+            captions = ["" if rng.random() < self.p_empty_caption else s.caption for s in scenes]
+            yield images.float() / 127.5 - 1.0, captions
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _export(pipe: ToyPipeline, ema_state: dict, out: Path) -> None:
+    """Write the EMA weights as a diffusers pipeline folder, atomically (temp dir + rename)."""
+    export = copy.deepcopy(pipe)
+    export.unet.load_state_dict(ema_state["unet"])
+    export.text_encoder.load_state_dict(ema_state["text_encoder"])
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    export.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+        old = out.with_name(out.name + ".old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: int = 64, lr: float = 4e-4,
+          ema_decay: float = 0.995, out: Path = DEFAULT_MODEL_DIR, ckpt_dir: Path | None = None,
+          save_every: int = 250, device: str = "cpu", seed: int = 0, log_every: int = 50) -> dict:
+    """Train (or resume) and return the last logged statistics."""
+    ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = ckpt_dir / "state.pt"
+    pipe = build_toy_pipeline(seed)
+    pipe.to(device)
+    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    ema = {"unet": copy.deepcopy(pipe.unet.state_dict()), "text_encoder": copy.deepcopy(pipe.text_encoder.state_dict())}
+    step, data_seed, elapsed_before = 0, seed, 0.0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        pipe.unet.load_state_dict(state["unet"]); pipe.text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"]); ema = state["ema"]
+        step, elapsed_before = state["step"], state.get("elapsed", 0.0)
+        data_seed = seed + 1000 * state["resumes"] + 1
+        print(f"resumed from {ckpt_path} at step {step}")
+    resumes = (state["resumes"] + 1) if ckpt_path.exists() else 0
+    loader = torch.utils.data.DataLoader(SceneStream(batch_size, data_seed), batch_size=None,
+                                         num_workers=1, prefetch_factor=4)
+    torch.manual_seed(seed + step)
+    started, stats, running = time.time(), {}, []
+    bar = tqdm(total=steps, initial=step, desc="train toy model", dynamic_ncols=True)
+    for images, captions in loader:
+        if step >= steps or (max_minutes and time.time() - started > max_minutes * 60):
+            break
+        images = images.to(device)
+        latents = images_to_latents(images)  # (B, 12, 16, 16)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=device)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        ids = pipe.tokenize(captions, validate=False).to(device)
+        text = pipe.text_encoder(ids).last_hidden_state  # (B, 16, 128)
+        loss = F.mse_loss(pipe.unet(noisy, t, text).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        warmup = min(1.0, (step + 1) / 200)
+        for g in opt.param_groups:
+            g["lr"] = lr * warmup
+        opt.step()
+        step += 1
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+                for k, v in module.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[name][k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                    else:
+                        ema[name][k].copy_(v)
+        running.append(loss.item())
+        bar.update(1)
+        if step % log_every == 0:
+            stats = {"step": step, "loss": float(np.mean(running)), "minutes": (time.time() - started) / 60}
+            bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            print(f"step {step} loss {stats['loss']:.4f} elapsed {stats['minutes']:.1f} min", flush=True)
+            running = []
+        if step % save_every == 0:
+            _checkpoint(pipe, opt, ema, step, resumes, elapsed_before + time.time() - started, ckpt_path, out)
+    _checkpoint(pipe, opt, ema, step, resumes, elapsed_before + time.time() - started, ckpt_path, out)
+    bar.close()
+    return stats
+
+
+def _checkpoint(pipe, opt, ema, step, resumes, elapsed, ckpt_path: Path, out: Path) -> None:
+    _save_atomic({"unet": pipe.unet.state_dict(), "text_encoder": pipe.text_encoder.state_dict(),
+                  "opt": opt.state_dict(), "ema": ema, "step": step, "resumes": resumes,
+                  "elapsed": elapsed}, ckpt_path)
+    _export(pipe, ema, Path(out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=100_000, help="stop after this many optimiser steps")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--ema-decay", type=float, default=0.995)
+    parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="pipeline folder to write")
+    parser.add_argument("--ckpt-dir", type=Path, default=None, help="default: <out>_ckpt")
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=50)
+    args = parser.parse_args(argv)
+    train(steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
+          ema_decay=args.ema_decay, out=args.out, ckpt_dir=args.ckpt_dir, save_every=args.save_every,
+          device=args.device, seed=args.seed, log_every=args.log_every)
+
+
+if __name__ == "__main__":
+    main()
