@@ -1,0 +1,264 @@
+"""Finding a U-Net's attention layers, installing processors, and recording cross-attention.
+
+Three separate concerns, as in DAAM and prompt-to-prompt:
+- ``find_attention_layers`` is the only code that reads diffusers' layer names
+  (``up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor``: place "up", block 1,
+  ``attn1`` self- / ``attn2`` cross-attention) and turns them into ``LayerInfo`` records;
+- ``installed_processors`` swaps processors in and always restores the originals;
+- ``AttentionStore`` + ``CrossAttentionRecorder`` keep, per layer, a running mean over denoising
+  steps of each character's map ``A_m`` (mean over heads and the character's tokens ``T_m``),
+  for the prompt half of the classifier-free-guidance batch only.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LayerInfo", "find_attention_layers", "installed_processors", "AttentionStore",
+           "CrossAttentionRecorder", "capture_attention", "attention_prologue", "attention_epilogue",
+           "split_heads", "merge_heads"]
+
+_NAME = re.compile(r"^(down|mid|up)_blocks?\.?(\d*).*\.(attn1|attn2)\.processor$")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Where an attention layer sits: place, block, kind and its feature-map scale."""
+
+    name: str  # key in unet.attn_processors
+    place: str  # "down" | "mid" | "up"
+    block: int
+    kind: str  # "self" | "cross"
+    downscale: int  # feature map = latent size // downscale
+
+    def resolution(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        return latent_hw[0] // self.downscale, latent_hw[1] // self.downscale
+
+
+def find_attention_layers(unet, kind: str | None = None, places: tuple[str, ...] | None = None,
+                          resolutions: tuple[int, ...] | None = None, latent_hw: tuple[int, int] | None = None,
+                          ) -> list[LayerInfo]:
+    """Attention layers of a ``UNet2DConditionModel`` matching the filters.
+
+    Args:
+        kind: "self" or "cross" (None: both).
+        places: subset of ("down", "mid", "up") (None: all).
+        resolutions: feature-map heights to keep, e.g. (16,), needs ``latent_hw``.
+
+    Raises:
+        ValueError: when nothing matches, listing what exists.
+    """
+    n_down = len(unet.down_blocks)
+    n_up = len(unet.up_blocks)
+    found = []
+    for name in unet.attn_processors:
+        match = _NAME.match(name)
+        if not match:
+            continue
+        place, block, attn = match.group(1), int(match.group(2) or 0), match.group(3)
+        downscale = {"down": 2 ** block, "mid": 2 ** (n_down - 1), "up": 2 ** (n_up - 1 - block)}[place]
+        found.append(LayerInfo(name, place, block, "self" if attn == "attn1" else "cross", downscale))
+    if latent_hw is None:
+        latent_hw = (unet.config.sample_size,) * 2
+    chosen = [layer for layer in found
+              if (kind is None or layer.kind == kind) and (places is None or layer.place in places)
+              and (resolutions is None or layer.resolution(latent_hw)[0] in resolutions)]
+    if not chosen:
+        available = sorted({(l.place, l.kind, l.resolution(latent_hw)[0]) for l in found})
+        raise ValueError(f"no attention layer matches kind={kind!r}, places={places!r}, "
+                         f"resolutions={resolutions!r}; this U-Net has (place, kind, resolution): {available}")
+    return chosen
+
+
+@contextmanager
+def installed_processors(unet, processors: dict):
+    """Install ``processors`` (name -> processor) on top of the current ones; restore on exit.
+
+    ``set_attn_processor`` consumes the dict it is given, so it always receives a copy.
+    """
+    original = dict(unet.attn_processors)
+    unknown = set(processors) - set(original)
+    if unknown:
+        raise KeyError(f"not attention processors of this U-Net: {sorted(unknown)[:3]}...")
+    merged = dict(original)
+    merged.update(processors)
+    unet.set_attn_processor(dict(merged))
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(dict(original))
+
+
+# --- the pieces of diffusers' AttnProcessor2_0, reusable by every processor here -----------
+def attention_prologue(attn, hidden_states, temb=None):
+    """Spatial/group norm and (B, C, H, W) -> (B, N, C) as diffusers does; returns state to undo it."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    shape4d = hidden_states.shape if hidden_states.ndim == 4 else None
+    if shape4d is not None:
+        b, c, h, w = shape4d
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states, (residual, shape4d)
+
+
+def attention_epilogue(attn, out, saved):
+    """Output projection, reshape back, residual and rescale (diffusers' order)."""
+    residual, shape4d = saved
+    out = attn.to_out[1](attn.to_out[0](out))
+    if shape4d is not None:
+        out = out.transpose(-1, -2).reshape(shape4d)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+def split_heads(attn, x: torch.Tensor) -> torch.Tensor:
+    """(B, N, heads*d) -> (B, heads, N, d)."""
+    b, n, inner = x.shape
+    return x.view(b, n, attn.heads, inner // attn.heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, d) -> (B, N, heads*d)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def project_context(attn, encoder_hidden_states):
+    if attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    return encoder_hidden_states
+
+
+class AttentionStore:
+    """Running means over denoising steps of per-character cross-attention maps, per layer.
+
+    Args:
+        token_groups: ``token_groups[b][m]`` = token indices ``T_m`` of character (or word) m in
+            prompt b. Every prompt has the same number of groups M.
+        latent_hw: latent height and width, to shape each layer's N tokens into (h, w).
+        keep_steps: also keep every step's maps (for time-lapse figures); memory then grows
+            with the number of steps.
+    """
+
+    def __init__(self, token_groups: list[list[list[int]]], latent_hw: tuple[int, int], keep_steps: bool = False):
+        if not token_groups or not token_groups[0]:
+            raise ValueError("token_groups is empty: give at least one group of token indices per prompt")
+        if len({len(groups) for groups in token_groups}) != 1:
+            raise ValueError("every prompt needs the same number of token groups")
+        for b, groups in enumerate(token_groups):
+            for m, group in enumerate(groups):
+                if not group:
+                    raise ValueError(f"token group {m} of prompt {b} is empty; the word was not found in the prompt")
+        self.token_groups = token_groups
+        self.latent_hw = tuple(latent_hw)
+        self.keep_steps = keep_steps
+        self.reset()
+
+    def reset(self) -> None:
+        self.step = 0
+        self._sums: dict[LayerInfo, torch.Tensor] = {}
+        self._counts: dict[LayerInfo, int] = {}
+        self.per_step: dict[int, dict[LayerInfo, torch.Tensor]] = {}
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.token_groups[0])
+
+    def group_maps(self, layer: LayerInfo, probs: torch.Tensor) -> torch.Tensor:
+        """probs (B, heads, N, T) of the prompt half -> A (B, M, h, w): mean over heads and T_m."""
+        h, w = layer.resolution(self.latent_hw)
+        per_token = probs.mean(dim=1)  # (B, N, T)
+        maps = torch.stack([
+            torch.stack([per_token[b, :, group].mean(dim=-1) for group in groups])
+            for b, groups in enumerate(self.token_groups)])  # (B, M, N)
+        return maps.reshape(maps.shape[0], maps.shape[1], h, w).float()
+
+    def record(self, layer: LayerInfo, probs: torch.Tensor) -> torch.Tensor:
+        maps = self.group_maps(layer, probs).detach().cpu()
+        if layer in self._sums:
+            self._sums[layer] += maps
+            self._counts[layer] += 1
+        else:
+            self._sums[layer], self._counts[layer] = maps.clone(), 1
+        if self.keep_steps:
+            self.per_step.setdefault(self.step, {})[layer] = maps
+        return maps
+
+    def step_callback(self, step_index: int, timestep=None, latents=None) -> None:
+        """Pass to ``Backbone.denoise(callback=...)``: marks the end of a denoising step."""
+        self.step = step_index + 1
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        return list(self._sums)
+
+    def maps(self, places: tuple[str, ...] = ("up",), resolution: int | None = None,
+             step: int | None = None) -> dict[LayerInfo, torch.Tensor]:
+        """Per-layer maps (B, M, h, w): the running mean so far, or one step's maps."""
+        source = self.average_maps() if step is None else self.per_step.get(step, {})
+        if step is not None and not source:
+            raise ValueError(f"no maps kept for step {step}; use keep_steps=True and a step < {self.step}")
+        chosen = {l: m for l, m in source.items() if l.place in places
+                  and (resolution is None or l.resolution(self.latent_hw)[0] == resolution)}
+        if not chosen:
+            have = sorted({(l.place, l.resolution(self.latent_hw)[0]) for l in source})
+            raise ValueError(f"no recorded maps for places={places}, resolution={resolution}; recorded: {have}")
+        return chosen
+
+    def average_maps(self) -> dict[LayerInfo, torch.Tensor]:
+        """Running mean over all recorded steps, per layer."""
+        return {layer: self._sums[layer] / self._counts[layer] for layer in self._sums}
+
+    def aggregate(self, places: tuple[str, ...] = ("up",), resolution: int | None = None,
+                  step: int | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """A_m averaged over the chosen layers, each upsampled to the largest: (B, M, H, W)."""
+        maps = list(self.maps(places, resolution, step).values())
+        size = size or max((m.shape[-2:] for m in maps), key=lambda s: s[0])
+        return torch.stack([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                            if m.shape[-2:] != torch.Size(size) else m for m in maps]).mean(0)
+
+
+class CrossAttentionRecorder:
+    """Cross-attention processor that records ``A_m`` into a store and otherwise computes exactly
+    what ``AttnProcessor2_0`` computes: the output comes from ``F.scaled_dot_product_attention``
+    (bit-identical to the unmodified model); the probabilities are materialised separately, for
+    the prompt half of the CFG batch only, just to be recorded."""
+
+    def __init__(self, layer: LayerInfo, store: AttentionStore):
+        self.layer, self.store = layer, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        x, saved = attention_prologue(attn, hidden_states, temb)
+        context = project_context(attn, encoder_hidden_states)
+        q, k, v = (split_heads(attn, t) for t in (attn.to_q(x), attn.to_k(context), attn.to_v(context)))
+        half = q.shape[0] // 2  # [negative; prompt]
+        out = F.scaled_dot_product_attention(q, k, v)  # (2B, heads, N, d)
+        probs = (q[half:] @ k[half:].transpose(-1, -2) * attn.scale).softmax(dim=-1)  # (B, heads, N, T)
+        self.store.record(self.layer, probs)
+        return attention_epilogue(attn, merge_heads(out), saved)
+
+
+@contextmanager
+def capture_attention(unet, store: AttentionStore, places: tuple[str, ...] = ("down", "mid", "up"),
+                      resolutions: tuple[int, ...] | None = None):
+    """Record cross-attention maps of the matching layers while the context is open.
+
+    Example::
+
+        store = AttentionStore(token_groups, backbone.latent_shape[1:])
+        with capture_attention(backbone.unet, store, places=("up",)):
+            backbone.denoise(cond, latents, callback=store.step_callback)
+        A = store.aggregate(places=("up",), resolution=16)  # (B, M, 16, 16)
+    """
+    layers = find_attention_layers(unet, kind="cross", places=places, resolutions=resolutions,
+                                   latent_hw=store.latent_hw)
+    with installed_processors(unet, {l.name: CrossAttentionRecorder(l, store) for l in layers}):
+        yield store

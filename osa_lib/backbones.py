@@ -1,0 +1,310 @@
+"""One interface over the two backbones: the toy model (default) and SDXL.
+
+``load_backbone("toy")`` loads the project's own trained model from ``data/toy_model``;
+``load_backbone("sdxl", model_id=..., device=..., dtype=...)`` loads a real
+``StableDiffusionXLPipeline`` from the Hugging Face hub or a local folder;
+``load_backbone("sdxl-tiny")`` builds tiny, randomly initialised SDXL components from configs
+(as diffusers' own tests do) with a tokenizer made from local files, for offline tests.
+
+Every backbone exposes the same small surface: ``encode`` (prompts -> conditioning with the
+classifier-free-guidance batch ``[uncond; cond]``), ``encode_text`` (hidden states only, for ID
+prompts), ``token_positions`` (where a word sits in a prompt), ``unet``, ``scheduler``,
+``initial_latents`` (one seed per image), ``denoise`` (the loop, with a per-step callback and
+``cross_attention_kwargs``) and ``decode`` (latents -> images).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+__all__ = ["Backbone", "Conditioning", "load_backbone", "BACKBONES", "build_tiny_sdxl_pipeline",
+           "build_tiny_clip_tokenizer"]
+
+BACKBONES = ("toy", "sdxl", "sdxl-tiny")
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for one U-Net call with classifier-free guidance.
+
+    ``hidden`` is ``(2B, T, D)``: the first B rows are the unconditional (negative) prompt,
+    the last B the prompts, the batch layout every processor in this library relies on.
+    ``added`` holds SDXL's extra conditioning (``text_embeds`` (2B, P), ``time_ids`` (2B, 6)).
+    """
+
+    hidden: torch.Tensor
+    added: dict | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden.shape[0] // 2
+
+
+@dataclass
+class Backbone:
+    """A text-to-image diffusion model seen through the interface the method needs."""
+
+    name: str
+    pipe: object
+    latent_shape: tuple[int, int, int]  # (C, h, w) of one latent
+    device: torch.device
+    dtype: torch.dtype
+    default_steps: int = 25
+    default_guidance: float = 4.0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    # --- text -------------------------------------------------------------------------
+    def validate_prompt(self, prompt: str, id_prompt: bool = False) -> None:
+        """Raise a clear error for a prompt this backbone cannot read (the toy grammar).
+
+        ID prompts ("a red circle") name one character and no scene.
+        """
+        if self.name == "toy":
+            from .toy.world import parse_caption
+            parse_caption(prompt, id_prompt=id_prompt)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Hidden states (B, T, D) of prompts, as the U-Net's cross-attention sees them."""
+        if self.name == "toy":
+            return self.pipe.encode_prompt(prompts).to(self.dtype)
+        embeds, *_ = self.pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
+        return embeds.to(self.dtype)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], negative_prompt: str = "") -> Conditioning:
+        """Conditioning for the CFG batch ``[negative; prompts]``."""
+        for p in prompts:
+            self.validate_prompt(p)
+        if self.name == "toy":
+            hidden = self.pipe.encode_prompt([negative_prompt] * len(prompts) + list(prompts))
+            return Conditioning(hidden.to(self.dtype))
+        cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
+            prompts, device=self.device, do_classifier_free_guidance=True,
+            negative_prompt=[negative_prompt] * len(prompts))
+        size = (self.latent_shape[1] * self.pipe.vae_scale_factor,) * 2
+        projection_dim = self.pipe.text_encoder_2.config.projection_dim
+        time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, dtype=self.dtype,
+                                               text_encoder_projection_dim=projection_dim)
+        added = {"text_embeds": torch.cat([uncond_pooled, pooled]).to(self.dtype),
+                 "time_ids": time_ids.to(self.device).repeat(2 * len(prompts), 1)}
+        return Conditioning(torch.cat([uncond, cond]).to(self.dtype), added)
+
+    def token_positions(self, prompt: str, word: str) -> list[int]:
+        """Indices of the token(s) of ``word`` in the tokenised ``prompt`` (all occurrences).
+
+        Raises:
+            ValueError: if the word is not in the prompt, naming the prompt's words.
+        """
+        tokenizer = self.tokenizer
+        prompt_ids = tokenizer(prompt).input_ids
+        word_ids = tokenizer(word.strip(), add_special_tokens=False).input_ids
+        if not word_ids:
+            raise ValueError(f"{word!r} is empty after tokenisation")
+        n = len(word_ids)
+        positions = [i + k for i in range(len(prompt_ids) - n + 1)
+                     if prompt_ids[i:i + n] == word_ids for k in range(n)]
+        if not positions:
+            raise ValueError(f"word {word!r} does not occur in prompt {prompt!r}; its words are "
+                             f"{prompt.split()}. Put the character's word in the scene prompt.")
+        return positions
+
+    # --- sampling ---------------------------------------------------------------------
+    def initial_latents(self, seeds: list[int]) -> torch.Tensor:
+        """(B, C, h, w) noise, one CPU generator per seed, so a scene's noise depends only on its seed."""
+        noise = [torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(int(s)))
+                 for s in seeds]
+        return torch.stack(noise).to(self.device, self.dtype)
+
+    def denoise(self, cond: Conditioning, latents: torch.Tensor, num_inference_steps: int | None = None,
+                guidance_scale: float | None = None, callback: Callable | None = None,
+                cross_attention_kwargs: dict | None = None, progress: bool = True) -> torch.Tensor:
+        """Run the sampler from ``latents`` (B, C, h, w); returns the final latents.
+
+        Args:
+            callback: called as ``callback(step_index, timestep, latents)`` after every step;
+                processors can read the step through shared state they own.
+            cross_attention_kwargs: passed to every attention processor.
+        """
+        steps = num_inference_steps or self.default_steps
+        guidance = self.default_guidance if guidance_scale is None else guidance_scale
+        scheduler = copy.deepcopy(self.scheduler)  # samplers keep state; never share one
+        scheduler.set_timesteps(steps, device=self.device)
+        latents = latents * scheduler.init_noise_sigma
+        with torch.no_grad():
+            for i, t in enumerate(tqdm(scheduler.timesteps, desc=f"{self.name} sampling", disable=not progress,
+                                       leave=False)):
+                model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+                eps = self.unet(model_input, t, encoder_hidden_states=cond.hidden,
+                                added_cond_kwargs=cond.added, cross_attention_kwargs=cross_attention_kwargs).sample
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + guidance * (eps_cond - eps_uncond)  # classifier-free guidance
+                latents = scheduler.step(eps, t, latents).prev_sample
+                if callback is not None:
+                    callback(i, t, latents)
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> images (B, H, W, 3) float in [0, 1]."""
+        if self.name == "toy":
+            from .toy.model import latents_to_images
+            images = latents_to_images(latents.float())
+        else:
+            vae = self.pipe.vae
+            images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+            images = (images.float().clamp(-1, 1) + 1) / 2
+        return images.permute(0, 2, 3, 1).cpu().numpy()
+
+    def generate(self, prompts: list[str], seeds: list[int], **kwargs) -> np.ndarray:
+        """Vanilla text-to-image: one image (H, W, 3) per prompt and seed."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        latents = self.denoise(self.encode(list(prompts)), self.initial_latents(seeds), **kwargs)
+        return self.decode(latents)
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def load_backbone(name: str = "toy", model_id: str | None = None, device: str | None = None,
+                  dtype: torch.dtype | None = None) -> Backbone:
+    """Load a backbone by name.
+
+    Args:
+        name: "toy" (default, the shipped toy model), "sdxl" (real SDXL through diffusers) or
+            "sdxl-tiny" (random tiny SDXL for offline tests).
+        model_id: toy: a pipeline folder (default ``data/toy_model``); sdxl: a hub id or a local
+            folder (default ``stabilityai/stable-diffusion-xl-base-1.0``).
+        device: "cpu", "cuda", ...; default: CUDA when available.
+        dtype: default float32 (float16 for sdxl on CUDA).
+    """
+    device_ = _resolve_device(device)
+    if name == "toy":
+        from .toy.model import DEFAULT_MODEL_DIR, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline
+        folder = Path(model_id) if model_id else DEFAULT_MODEL_DIR
+        if not (folder / "model_index.json").exists():
+            raise FileNotFoundError(
+                f"no toy model at {folder} (model_index.json missing). The trained model ships in "
+                f"data/toy_model; retrain it with `python -m osa_lib.toy.train` or pass model_id=<folder>.")
+        pipe = ToyPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        dtype_ = dtype or torch.float32
+        pipe.to(device_)
+        if dtype_ != torch.float32:
+            pipe.to(dtype=dtype_)
+        return Backbone("toy", pipe, (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), device_, dtype_,
+                        default_steps=25, default_guidance=4.0, info={"model_dir": str(folder)})
+    if name == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+        model_id = model_id or "stabilityai/stable-diffusion-xl-base-1.0"
+        dtype_ = dtype or (torch.float16 if device_.type == "cuda" else torch.float32)
+        local = Path(model_id).exists()
+        try:
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                model_id, torch_dtype=dtype_, use_safetensors=True, local_files_only=local)
+        except Exception as error:  # noqa: BLE001 - re-raised with what to do
+            raise RuntimeError(
+                f"could not load SDXL from {model_id!r} ({type(error).__name__}: {error}). Pass a local "
+                f"folder with the diffusers layout, or a hub id on a machine with hub access and enough "
+                f"disk (~7 GB). The toy backbone needs neither: load_backbone('toy').") from error
+        pipe.to(device_)
+        pipe.set_progress_bar_config(disable=True)
+        h = pipe.unet.config.sample_size
+        return Backbone("sdxl", pipe, (pipe.unet.config.in_channels, h, h), device_, dtype_,
+                        default_steps=30, default_guidance=5.0, info={"model_id": model_id})
+    if name == "sdxl-tiny":
+        dtype_ = dtype or torch.float32
+        pipe = build_tiny_sdxl_pipeline().to(device_)
+        if dtype_ != torch.float32:
+            pipe.to(dtype=dtype_)
+        pipe.set_progress_bar_config(disable=True)
+        h = pipe.unet.config.sample_size
+        return Backbone("sdxl-tiny", pipe, (pipe.unet.config.in_channels, h, h), device_, dtype_,
+                        default_steps=4, default_guidance=5.0, info={"random_weights": True})
+    raise ValueError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
+
+
+# --- tiny SDXL, for offline tests -----------------------------------------------------------
+_TINY_WORDS = ("a", "girl", "boy", "with", "blonde", "black", "hair", "dress", "red", "in", "the",
+               "park", "and", "cat", "dog", "reading", "book", "on", "beach", "snow")
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet: one printable unicode character per byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+def build_tiny_clip_tokenizer():
+    """A real ``CLIPTokenizer`` over a small byte-level BPE vocabulary built here, offline.
+
+    Every byte is a token, and each word of a short list is merged into one token, so prompts
+    tokenise like CLIP's (a word may be one token or several).
+    """
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in _byte_symbols():
+        vocab.setdefault(symbol, len(vocab))
+        vocab.setdefault(symbol + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in _TINY_WORDS:  # merge each word left to right into one token
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            if (current, piece) not in merges:
+                merges.append((current, piece))
+            current = current + piece
+            vocab.setdefault(current, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0):
+    """SDXL-shaped pipeline with tiny random weights: same classes and code paths as SDXL."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=32, norm_num_groups=8)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                       beta_schedule="scaled_linear", timestep_spacing="leading")
+    vae = AutoencoderKL(block_out_channels=[16, 32], in_channels=3, out_channels=3, norm_num_groups=8,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, sample_size=32)
+    text_config = dict(bos_token_id=0, eos_token_id=1, hidden_size=16, intermediate_size=37, num_attention_heads=4,
+                       num_hidden_layers=2, pad_token_id=1, hidden_act="gelu", projection_dim=32)
+    tokenizer, tokenizer_2 = build_tiny_clip_tokenizer(), build_tiny_clip_tokenizer()
+    text_config["vocab_size"] = len(tokenizer)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
