@@ -1,0 +1,113 @@
+"""The reference bank: keys and values of each character's image tokens, per layer and step.
+
+When a character is drawn for the first time, every up-block self-attention layer stores, at
+every denoising step, the keys and values (``K_R``, ``V_R``) of the image tokens inside the
+character's mask ``M_m``. Later scenes look the character up by name and attend to them
+(isolated self-attention). Only the prompt half of the CFG batch is stored; tokens are kept in
+the backbone's dtype (fp16 for SDXL on a GPU).
+
+On disk: one safetensors file; its metadata carries a JSON header (format version, backbone,
+latent size, number of steps, characters) so a bank from another backbone or a damaged file is
+refused with a clear error. Writes go to a temporary file that is renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["ReferenceBank", "BankError", "BANK_FORMAT_VERSION"]
+
+BANK_FORMAT_VERSION = 1
+
+
+class BankError(ValueError):
+    """A bank that cannot be used here (wrong backbone, wrong steps, damaged file...)."""
+
+
+@dataclass
+class ReferenceBank:
+    """Reference tokens ``R_m`` per character name, per (layer, step)."""
+
+    backbone: str
+    latent_hw: tuple[int, int]
+    num_steps: int
+    tokens: dict[str, dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tokens
+
+    @property
+    def characters(self) -> list[str]:
+        return list(self.tokens)
+
+    def add(self, name: str, layer: str, step: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store (n, C) keys and values of one character's tokens at one layer and step."""
+        if "|" in name:
+            raise BankError(f"character name {name!r} may not contain '|'")
+        self.tokens.setdefault(name, {})[(layer, int(step))] = (keys.detach().cpu(), values.detach().cpu())
+
+    def get(self, name: str, layer: str, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.tokens.get(name, {}).get((layer, int(step)))
+
+    def check_compatible(self, backbone: str, latent_hw: tuple[int, int], num_steps: int) -> None:
+        """Raise ``BankError`` if this bank cannot serve a run with these settings."""
+        problems = []
+        if backbone != self.backbone:
+            problems.append(f"it was made with backbone {self.backbone!r}, this run uses {backbone!r}")
+        if tuple(latent_hw) != tuple(self.latent_hw):
+            problems.append(f"latent size {tuple(self.latent_hw)} != {tuple(latent_hw)}")
+        if num_steps != self.num_steps:
+            problems.append(f"it has {self.num_steps} denoising steps, this run uses {num_steps}")
+        if problems:
+            raise BankError("reference bank does not fit this run: " + "; ".join(problems) +
+                            ". Regenerate the characters' first scenes with these settings.")
+
+    def nbytes(self, name: str | None = None) -> int:
+        """Bytes of stored tokens, for one character or all."""
+        names = [name] if name else list(self.tokens)
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for n in names for k, v in self.tokens[n].values())
+
+    # --- disk -----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temporary file, then rename)."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        tensors, index = {}, []
+        for name, entries in self.tokens.items():
+            for i, ((layer, step), (k, v)) in enumerate(sorted(entries.items())):
+                tensors[f"{name}|{i}|k"], tensors[f"{name}|{i}|v"] = k.contiguous(), v.contiguous()
+                index.append([name, i, layer, step])
+        header = {"format": "osa-lab reference bank", "version": BANK_FORMAT_VERSION, "backbone": self.backbone,
+                  "latent_hw": list(self.latent_hw), "num_steps": self.num_steps,
+                  "characters": list(self.tokens), "index": index}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"osa_bank": json.dumps(header)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ReferenceBank":
+        """Read a bank written by :meth:`save`; damaged or foreign files raise ``BankError``."""
+        from safetensors import safe_open
+        path = Path(path)
+        if not path.exists():
+            raise BankError(f"no reference bank at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {})["osa_bank"])
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as error:  # noqa: BLE001 - any read failure means the same to the user
+            raise BankError(f"cannot read reference bank {path}: {type(error).__name__}: {error}. "
+                            f"The file is damaged or not a bank saved by ReferenceBank.save.") from error
+        if header.get("version") != BANK_FORMAT_VERSION:
+            raise BankError(f"bank {path} has format version {header.get('version')}; "
+                            f"this library reads version {BANK_FORMAT_VERSION}")
+        bank = cls(header["backbone"], tuple(header["latent_hw"]), int(header["num_steps"]))
+        for name, i, layer, step in header["index"]:
+            bank.add(name, layer, step, tensors[f"{name}|{i}|k"], tensors[f"{name}|{i}|v"])
+        return bank

@@ -1,0 +1,255 @@
+"""Stories: a YAML file format, its validation, and the scene-by-scene generator.
+
+A story file (see ``data/stories/``)::
+
+    title: Rosa goes travelling
+    characters:
+      - name: Rosa            # key in the reference bank
+        word: circle          # the word that names her in scene prompts (subject tokens T_m)
+        id_prompt: a red circle
+        seed: 7               # optional: seed of the scene that introduces her
+    scenes:
+      - prompt: a red circle in the meadow
+        characters: [Rosa]
+        seed: 1
+
+The rule-based path (this module) always works: scene prompts are used as written, ID prompts
+come from the file and subject tokens are found by ``Backbone.token_positions``. Every problem
+is reported before any generation starts, naming the file, the scene and the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from .bank import ReferenceBank
+from .baselines import consistent_self_attention
+from .isolation import IsolationConfig, IsolationController, SceneCharacter, isolated_attention
+
+__all__ = ["StoryError", "StoryCharacter", "StoryScene", "Story", "load_story", "parse_story", "SceneResult",
+           "StoryResult", "generate_story", "METHODS"]
+
+METHODS = ("vanilla", "csa", "isolated")
+
+
+class StoryError(ValueError):
+    """A story file or story object that cannot be generated, with where and why."""
+
+
+@dataclass
+class StoryCharacter:
+    name: str
+    word: str
+    id_prompt: str
+    seed: int | None = None
+
+
+@dataclass
+class StoryScene:
+    prompt: str
+    characters: list[str]
+    seed: int
+
+
+@dataclass
+class Story:
+    characters: dict[str, StoryCharacter]
+    scenes: list[StoryScene]
+    title: str = ""
+    source: str = "<story>"
+
+    def with_seed_offset(self, offset: int) -> "Story":
+        """The same story with every scene and character seed shifted (for multi-seed evaluation)."""
+        chars = {n: dataclasses.replace(c, seed=None if c.seed is None else c.seed + offset)
+                 for n, c in self.characters.items()}
+        scenes = [dataclasses.replace(s, seed=s.seed + offset) for s in self.scenes]
+        return Story(chars, scenes, self.title, self.source)
+
+    def scene_seed(self, index: int) -> int:
+        """The scene's seed, or the seed of a character it introduces if that one has a seed."""
+        scene = self.scenes[index]
+        seen = {n for s in self.scenes[:index] for n in s.characters}
+        for name in scene.characters:
+            if name not in seen and self.characters[name].seed is not None:
+                return self.characters[name].seed
+        return scene.seed
+
+
+def _word_in(word: str, prompt: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word.lower())}(?!\w)", prompt.lower()) is not None
+
+
+def parse_story(data, source: str = "<story>") -> Story:
+    """Validate a story given as a dict (parsed YAML) and build a ``Story``."""
+    def fail(where: str, message: str):
+        raise StoryError(f"{source}: {where}: {message}")
+
+    if not isinstance(data, dict):
+        fail("top level", "a story is a mapping with 'characters' and 'scenes'")
+    for key in ("characters", "scenes"):
+        if key not in data:
+            fail("top level", f"missing field '{key}'")
+    if not isinstance(data["characters"], list) or not data["characters"]:
+        fail("field 'characters'", "must be a non-empty list of {name, word, id_prompt}")
+    if not isinstance(data["scenes"], list) or not data["scenes"]:
+        fail("field 'scenes'", "the scene list is empty; a story needs at least one scene")
+    characters: dict[str, StoryCharacter] = {}
+    words: dict[str, str] = {}
+    for i, c in enumerate(data["characters"]):
+        where = f"character {i + 1}"
+        if not isinstance(c, dict):
+            fail(where, "must be a mapping with name, word, id_prompt")
+        for key in ("name", "word", "id_prompt"):
+            if not isinstance(c.get(key), str) or not c[key].strip():
+                fail(f"{where}, field '{key}'", "missing or not a non-empty string")
+        name, word = c["name"].strip(), c["word"].strip().lower()
+        if name in characters:
+            fail(f"{where}, field 'name'", f"character {name!r} is defined twice")
+        if word in words:
+            fail(f"{where}, field 'word'", f"characters {words[word]!r} and {name!r} share the word {word!r}; "
+                                           f"each character needs its own word")
+        if not _word_in(word, c["id_prompt"]):
+            fail(f"{where}, field 'id_prompt'", f"ID prompt {c['id_prompt']!r} does not contain the word {word!r}")
+        seed = c.get("seed")
+        if seed is not None and not isinstance(seed, int):
+            fail(f"{where}, field 'seed'", f"must be an integer, got {seed!r}")
+        words[word] = name
+        characters[name] = StoryCharacter(name, word, c["id_prompt"].strip(), seed)
+    scenes = []
+    for i, s in enumerate(data["scenes"]):
+        where = f"scene {i + 1}"
+        if not isinstance(s, dict):
+            fail(where, "must be a mapping with prompt, characters, seed")
+        if not isinstance(s.get("prompt"), str) or not s["prompt"].strip():
+            fail(f"{where}, field 'prompt'", "missing or empty")
+        names = s.get("characters", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            fail(f"{where}, field 'characters'", "must be a list of character names")
+        for name in names:
+            if name not in characters:
+                fail(f"{where}, field 'characters'", f"unknown character {name!r}; the story defines {list(characters)}")
+            if not _word_in(characters[name].word, s["prompt"]):
+                fail(f"{where}, field 'prompt'", f"character {name!r} is named by the word {characters[name].word!r}, "
+                                                 f"which is missing from the scene prompt {s['prompt']!r}")
+        if len(set(names)) != len(names):
+            fail(f"{where}, field 'characters'", "a character is listed twice")
+        if not isinstance(s.get("seed"), int):
+            fail(f"{where}, field 'seed'", f"missing or not an integer (got {s.get('seed')!r})")
+        scenes.append(StoryScene(s["prompt"].strip(), list(names), s["seed"]))
+    return Story(characters, scenes, str(data.get("title", "")), source)
+
+
+def load_story(path: str | Path) -> Story:
+    """Read and validate a YAML story file."""
+    path = Path(path)
+    if not path.exists():
+        raise StoryError(f"{path}: no such story file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise StoryError(f"{path}: not valid YAML: {error}") from error
+    return parse_story(data, str(path))
+
+
+@dataclass
+class SceneResult:
+    index: int
+    prompt: str
+    characters: list[str]
+    seed: int
+    image: np.ndarray  # (H, W, 3) float in [0, 1]
+    seconds: float
+    masks: np.ndarray | None = None  # (M, h, w) bool, the masks of the last step (isolated only)
+    messages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StoryResult:
+    method: str
+    scenes: list[SceneResult]
+    bank: ReferenceBank | None = None
+
+    @property
+    def images(self) -> list[np.ndarray]:
+        return [s.image for s in self.scenes]
+
+
+def _check_prompts(backbone, story: Story) -> None:
+    for i, scene in enumerate(story.scenes):
+        try:
+            backbone.validate_prompt(scene.prompt)
+            for name in scene.characters:
+                backbone.token_positions(scene.prompt, story.characters[name].word)
+        except ValueError as error:
+            raise StoryError(f"{story.source}: scene {i + 1}, field 'prompt': {error}") from error
+    for name, c in story.characters.items():
+        try:
+            backbone.validate_prompt(c.id_prompt, id_prompt=True)
+        except ValueError as error:
+            raise StoryError(f"{story.source}: character {name!r}, field 'id_prompt': {error}") from error
+
+
+def generate_story(backbone, story: Story, method: str = "isolated", config: IsolationConfig | None = None,
+                   bank: ReferenceBank | None = None, num_inference_steps: int | None = None,
+                   guidance_scale: float | None = None, csa_rate: float = 0.5, progress: bool = True) -> StoryResult:
+    """Generate a story scene by scene.
+
+    Args:
+        method: "isolated" (the paper), "vanilla" (unmodified model) or "csa" (StoryDiffusion's
+            Consistent Self-Attention, all scenes in one batch).
+        config: the method's switches (``IsolationConfig()`` defaults).
+        bank: a reference bank to continue from (characters in it are "returning"); a new one
+            is made when None. It is filled in place and returned in the result.
+    """
+    if method not in METHODS:
+        raise StoryError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    _check_prompts(backbone, story)
+    steps = num_inference_steps or backbone.default_steps
+    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance_scale, progress=False)
+    seeds = [story.scene_seed(i) for i in range(len(story.scenes))]
+    if method == "csa":
+        started = time.perf_counter()
+        with consistent_self_attention(backbone.unet, csa_rate, seed=seeds[0]):
+            images = backbone.generate([s.prompt for s in story.scenes], seeds, **kwargs)
+        per_scene = (time.perf_counter() - started) / len(story.scenes)
+        return StoryResult("csa", [SceneResult(i, s.prompt, s.characters, seeds[i], images[i], per_scene)
+                                   for i, s in enumerate(story.scenes)])
+    config = config or IsolationConfig()
+    latent_hw = tuple(backbone.latent_shape[1:])
+    if method == "isolated":
+        if bank is None:
+            bank = ReferenceBank(backbone.name, latent_hw, steps)
+        else:
+            bank.check_compatible(backbone.name, latent_hw, steps)
+    results = []
+    for i, scene in enumerate(tqdm(story.scenes, desc=f"{method} story", disable=not progress)):
+        started = time.perf_counter()
+        if method == "vanilla" or not scene.characters:
+            image = backbone.generate([scene.prompt], [seeds[i]], **kwargs)[0]
+            results.append(SceneResult(i, scene.prompt, scene.characters, seeds[i], image,
+                                       time.perf_counter() - started))
+            continue
+        characters = [SceneCharacter(name, backbone.token_positions(scene.prompt, story.characters[name].word),
+                                     backbone.encode_text([story.characters[name].id_prompt])[0],
+                                     is_new=name not in bank)
+                      for name in scene.characters]
+        scene_config = config
+        if all(c.is_new for c in characters):  # first scene of everyone: no references yet
+            scene_config = dataclasses.replace(config, isolated_self=False,
+                                               isolated_cross=config.isolated_cross and len(characters) > 1)
+        controller = IsolationController(characters, latent_hw, steps, scene_config, bank)
+        with isolated_attention(backbone.unet, controller):
+            latents = backbone.denoise(backbone.encode([scene.prompt]), backbone.initial_latents([seeds[i]]),
+                                       callback=controller.step_callback, **kwargs)
+        image = backbone.decode(latents)[0]
+        masks = controller.masks.masks[0].numpy() if controller.masks is not None else None
+        results.append(SceneResult(i, scene.prompt, scene.characters, seeds[i], image,
+                                   time.perf_counter() - started, masks, controller.messages))
+    return StoryResult(method, results, bank if method == "isolated" else None)
