@@ -1,0 +1,325 @@
+"""Tests for osa_lib.masks: torch Otsu against scikit-image, and the mask pipeline on known cases."""
+
+import numpy as np
+import pytest
+import torch
+from skimage.exposure import histogram
+from skimage.filters import threshold_otsu
+
+from osa_lib.masks import (
+    OVERLAP_RULES,
+    RunningMean,
+    aggregate_maps,
+    coefficient_of_variation,
+    normalize_maps,
+    otsu_masks,
+    otsu_threshold,
+    reliability,
+    resolve_overlaps,
+    subject_masks,
+)
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The maps here are tiny: extra intra-op threads only wait for cores on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _sk_variance(image: np.ndarray, nbins: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """skimage's histogram and between-class variance per split, in float64."""
+    counts, centers = histogram(image.reshape(-1), nbins, source_range="image")
+    counts, c = counts.astype(np.float64), centers.astype(np.float64)
+    w1 = np.cumsum(counts)
+    w2 = np.cumsum(counts[::-1])[::-1]
+    m1 = np.cumsum(counts * c) / w1
+    m2 = (np.cumsum((counts * c)[::-1]) / w2[::-1])[::-1]
+    return w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2, centers
+
+
+def _assert_matches_skimage(maps: torch.Tensor, nbins: int = 256, min_exact: float = 0.98) -> None:
+    """Every threshold within one bin width of skimage's, or skimage's pick is a float32 near-tie.
+
+    skimage sums the class statistics in float32; where two splits have between-class variance
+    equal to ~1e-7 relative, it can land on either. Ours must then be the exact (float64) best.
+    """
+    ours = otsu_threshold(maps, nbins)
+    assert ours.shape == maps.shape[:-2]
+    flat_maps = maps.reshape(-1, *maps.shape[-2:]).numpy()
+    flat_ours = ours.reshape(-1).numpy()
+    exact, mask_diff, pixels = 0, 0, 0
+    for img, t in zip(flat_maps, flat_ours):
+        s = threshold_otsu(img, nbins=nbins)
+        width = (img.max() - img.min()) / nbins
+        exact += int(t == s)
+        if abs(t - s) > width * (1 + 1e-5):
+            var, centers = _sk_variance(img, nbins)
+            j_sk, j_ours = np.argmin(abs(centers - s)), np.argmin(abs(centers - t))
+            assert (var.max() - var[j_sk]) / var.max() < 1e-6, "differs from skimage beyond a near-tie"
+            assert var[j_ours] == var.max(), "torch Otsu is not at the maximum between-class variance"
+        mask_diff += int(((img > t) != (img > s)).sum())
+        pixels += img.size
+    assert exact / len(flat_ours) >= min_exact
+    assert mask_diff / pixels < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Otsu against scikit-image
+# ---------------------------------------------------------------------------------------------
+
+
+def test_otsu_uniform_maps_match_skimage():
+    _assert_matches_skimage(torch.rand(200, 32, 32, generator=_gen(0)))
+
+
+def test_otsu_normalised_maps_match_skimage_exactly():
+    # min 0 / max 1 maps take the exact floor(x * nbins) fast path
+    maps = normalize_maps(torch.rand(200, 24, 40, generator=_gen(1)) ** 3)
+    assert bool((otsu_threshold(maps) == torch.tensor([threshold_otsu(m) for m in maps.numpy()])).all())
+
+
+def test_otsu_bimodal_maps_match_skimage():
+    g = _gen(2)
+    lo = torch.randn(300, 16, 32, generator=g) * 0.1
+    hi = torch.randn(300, 16, 32, generator=g) * 0.2 + 1.0
+    maps = torch.cat([lo, hi], dim=1)  # (300, 32, 32)
+    _assert_matches_skimage(maps)
+    thr = otsu_threshold(maps)
+    assert bool(((thr > 0.2) & (thr < 0.8)).all())  # a threshold between the modes
+    _assert_matches_skimage(normalize_maps(maps))
+
+
+@pytest.mark.parametrize("shape", [(17, 23), (3, 64, 8), (2, 3, 31, 19), (2, 1, 2, 9, 9)])
+def test_otsu_any_leading_dims_and_sizes(shape):
+    maps = torch.rand(*shape, generator=_gen(3)) ** 2
+    _assert_matches_skimage(maps, min_exact=0.9)
+    _assert_matches_skimage(normalize_maps(maps), min_exact=0.9)
+
+
+def test_otsu_float64_and_other_nbins():
+    maps = torch.rand(40, 20, 20, generator=_gen(4), dtype=torch.float64)
+    _assert_matches_skimage(maps)
+    _assert_matches_skimage(maps, nbins=64)
+    _assert_matches_skimage(normalize_maps(maps), nbins=100)  # not a power of two: general path
+
+
+def test_otsu_masks_are_strictly_above_threshold():
+    A = torch.rand(2, 3, 16, 16, generator=_gen(5))
+    M, thr = otsu_masks(A)
+    A_hat = normalize_maps(A)
+    assert M.dtype == torch.bool and M.shape == A.shape and thr.shape == (2, 3)
+    assert torch.equal(M, A_hat > thr[..., None, None])
+    ref = torch.tensor([[threshold_otsu(m) for m in row] for row in A_hat.numpy()])
+    assert torch.equal(thr, ref)
+
+
+def test_otsu_rejects_nan():
+    maps = torch.rand(2, 8, 8)
+    maps[1, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        otsu_threshold(maps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Constant maps
+# ---------------------------------------------------------------------------------------------
+
+
+def test_constant_map_no_nan_and_flagged():
+    A = torch.rand(1, 3, 16, 16, generator=_gen(6))
+    A[0, 1] = 0.0  # subject token got no attention
+    A[0, 2] = 0.37  # constant, non-zero
+    # like skimage, a constant map's threshold is the constant
+    assert otsu_threshold(A[0, 2]).item() == pytest.approx(threshold_otsu(A[0, 2].numpy()))
+    A_hat = normalize_maps(A)
+    assert torch.isfinite(A_hat).all() and (A_hat[0, 1:] == 0).all()
+    M, thr = otsu_masks(A)
+    assert torch.isfinite(thr).all() and not M[0, 1:].any()
+    ok, reasons = reliability(M, A)
+    assert ok.tolist() == [[True, False, False]]
+    assert reasons[0][0] == ""
+    assert reasons[0][1] == "mask empty (0.0% of pixels): map has no contrast"
+
+    out = subject_masks([A])
+    for t in (out.A_hat, out.thresholds, out.cv):
+        assert torch.isfinite(t).all()
+    assert out.ok.tolist() == [[True, False, False]]
+    assert "no contrast" in out.reasons[0][2]
+
+
+def test_reliability_near_empty_and_near_full():
+    M = torch.zeros(1, 3, 10, 10, dtype=torch.bool)
+    M[0, 0, :5] = True  # 50 %: fine
+    M[0, 1, 0, 0] = True  # 1 %  < 2 %
+    M[0, 2] = True  # 100 %
+    ok, reasons = reliability(M, min_fraction=0.02, max_fraction=0.9)
+    assert ok.tolist() == [[True, False, False]]
+    assert reasons[0][1].startswith("mask nearly empty (1.0% of pixels")
+    assert reasons[0][2].startswith("mask nearly full (100.0% of pixels")
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation over layers and steps
+# ---------------------------------------------------------------------------------------------
+
+
+def test_aggregate_upsamples_to_largest_and_averages():
+    g = _gen(7)
+    maps = [torch.rand(2, 3, 8, 8, generator=g), torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 16, 16, generator=g)]
+    out = aggregate_maps(maps)
+    assert out.shape == (2, 3, 32, 32)
+    # bilinear upsampling keeps a constant map constant, so averaging constants is exact
+    consts = [torch.full((1, 2, s, s), v) for s, v in [(8, 1.0), (16, 2.0), (32, 6.0)]]
+    assert torch.allclose(aggregate_maps(consts), torch.full((1, 2, 32, 32), 3.0))
+    # one resolution: plain mean; fp16 input comes back as float32
+    same = [torch.rand(1, 2, 4, 4, generator=g).half() for _ in range(3)]
+    agg = aggregate_maps(same)
+    assert agg.dtype == torch.float32
+    assert torch.allclose(agg, torch.stack(same).float().mean(0))
+
+
+def test_aggregate_errors():
+    with pytest.raises(ValueError, match="empty list"):
+        aggregate_maps([])
+    with pytest.raises(ValueError, match=r"\(B, M\)"):
+        aggregate_maps([torch.rand(2, 3, 8, 8), torch.rand(2, 4, 16, 16)])
+    with pytest.raises(ValueError, match="must be"):
+        aggregate_maps([torch.rand(3, 8, 8)])
+
+
+def test_running_mean_equals_stack_mean():
+    g = _gen(8)
+    steps = [torch.rand(2, 3, 8, 8, generator=g) for _ in range(7)]
+    rm = RunningMean()
+    with pytest.raises(RuntimeError, match="update"):
+        rm.mean
+    for A in steps:
+        rm.update(A)
+    assert rm.count == 7
+    assert torch.allclose(rm.mean, torch.stack(steps).mean(0), atol=1e-6)
+    steps[0].zero_()  # the first map was copied, not aliased
+    assert not torch.allclose(rm.mean, torch.stack(steps).mean(0))
+    with pytest.raises(ValueError, match="reset"):
+        rm.update(torch.rand(2, 3, 4, 4))
+    rm.reset()
+    assert rm.count == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlaps
+# ---------------------------------------------------------------------------------------------
+
+
+def _two_characters() -> tuple[torch.Tensor, torch.Tensor]:
+    """Character 0: a smooth map spread over the image (low CV). Character 1: speckle (high CV).
+
+    Both masks claim the centre block; each also owns a block of its own.
+    """
+    H = W = 16
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    smooth = 1.0 + 0.1 * torch.cos(xx / 3.0) * torch.cos(yy / 3.0)  # (H, W) CV ~ 0.05
+    speckle = torch.full((H, W), 0.01)
+    speckle[::3, ::4] = 1.0  # a few hot pixels: CV > 2
+    A = torch.stack([smooth, speckle])[None]  # (1, 2, H, W)
+    masks = torch.zeros(1, 2, H, W, dtype=torch.bool)
+    masks[0, 0, 4:12, 0:12] = True
+    masks[0, 1, 4:12, 4:16] = True  # overlap: rows 4..11, cols 4..11
+    return masks, A
+
+
+def test_coefficient_of_variation():
+    masks, A = _two_characters()
+    cv = coefficient_of_variation(A)
+    ref = [m.std() / m.mean() for m in A[0].numpy()]
+    assert np.allclose(cv[0].numpy(), ref, rtol=1e-5)
+    assert cv[0, 0] < 0.1 < 2.0 < cv[0, 1]
+    assert coefficient_of_variation(torch.zeros(1, 1, 4, 4)).item() == 0.0  # no NaN
+
+
+@pytest.mark.parametrize("rule,winner", [("lower_cv", 0), ("higher_cv", 1)])
+def test_resolve_overlaps_cv_rules(rule, winner):
+    masks, A = _two_characters()
+    out = resolve_overlaps(masks, A, rule)
+    both = masks[0, 0] & masks[0, 1]
+    assert out[0, winner][both].all() and not out[0, 1 - winner][both].any()
+    # pixels with a single claimant keep it
+    assert torch.equal(out[0, 0] & ~both, masks[0, 0] & ~both)
+    assert torch.equal(out[0, 1] & ~both, masks[0, 1] & ~both)
+
+
+def test_resolve_overlaps_argmax_is_per_pixel():
+    W = 10
+    ramp = torch.linspace(0, 1, W).expand(6, W)  # (6, W) rises left to right
+    A = torch.stack([ramp, ramp.flip(-1)])[None]  # (1, 2, 6, W): char 1 rises right to left
+    masks = torch.ones(1, 2, 6, W, dtype=torch.bool)
+    out = resolve_overlaps(masks, A, "argmax")
+    assert out[0, 0, :, W // 2 :].all() and not out[0, 0, :, : W // 2].any()
+    assert out[0, 1, :, : W // 2].all() and not out[0, 1, :, W // 2 :].any()
+
+
+@pytest.mark.parametrize("rule", OVERLAP_RULES)
+def test_resolve_overlaps_disjoint_subsets(rule):
+    g = _gen(9)
+    A = torch.rand(3, 4, 12, 12, generator=g)
+    masks = torch.rand(3, 4, 12, 12, generator=g) > 0.4
+    out = resolve_overlaps(masks, A, rule)
+    assert out.dtype == torch.bool and out.shape == masks.shape
+    assert (out.sum(1) <= 1).all()  # pairwise disjoint
+    assert not (out & ~masks).any()  # subsets of the input
+    assert torch.equal(out.any(1), masks.any(1))  # every claimed pixel still has an owner
+
+
+def test_resolve_overlaps_unknown_rule():
+    masks, A = _two_characters()
+    with pytest.raises(ValueError, match="lower_cv, higher_cv, argmax"):
+        resolve_overlaps(masks, A, "lowest_cv")
+
+
+# ---------------------------------------------------------------------------------------------
+# All together
+# ---------------------------------------------------------------------------------------------
+
+
+def _blob(H: int, W: int, cy: float, cx: float, r: float) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    return torch.exp(-(((yy / H - cy) ** 2 + (xx / W - cx) ** 2) / (2 * r**2)))
+
+
+def test_subject_masks_two_characters():
+    # character 0 on the left, 1 on the right, seen by a 16x16 and a 32x32 layer
+    layers = [
+        torch.stack([_blob(s, s, 0.5, 0.3, 0.12), _blob(s, s, 0.5, 0.7, 0.12)])[None] for s in (16, 32)
+    ]  # each (1, 2, s, s)
+    out = subject_masks(layers)
+    assert out.masks.shape == out.raw_masks.shape == out.A_hat.shape == (1, 2, 32, 32)
+    assert out.thresholds.shape == out.cv.shape == out.ok.shape == (1, 2)
+    assert out.ok.all() and out.reasons == [["", ""]]
+    assert (out.masks.sum(1) <= 1).all()
+    assert out.A_hat.min() >= 0 and out.A_hat.max() <= 1
+    left, right = out.masks[0, 0], out.masks[0, 1]
+    assert left[:, :12].any() and not left[:, 20:].any()
+    assert right[:, 20:].any() and not right[:, :12].any()
+    # an already aggregated tensor (e.g. RunningMean.mean) is accepted too
+    again = subject_masks(aggregate_maps(layers))
+    assert torch.equal(again.masks, out.masks)
+
+
+def test_subject_masks_unreliable_character_takes_no_pixels():
+    A = torch.stack([_blob(16, 16, 0.5, 0.5, 0.15), torch.ones(16, 16)])[None]  # (1, 2, 16, 16)
+    A[0, 1, 0, 0] = 0.0  # char 1: nearly constant high map -> near-full mask, lowest CV
+    out = subject_masks([A], rule="lower_cv")
+    assert out.ok.tolist() == [[True, False]]
+    assert out.reasons[0][1].startswith("mask nearly full")
+    assert not out.masks[0, 1].any()
+    assert torch.equal(out.masks[0, 0], out.raw_masks[0, 0])  # nothing stolen by char 1
