@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ReferenceBank", "BankError", "BANK_FORMAT_VERSION"]
+__all__ = ["ReferenceBank", "BankError", "BANK_FORMAT_VERSION", "estimate_bank_bytes", "SDXL_UNET_CONFIG"]
 
 BANK_FORMAT_VERSION = 1
 
@@ -74,7 +74,8 @@ class ReferenceBank:
 
     # --- disk -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write atomically (temporary file, then rename)."""
+        """Write atomically (temporary file, then rename): an existing bank is replaced only by a
+        complete file, and a failed write leaves neither a half-written bank nor a ``.tmp`` behind."""
         from safetensors.torch import save_file
         path = Path(path)
         tensors, index = {}, []
@@ -86,8 +87,12 @@ class ReferenceBank:
                   "latent_hw": list(self.latent_hw), "num_steps": self.num_steps,
                   "characters": list(self.tokens), "index": index}
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"osa_bank": json.dumps(header)})
-        os.replace(tmp, path)
+        try:
+            save_file(tensors, str(tmp), metadata={"osa_bank": json.dumps(header)})
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. disk full: drop the partial file, keep the old bank
+            raise
         return path
 
     @classmethod
@@ -111,3 +116,32 @@ class ReferenceBank:
         for name, i, layer, step in header["index"]:
             bank.add(name, layer, step, tensors[f"{name}|{i}|k"], tensors[f"{name}|{i}|v"])
         return bank
+
+
+SDXL_UNET_CONFIG = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (shape-relevant keys)
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816)
+
+
+def estimate_bank_bytes(unet, latent_hw: tuple[int, int], num_steps: int, mask_fraction: float,
+                        bytes_per_value: int, warmup: float = 0.0) -> int:
+    """Bytes one character's references take, from the layer shapes alone.
+
+    Per up-block self-attention layer and stored step: keys and values (2) of the
+    ``mask_fraction · h·w`` tokens inside the mask, each ``inner_dim`` values wide. Use
+    ``unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)`` built under ``torch.device("meta")``
+    to estimate SDXL at 1024² (latent 128×128) without any weights.
+    """
+    from .attention import find_attention_layers
+    modules = dict(unet.named_modules())
+    total = 0
+    for layer in find_attention_layers(unet, kind="self", places=("up",), latent_hw=latent_hw):
+        attn = modules[layer.name.rsplit(".processor", 1)[0]]
+        h, w = layer.resolution(latent_hw)
+        total += 2 * int(round(mask_fraction * h * w)) * attn.to_k.out_features * bytes_per_value
+    stored_steps = num_steps - int(warmup * num_steps)
+    return total * stored_steps

@@ -34,7 +34,7 @@ from .baselines import consistent_self_attention
 from .isolation import IsolationConfig, IsolationController, SceneCharacter, isolated_attention
 
 __all__ = ["StoryError", "StoryCharacter", "StoryScene", "Story", "load_story", "parse_story", "SceneResult",
-           "StoryResult", "generate_story", "METHODS"]
+           "StoryResult", "generate_story", "describe_story", "rewrite_with_llm", "METHODS"]
 
 METHODS = ("vanilla", "csa", "isolated")
 
@@ -72,10 +72,15 @@ class Story:
         scenes = [dataclasses.replace(s, seed=s.seed + offset) for s in self.scenes]
         return Story(chars, scenes, self.title, self.source)
 
-    def scene_seed(self, index: int) -> int:
-        """The scene's seed, or the seed of a character it introduces if that one has a seed."""
+    def scene_seed(self, index: int, known: tuple[str, ...] | list[str] = ()) -> int:
+        """The scene's seed, or the seed of a character it introduces if that one has a seed.
+
+        Args:
+            known: characters drawn before this story began (a loaded bank's), so a continued
+                story does not "introduce" them again and keeps the uninterrupted run's seeds.
+        """
         scene = self.scenes[index]
-        seen = {n for s in self.scenes[:index] for n in s.characters}
+        seen = set(known) | {n for s in self.scenes[:index] for n in s.characters}
         for name in scene.characters:
             if name not in seen and self.characters[name].seed is not None:
                 return self.characters[name].seed
@@ -213,7 +218,8 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
     _check_prompts(backbone, story)
     steps = num_inference_steps or backbone.default_steps
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance_scale, progress=False)
-    seeds = [story.scene_seed(i) for i in range(len(story.scenes))]
+    known = bank.characters if bank is not None else []  # a continued story: these are not introduced here
+    seeds = [story.scene_seed(i, known) for i in range(len(story.scenes))]
     if method == "csa":
         started = time.perf_counter()
         with consistent_self_attention(backbone.unet, csa_rate, seed=seeds[0]):
@@ -253,3 +259,54 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
         results.append(SceneResult(i, scene.prompt, scene.characters, seeds[i], image,
                                    time.perf_counter() - started, masks, controller.messages))
     return StoryResult(method, results, bank if method == "isolated" else None)
+
+
+def describe_story(backbone, story: Story) -> list[dict]:
+    """What the rule-based path derives per scene: prompt, characters, subject tokens, new/returning."""
+    _check_prompts(backbone, story)
+    seen, rows = set(), []
+    for i, scene in enumerate(story.scenes):
+        cells = []
+        for name in scene.characters:
+            c = story.characters[name]
+            cells.append(f"{name} ('{c.word}' at {backbone.token_positions(scene.prompt, c.word)}, "
+                         f"{'returning' if name in seen else 'new'}; ID: '{c.id_prompt}')")
+        seen.update(scene.characters)
+        rows.append({"scene": i + 1, "prompt": scene.prompt, "seed": story.scene_seed(i), "characters": "; ".join(cells)})
+    return rows
+
+
+LLM_INSTRUCTION = ("Rewrite this scene description as one short image prompt. Name every character with "
+                   "exactly its word ({words}). Remove pronouns. Scene: {prompt}\nPrompt:")
+
+
+def rewrite_with_llm(story: Story, model: str, max_new_tokens: int = 40, generator=None) -> Story:
+    """Optional: let a local text-generation model rewrite each scene prompt (the paper uses an LLM
+    to disambiguate stories). Off by default; the rule-based path never needs it.
+
+    The rewritten story goes through the same validation as a story file, so a rewrite that drops
+    a character's word, or that the backbone cannot read, is an error naming the scene.
+
+    Args:
+        model: a local folder or model id of a ``transformers`` causal LM (nothing is downloaded
+            on machines without hub access), or a ready ``transformers`` text-generation pipeline.
+    """
+    if generator is None:
+        from transformers import pipeline
+        try:
+            generator = pipeline("text-generation", model=model)
+        except Exception as error:  # noqa: BLE001 - re-raised with what to do
+            raise StoryError(f"cannot load the rewrite model {model!r} ({type(error).__name__}: {error}); "
+                             f"pass a local folder of a transformers causal LM, or skip the rewrite") from error
+    data = {"title": story.title, "characters": [dataclasses.asdict(c) for c in story.characters.values()],
+            "scenes": []}
+    for scene in story.scenes:
+        words = ", ".join(story.characters[n].word for n in scene.characters) or "none"
+        request = LLM_INSTRUCTION.format(words=words, prompt=scene.prompt)
+        text = generator(request, max_new_tokens=max_new_tokens, do_sample=False, return_full_text=False)[0]["generated_text"]
+        rewritten = text.strip().splitlines()[0].strip() if text.strip() else ""
+        data["scenes"].append({"prompt": rewritten, "characters": list(scene.characters), "seed": scene.seed})
+    for c in data["characters"]:
+        if c["seed"] is None:
+            del c["seed"]
+    return parse_story(data, f"{story.source} (rewritten by {model})")

@@ -1,0 +1,134 @@
+"""Runs that the notebooks and scripts share: generate with captured maps, score masks against
+the toy analyzer, compare overlap rules. Notebooks call these and draw; nothing here plots."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionStore, capture_attention
+from .masks import OVERLAP_RULES, subject_masks
+
+__all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_masks_vs_truth",
+           "mask_iou_records", "overlap_rule_table", "layer_table", "iou_over_steps"]
+
+
+@dataclass
+class CapturedRun:
+    """Images and the attention store of one batched generation."""
+
+    prompts: list[str]
+    words: list[list[str]]
+    seeds: list[int]
+    images: np.ndarray  # (B, H, W, 3) in [0, 1]
+    store: AttentionStore
+
+
+def generate_with_maps(backbone, prompts: list[str], words: list[list[str]], seeds: list[int],
+                       keep_steps: bool = False, places=("down", "mid", "up"), **kwargs) -> CapturedRun:
+    """Generate one image per prompt while recording the cross-attention maps of ``words``.
+
+    Args:
+        words: ``words[b]`` = the words whose maps to record in prompt b (same count for all b).
+    """
+    groups = [[backbone.token_positions(p, w) for w in ws] for p, ws in zip(prompts, words)]
+    store = AttentionStore(groups, backbone.latent_shape[1:], keep_steps=keep_steps)
+    with capture_attention(backbone.unet, store, places=places):
+        latents = backbone.denoise(backbone.encode(prompts), backbone.initial_latents(seeds),
+                                   callback=store.step_callback, **kwargs)
+    return CapturedRun(list(prompts), [list(w) for w in words], list(seeds), backbone.decode(latents), store)
+
+
+def upsample_masks(masks: torch.Tensor, size: int) -> np.ndarray:
+    """(B, M, h, w) bool -> (B, M, size, size) bool numpy, nearest neighbour."""
+    return (F.interpolate(masks.float(), size=(size, size), mode="nearest") > 0.5).numpy()
+
+
+def character_masks_vs_truth(image: np.ndarray, shapes: list[str], masks: np.ndarray) -> list[dict]:
+    """IoU of each character's mask (M, H, W) with the analyzer's mask of the same shape.
+
+    A character the analyzer cannot find in the image gets ``iou=None`` (not 0): the mask
+    cannot be judged when the model did not draw the character.
+    """
+    from .toy.analyzer import analyze_image, mask_iou
+    from .toy.evaluate import MIN_SCORE
+    detected = [d for d in analyze_image(image) if d.score >= MIN_SCORE]
+    rows = []
+    for m, shape in enumerate(shapes):
+        candidates = [d for d in detected if d.shape == shape]
+        truth = max(candidates, key=lambda d: d.mask.sum()) if candidates else None
+        rows.append({"shape": shape, "iou": None if truth is None else mask_iou(masks[m], truth.mask),
+                     "truth_mask": None if truth is None else truth.mask})
+    return rows
+
+
+def mask_iou_records(run: CapturedRun, rule: str = "lower_cv", resolution: int | None = None,
+                     step: int | None = None) -> list[dict]:
+    """Per (image, character): Otsu-mask IoU against the analyzer, for toy runs whose words are shapes."""
+    A = run.store.aggregate(places=("up",), resolution=resolution, step=step)  # (B, M, h, w)
+    result = subject_masks(A, rule=rule)
+    masks = upsample_masks(result.masks, run.images.shape[1])
+    records = []
+    for b in range(len(run.prompts)):
+        for m, row in enumerate(character_masks_vs_truth(run.images[b], run.words[b], masks[b])):
+            records.append({"image": b, "character": m, "word": row["shape"], "iou": row["iou"],
+                            "ok": bool(result.ok[b, m]), "reason": result.reasons[b][m]})
+    return records
+
+
+def overlap_rule_table(run: CapturedRun, rules=OVERLAP_RULES, only_overlapping: bool = True) -> dict:
+    """Mean IoU against the analyzer per overlap rule, on images where the raw Otsu masks overlap.
+
+    Returns ``{"n_images": int, "rules": {rule: {"mean_iou", "per_image"}}, "images": [...]}``.
+    """
+    A = run.store.aggregate(places=("up",))
+    base = subject_masks(A, rule=rules[0])
+    overlapping = (base.raw_masks.sum(1) > 1).flatten(1).any(1)  # (B,)
+    chosen = [b for b in range(len(run.prompts)) if overlapping[b] or not only_overlapping]
+    table = {"n_images": len(chosen), "images": chosen, "rules": {}}
+    for rule in rules:
+        masks = upsample_masks(subject_masks(A, rule=rule).masks, run.images.shape[1])
+        per_image = []
+        for b in chosen:
+            ious = [r["iou"] for r in character_masks_vs_truth(run.images[b], run.words[b], masks[b])]
+            if all(i is not None for i in ious):  # both characters drawn: the rule can be judged
+                per_image.append(float(np.mean(ious)))
+            else:
+                per_image.append(None)
+        valid = [v for v in per_image if v is not None]
+        table["rules"][rule] = {"mean_iou": float(np.mean(valid)) if valid else float("nan"),
+                                "per_image": per_image, "n_scored": len(valid)}
+    return table
+
+
+def layer_table(run: CapturedRun, image_index: int = 0) -> list[dict]:
+    """Per recorded layer: place, block, resolution and (toy) each word's Otsu-mask IoU vs the analyzer."""
+    rows = []
+    size = run.images.shape[1]
+    for layer, maps in run.store.average_maps().items():
+        result = subject_masks(maps[image_index:image_index + 1])
+        masks = upsample_masks(result.masks, size)[0]
+        row = {"layer": layer.name.replace(".processor", ""), "place": layer.place, "block": layer.block,
+               "resolution": layer.resolution(run.store.latent_hw)[0]}
+        for m, r in enumerate(character_masks_vs_truth(run.images[image_index], run.words[image_index], masks)):
+            row[f"IoU {r['shape']!r}"] = None if r["iou"] is None else round(r["iou"], 2)
+        rows.append(row)
+    return rows
+
+
+def iou_over_steps(run: CapturedRun, rule: str = "lower_cv") -> dict:
+    """Mean IoU vs the analyzer at every step, for masks from that step's maps alone and from the
+    running mean of maps over steps 0..t (the method's choice). Needs ``keep_steps=True``."""
+    steps = sorted(run.store.per_step)
+    single, running, total = [], [], None
+    for t in steps:
+        A_t = run.store.aggregate(places=("up",), step=t)  # (B, M, H, W)
+        total = A_t if total is None else total + A_t
+        for series, A in ((single, A_t), (running, total / (t + 1))):
+            masks = upsample_masks(subject_masks(A, rule=rule).masks, run.images.shape[1])
+            ious = [r["iou"] for b in range(len(run.prompts))
+                    for r in character_masks_vs_truth(run.images[b], run.words[b], masks[b]) if r["iou"] is not None]
+            series.append(float(np.mean(ious)) if ious else float("nan"))
+    return {"steps": steps, "single_step": single, "running_mean": running}

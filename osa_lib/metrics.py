@@ -1,0 +1,98 @@
+"""Story metrics. On the toy world they are exact, read by the analyzer:
+
+- **IIS-toy** (identity similarity, %): for each character, every pair of scenes where it is
+  drawn, the similarity of its *unnamed* identity details — hue, brightness, size and inner
+  mark — averaged (each term in [0, 1], see ``identity_similarity``) ×100. Words cannot pin
+  these details down, so only a method that carries the character over keeps them.
+- **attribute accuracy** (%): the character is drawn with its ID prompt's shape and colour.
+- **mixing rate** (%): multi-character scenes where a character is drawn in the colour of
+  another character of the scene (the blonde girl and black-haired boy both blonde).
+- **TIS-toy** (%): facts of the scene prompt the image shows (scene, each named shape and
+  colour), the toy stand-in for CLIP text-image similarity.
+
+Higher is better for all but the mixing rate. The paper's SDXL metrics live in
+``osa_lib.sdxl_metrics``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["identity_similarity", "toy_story_metrics", "compare_methods", "METRIC_NAMES"]
+
+METRIC_NAMES = ("IIS-toy", "attribute accuracy", "mixing rate", "TIS-toy")
+HUE_SCALE, SIZE_SCALE, VALUE_SCALE = 20.0, 3.0, 0.2  # differences at which a term reaches 0
+
+
+def identity_similarity(a, b) -> float:
+    """Similarity in [0, 1] of two detections' identity details (hue, value, size, mark)."""
+    hue_gap = abs((a.hue - b.hue + 180) % 360 - 180)
+    terms = [1 - min(1.0, hue_gap / HUE_SCALE), 1 - min(1.0, abs(a.value - b.value) / VALUE_SCALE),
+             1 - min(1.0, abs(a.size - b.size) / SIZE_SCALE),
+             float(a.mark == b.mark and (a.mark == "none" or a.mark_tone == b.mark_tone))]
+    return float(np.mean(terms))
+
+
+def _find(detected, shape):
+    from .toy.evaluate import MIN_SCORE
+    found = [d for d in detected if d.shape == shape and d.score >= MIN_SCORE]
+    return max(found, key=lambda d: d.mask.sum()) if found else None
+
+
+def toy_story_metrics(story, result) -> dict:
+    """The four toy metrics for one generated story (``StoryResult``) of a toy ``Story``."""
+    from .toy.analyzer import analyze_image
+    from .toy.evaluate import check_prompt
+    from .toy.world import parse_caption
+    id_colour = {n: parse_caption(c.id_prompt, id_prompt=True)["characters"][0]["colour"]
+                 for n, c in story.characters.items()}
+    drawn: dict[str, list] = {n: [] for n in story.characters}
+    attribute_hits, mixing, tis = [], [], []
+    for scene, res in zip(story.scenes, result.scenes):
+        detected = analyze_image(res.image)
+        found = {n: _find(detected, story.characters[n].word) for n in scene.characters}
+        for name, d in found.items():
+            attribute_hits.append(d is not None and d.colour == id_colour[name])
+            if d is not None:
+                drawn[name].append(d)
+        if len(scene.characters) > 1:
+            mixed = any(d is not None and d.colour != id_colour[n] and
+                        d.colour in {id_colour[o] for o in scene.characters if o != n}
+                        for n, d in found.items())
+            mixing.append(mixed)
+        check = check_prompt(res.image, scene.prompt)
+        facts = [check["scene_ok"]] + [r["ok"] for r in check["characters"]]
+        tis.append(np.mean(facts))
+    pairs = [identity_similarity(ds[i], ds[j]) for ds in drawn.values()
+             for i in range(len(ds)) for j in range(i + 1, len(ds))]
+    return {"IIS-toy": 100 * float(np.mean(pairs)) if pairs else float("nan"),
+            "attribute accuracy": 100 * float(np.mean(attribute_hits)),
+            "mixing rate": 100 * float(np.mean(mixing)) if mixing else float("nan"),
+            "TIS-toy": 100 * float(np.mean(tis)),
+            "seconds per scene": float(np.mean([s.seconds for s in result.scenes]))}
+
+
+def compare_methods(backbone, story, methods=("vanilla", "csa", "isolated"), n_seeds: int = 20,
+                    config=None, seed_stride: int = 1000, progress: bool = True, **kwargs) -> dict:
+    """Every method on the same backbone and the same seeds (the story shifted by k·stride).
+
+    Returns ``{method: {metric: (mean, standard error), ...}}`` and, under ``"runs"``, the raw
+    per-seed metrics.
+    """
+    from tqdm import tqdm
+    from .story import generate_story
+    runs = {m: [] for m in methods}
+    for k in tqdm(range(n_seeds), desc="seeds", disable=not progress):
+        shifted = story.with_seed_offset(k * seed_stride)
+        for method in methods:
+            result = generate_story(backbone, shifted, method, config=config, progress=False, **kwargs)
+            runs[method].append(toy_story_metrics(shifted, result))
+    summary = {}
+    for method, rows in runs.items():
+        summary[method] = {}
+        for key in rows[0]:
+            values = np.array([r[key] for r in rows], float)
+            values = values[~np.isnan(values)]
+            sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+            summary[method][key] = (float(values.mean()) if len(values) else float("nan"), sem)
+    summary["runs"] = runs
+    return summary

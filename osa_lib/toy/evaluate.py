@@ -1,0 +1,163 @@
+"""Measure the shipped toy model with the analyzer, on prompts held out from training.
+
+    python -m osa_lib.toy.evaluate                # full run, prints the README table
+    python -m osa_lib.toy.evaluate --seeds 4      # quicker
+
+Held-out prompts use (colour, shape, scene) triples never rendered in training
+(``world.HELD_OUT_TRIPLES``), so the model must compose words it has only seen apart.
+Four measurements (targets from the foundation issue):
+1. single-character prompts: named shape, colour and scene right (target >= 90 %);
+2. two-character prompts: both characters present with their named attributes (>= 70 %);
+3. a prompt that names no colour: distinct colour families over 16 seeds (>= 4);
+4. cross-attention concentration: IoU of each character word's Otsu mask with the analyzer's
+   mask, on two-character scenes (the masks issue needs a mean >= 0.5).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from . import world
+from .analyzer import analyze_image
+
+__all__ = ["MIN_SCORE", "classify_scene", "check_prompt", "held_out_prompts", "evaluate_model", "main"]
+
+MIN_SCORE = 0.6  # a detection whose best shape template fits worse than this is a blob, not that shape
+SKY_ROWS, GROUND_ROWS = slice(0, 6), slice(26, 32)  # sky and ground for every scene's horizon
+
+
+def classify_scene(image: np.ndarray, character_mask: np.ndarray | None = None) -> str:
+    """Scene word from the background: nearest (sky, ground) palette, ignoring character pixels."""
+    image = np.asarray(image, np.float32)
+    if image.max() <= 1.0:
+        image = image * 255.0
+    keep = np.ones(image.shape[:2], bool) if character_mask is None else ~character_mask
+    def mean_colour(rows):
+        pixels = image[rows][keep[rows]]
+        return pixels.mean(0) if len(pixels) else image[rows].reshape(-1, 3).mean(0)
+    sky, ground = mean_colour(SKY_ROWS), mean_colour(GROUND_ROWS)
+    distances = {name: np.linalg.norm(sky - np.array(s)) + np.linalg.norm(ground - np.array(g))
+                 for name, (s, g, _) in world.BACKGROUNDS.items()}
+    return min(distances, key=distances.get)
+
+
+def check_prompt(image: np.ndarray, prompt: str) -> dict:
+    """Which facts of a toy prompt the image shows: scene, and per character shape and colour."""
+    parsed = world.parse_caption(prompt)
+    detected = analyze_image(image)
+    union = np.zeros(image.shape[:2], bool)
+    for d in detected:
+        union |= d.mask
+    rows = []
+    for c in parsed["characters"]:
+        found = [d for d in detected if d.shape == c["shape"] and d.score >= MIN_SCORE]
+        best = max(found, key=lambda d: d.mask.sum()) if found else None
+        colour_ok = best is not None and (c["colour"] is None or best.colour == c["colour"])
+        rows.append({"shape": c["shape"], "colour": c["colour"], "found": best is not None,
+                     "found_colour": None if best is None else best.colour, "ok": bool(colour_ok)})
+    scene = classify_scene(image, union)
+    return {"scene": parsed["scene"], "found_scene": scene, "scene_ok": scene == parsed["scene"],
+            "characters": rows, "n_detected": len(detected),
+            "all_ok": scene == parsed["scene"] and all(r["ok"] for r in rows)}
+
+
+def held_out_prompts(n_two: int = 24, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Single-character prompts for every held-out triple, and two-character prompts that each
+    contain one held-out triple."""
+    rng = np.random.default_rng(seed)
+    held = sorted(world.HELD_OUT_TRIPLES)
+    singles = [f"a {c} {s} in the {sc}" for c, s, sc in held]
+    twos = []
+    for i in range(n_two):
+        c1, s1, sc = held[i % len(held)]
+        c2 = str(rng.choice([c for c in world.COLOURS if c != c1]))
+        s2 = str(rng.choice([s for s in world.SHAPES if s != s1]))
+        first, second = (f"{c1} {s1}", f"{c2} {s2}") if rng.random() < 0.5 else (f"{c2} {s2}", f"{c1} {s1}")
+        twos.append(f"a {first} and a {second} in the {sc}")
+    return singles, twos
+
+
+def _batched(backbone, prompts, seeds, batch_size, **kwargs):
+    images = []
+    for i in range(0, len(prompts), batch_size):
+        images.append(backbone.generate(prompts[i:i + batch_size], seeds[i:i + batch_size], **kwargs))
+    return np.concatenate(images)
+
+
+def evaluate_model(backbone, seeds_per_prompt: int = 8, n_two: int = 24, no_colour_seeds: int = 16,
+                   batch_size: int = 32, seed: int = 10_000, progress: bool = True) -> dict:
+    """All four measurements; returns a dict of rates and counts (see the module docstring)."""
+    from ..experiments import generate_with_maps, mask_iou_records
+    from tqdm import tqdm
+    singles, twos = held_out_prompts(n_two)
+    out = {}
+    # 1 + 2: named attributes on held-out prompts
+    for label, prompts in (("single", singles), ("two", twos)):
+        all_prompts = [p for p in prompts for _ in range(seeds_per_prompt)]
+        seeds = [seed + i for i in range(len(all_prompts))]
+        images = _batched(backbone, all_prompts, seeds, batch_size, progress=progress)
+        checks = [check_prompt(im, p) for im, p in zip(images, all_prompts)]
+        chars = [r for c in checks for r in c["characters"]]
+        out[label] = {"n_images": len(checks), "all_ok": float(np.mean([c["all_ok"] for c in checks])),
+                      "scene_ok": float(np.mean([c["scene_ok"] for c in checks])),
+                      "character_ok": float(np.mean([r["ok"] for r in chars])),
+                      "character_found": float(np.mean([r["found"] for r in chars]))}
+        if label == "two":
+            out[label]["both_ok"] = float(np.mean([all(r["ok"] for r in c["characters"]) for c in checks]))
+    # 3: colour diversity when no colour is named
+    diversity = {}
+    for shape in world.SHAPES:
+        prompt = f"a {shape} in the {world.SCENES[world.SHAPES.index(shape)]}"
+        images = _batched(backbone, [prompt] * no_colour_seeds, [seed + 500 + i for i in range(no_colour_seeds)],
+                          batch_size, progress=progress)
+        colours = {d.colour for im in images for d in analyze_image(im) if d.shape == shape}
+        diversity[prompt] = sorted(colours)
+    out["no_colour"] = {"prompts": diversity, "min_distinct": min(len(v) for v in diversity.values())}
+    # 4: cross-attention concentration on two-character scenes
+    records = []
+    for i in tqdm(range(0, len(twos), batch_size // 2), desc="mask IoU", disable=not progress):
+        chunk = twos[i:i + batch_size // 2]
+        words = [[c["shape"] for c in world.parse_caption(p)["characters"]] for p in chunk]
+        run = generate_with_maps(backbone, chunk, words, [seed + 900 + i + k for k in range(len(chunk))],
+                                 places=("up",), progress=False)
+        records += mask_iou_records(run)
+    ious = [r["iou"] for r in records if r["iou"] is not None]
+    out["mask_iou"] = {"mean": float(np.mean(ious)) if ious else float("nan"), "n_scored": len(ious),
+                       "n_characters": len(records)}
+    return out
+
+
+def format_report(r: dict) -> str:
+    return "\n".join([
+        "| measurement (held-out prompts) | result | target |",
+        "|---|---|---|",
+        f"| single character: shape, colour and scene right | {100 * r['single']['all_ok']:.1f} % "
+        f"({r['single']['n_images']} images) | >= 90 % |",
+        f"| two characters: both present with named attributes | {100 * r['two']['both_ok']:.1f} % "
+        f"({r['two']['n_images']} images; scene right {100 * r['two']['scene_ok']:.0f} %) | >= 70 % |",
+        f"| no colour named: distinct colours over 16 seeds (min over 4 prompts) | "
+        f"{r['no_colour']['min_distinct']} | >= 4 |",
+        f"| Otsu mask IoU vs analyzer, two-character scenes | {r['mask_iou']['mean']:.2f} "
+        f"({r['mask_iou']['n_scored']} of {r['mask_iou']['n_characters']} characters drawn) | >= 0.5 |",
+    ])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="toy pipeline folder (default data/toy_model)")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds per held-out prompt")
+    parser.add_argument("--json", default=None, help="also write the raw numbers here")
+    args = parser.parse_args(argv)
+    from ..backbones import load_backbone
+    backbone = load_backbone("toy", model_id=args.model)
+    result = evaluate_model(backbone, seeds_per_prompt=args.seeds)
+    print(format_report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The project's shape: dependency pins agree, the README's two commands exist and CI calls one."""
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject_pins() -> set[str]:
+    text = (ROOT / "pyproject.toml").read_text()
+    deps = re.search(r"dependencies = \[(.*?)\]", text, re.S).group(1)
+    dev = re.search(r"dev = \[(.*?)\]", text, re.S).group(1)
+    return set(re.findall(r'"([^"]+)"', deps + dev))
+
+
+def test_environment_yml_matches_pyproject():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d for d in env["dependencies"] if isinstance(d, dict))["pip"]
+    conda_pins = {p for p in pip if not p.startswith("-e")}
+    assert conda_pins == _pyproject_pins()
+    assert all("==" in p for p in conda_pins), "pin every version"
+
+
+def test_torch_pinned_to_the_cpu_build_version():
+    assert "torch==2.13.0" in _pyproject_pins()
+    assert 'pip install --quiet "torch==2.13.0"' in (ROOT / "scripts" / "setup_env.sh").read_text()
+
+
+def test_readme_names_the_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    assert "bash scripts/run_notebooks.sh" in readme
+    assert "bash scripts/test.sh" in readme
+    assert "scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_required_layout_exists():
+    for name in ("notebooks", "osa_lib", "data", "figures", "tests", "environment.yml", "README.md"):
+        assert (ROOT / name).exists(), name
