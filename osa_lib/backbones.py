@@ -115,13 +115,29 @@ class Backbone:
             ValueError: if the word is not in the prompt, naming the prompt's words.
         """
         tokenizer = self.tokenizer
-        prompt_ids = tokenizer(prompt).input_ids
+        encoding = tokenizer(prompt)
+        prompt_ids = encoding.input_ids
         word_ids = tokenizer(word.strip(), add_special_tokens=False).input_ids
         if not word_ids:
             raise ValueError(f"{word!r} is empty after tokenisation")
         n = len(word_ids)
+        # which prompt word each token belongs to (None: special token). A BPE word's last piece
+        # can equal a whole word ("cowboy" -> ... "boy</w>"), so a match must start and end at
+        # word boundaries or T_m picks up pieces of other words.
+        try:
+            word_of = encoding.word_ids()  # (T,)
+        except (ValueError, AttributeError):  # slow tokenizers have no word ids
+            word_of = None
+
+        def whole_words(i: int) -> bool:
+            if word_of is None:
+                return True
+            starts = i == 0 or word_of[i - 1] != word_of[i]
+            ends = i + n == len(word_of) or word_of[i + n] != word_of[i + n - 1]
+            return starts and ends
+
         positions = [i + k for i in range(len(prompt_ids) - n + 1)
-                     if prompt_ids[i:i + n] == word_ids for k in range(n)]
+                     if prompt_ids[i:i + n] == word_ids and whole_words(i) for k in range(n)]
         if not positions:
             raise ValueError(f"word {word!r} does not occur in prompt {prompt!r}; its words are "
                              f"{prompt.split()}. Put the character's word in the scene prompt.")

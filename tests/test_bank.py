@@ -1,0 +1,174 @@
+"""The reference bank: storage, size, disk round trip, damaged files, compatibility, atomic writes."""
+import json
+import os
+
+import pytest
+import torch
+
+from osa_lib.bank import BANK_FORMAT_VERSION, BankError, ReferenceBank
+
+LAYERS = ("up_blocks.0.attentions.0.transformer_blocks.0.attn1.processor",
+          "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor")
+
+
+def make_bank(seed: int = 0, dtype=torch.float32) -> ReferenceBank:
+    g = torch.Generator().manual_seed(seed)
+    bank = ReferenceBank("sdxl-tiny", (16, 16), 4)
+    for name, n in (("Lily", 3), ("Tom", 5)):
+        for layer in LAYERS:
+            for step in (1, 2, 3):
+                bank.add(name, layer, step, torch.randn(n + step, 8, generator=g).to(dtype),
+                         torch.randn(n + step, 8, generator=g).to(dtype))
+    return bank
+
+
+def assert_same_bank(a: ReferenceBank, b: ReferenceBank) -> None:
+    assert (a.backbone, tuple(a.latent_hw), a.num_steps) == (b.backbone, tuple(b.latent_hw), b.num_steps)
+    assert a.characters == b.characters
+    for name in a.characters:
+        assert a.tokens[name].keys() == b.tokens[name].keys()
+        for key, (k, v) in a.tokens[name].items():
+            k2, v2 = b.tokens[name][key]
+            assert k.dtype == k2.dtype and torch.equal(k, k2) and torch.equal(v, v2)
+
+
+def test_add_get_contains():
+    bank = make_bank()
+    assert "Lily" in bank and "Tom" in bank and "Rosa" not in bank
+    k, v = bank.get("Tom", LAYERS[1], 2)
+    assert k.shape == v.shape == (7, 8)
+    assert bank.get("Tom", LAYERS[1], 0) is None
+    assert bank.get("Rosa", LAYERS[0], 1) is None
+
+
+def test_add_detaches_and_moves_to_cpu():
+    bank = ReferenceBank("sdxl-tiny", (16, 16), 4)
+    k = torch.randn(2, 4, requires_grad=True)
+    bank.add("Lily", LAYERS[0], 1, k, k * 2)
+    stored_k, stored_v = bank.get("Lily", LAYERS[0], 1)
+    assert not stored_k.requires_grad and stored_k.device.type == "cpu"
+    assert torch.equal(stored_v, (k * 2).detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_save_load_roundtrip(tmp_path, dtype):
+    bank = make_bank(dtype=dtype)
+    path = bank.save(tmp_path / "bank.safetensors")
+    assert path == tmp_path / "bank.safetensors" and path.exists()
+    loaded = ReferenceBank.load(path)
+    assert_same_bank(bank, loaded)
+    assert loaded.nbytes() == bank.nbytes()
+
+
+def test_nbytes():
+    bank = make_bank()
+    # Lily: n = 3 + step rows of 8 float32, keys and values, two layers
+    lily = sum(2 * (3 + s) * 8 * 4 for s in (1, 2, 3)) * len(LAYERS)
+    tom = sum(2 * (5 + s) * 8 * 4 for s in (1, 2, 3)) * len(LAYERS)
+    assert bank.nbytes("Lily") == lily
+    assert bank.nbytes("Tom") == tom
+    assert bank.nbytes() == lily + tom
+    assert make_bank(dtype=torch.float16).nbytes() == (lily + tom) // 2
+    assert ReferenceBank("sdxl-tiny", (16, 16), 4).nbytes() == 0
+
+
+def test_name_with_separator_rejected(tmp_path):
+    bank = ReferenceBank("sdxl-tiny", (16, 16), 4)
+    with pytest.raises(BankError, match=r"'a\|b'"):
+        bank.add("a|b", LAYERS[0], 1, torch.zeros(1, 2), torch.zeros(1, 2))
+    assert "a|b" not in bank
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(BankError, match="no reference bank"):
+        ReferenceBank.load(tmp_path / "nothing.safetensors")
+
+
+def test_load_truncated_file(tmp_path):
+    path = make_bank().save(tmp_path / "bank.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BankError, match="damaged") as info:
+        ReferenceBank.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_random_bytes(tmp_path):
+    path = tmp_path / "bank.safetensors"
+    path.write_bytes(os.urandom(1000))
+    with pytest.raises(BankError, match="cannot read reference bank"):
+        ReferenceBank.load(path)
+
+
+def test_load_safetensors_that_is_not_a_bank(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(BankError, match="not a bank saved by ReferenceBank.save"):
+        ReferenceBank.load(path)
+
+
+def test_load_other_format_version(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "future.safetensors"
+    header = {"version": BANK_FORMAT_VERSION + 1, "backbone": "sdxl-tiny", "latent_hw": [16, 16],
+              "num_steps": 4, "characters": [], "index": []}
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"osa_bank": json.dumps(header)})
+    with pytest.raises(BankError, match=f"version {BANK_FORMAT_VERSION + 1}"):
+        ReferenceBank.load(path)
+
+
+def test_check_compatible():
+    bank = make_bank()
+    bank.check_compatible("sdxl-tiny", (16, 16), 4)  # its own settings: fine
+    with pytest.raises(BankError, match="backbone 'sdxl-tiny'.*'toy'"):
+        bank.check_compatible("toy", (16, 16), 4)
+    with pytest.raises(BankError, match="4 denoising steps, this run uses 25"):
+        bank.check_compatible("sdxl-tiny", (16, 16), 25)
+    with pytest.raises(BankError, match=r"latent size \(16, 16\) != \(32, 32\)"):
+        bank.check_compatible("sdxl-tiny", (32, 32), 4)
+    with pytest.raises(BankError) as info:  # every problem at once
+        bank.check_compatible("toy", (32, 32), 25)
+    assert "backbone" in str(info.value) and "steps" in str(info.value) and "latent" in str(info.value)
+
+
+def test_loaded_bank_keeps_compatibility_settings(tmp_path):
+    loaded = ReferenceBank.load(make_bank().save(tmp_path / "b.safetensors"))
+    loaded.check_compatible("sdxl-tiny", (16, 16), 4)
+    with pytest.raises(BankError):
+        loaded.check_compatible("sdxl", (16, 16), 4)
+
+
+def test_save_leaves_no_temporary_file(tmp_path):
+    make_bank().save(tmp_path / "bank.safetensors")
+    make_bank(seed=1).save(tmp_path / "bank.safetensors")  # overwrite
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.safetensors"]
+    assert_same_bank(ReferenceBank.load(tmp_path / "bank.safetensors"), make_bank(seed=1))
+
+
+def test_failed_save_keeps_old_file_and_cleans_up(tmp_path, monkeypatch):
+    import safetensors.torch
+    path = tmp_path / "bank.safetensors"
+    old = make_bank(seed=0)
+    old.save(path)
+    old_bytes = path.read_bytes()
+
+    def broken_save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:  # a partial write, then the disk fills up
+            f.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
+    with pytest.raises(OSError, match="No space left"):
+        make_bank(seed=1).save(path)
+    assert path.read_bytes() == old_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.safetensors"]  # no *.tmp left
+    monkeypatch.undo()
+    assert_same_bank(ReferenceBank.load(path), old)
+
+
+def test_empty_bank_roundtrip(tmp_path):
+    empty = ReferenceBank("sdxl-tiny", (16, 16), 4)
+    loaded = ReferenceBank.load(empty.save(tmp_path / "empty.safetensors"))
+    assert_same_bank(empty, loaded)
+    assert loaded.characters == []

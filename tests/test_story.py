@@ -1,0 +1,251 @@
+"""Story files (parsing, validation, errors that say where) and the scene-by-scene generator."""
+import glob
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from osa_lib.backbones import _TINY_WORDS, load_backbone
+from osa_lib.bank import BankError, ReferenceBank
+from osa_lib.story import METHODS, Story, StoryError, generate_story, load_story, parse_story
+
+STORY_DIR = Path(__file__).resolve().parent.parent / "data" / "stories"
+STORY_FILES = sorted(glob.glob(str(STORY_DIR / "*.yaml")))
+STEPS = 3
+
+VALID = {
+    "title": "Lily and Tom",
+    "characters": [
+        {"name": "Lily", "word": "girl", "id_prompt": "a girl with blonde hair", "seed": 7},
+        {"name": "Tom", "word": "boy", "id_prompt": "a boy with black hair"},
+    ],
+    "scenes": [
+        {"prompt": "a girl reading a book in the park", "characters": ["Lily"], "seed": 1},
+        {"prompt": "a boy with a dog on the beach", "characters": ["Tom"], "seed": 2},
+        {"prompt": "a girl and a boy in the snow", "characters": ["Lily", "Tom"], "seed": 3},
+    ],
+}
+
+
+def story_dict(**changes):
+    data = yaml.safe_load(yaml.safe_dump(VALID))  # deep copy
+    data.update(changes)
+    return data
+
+
+def write(tmp_path, data, name="story.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+# --- files and validation ----------------------------------------------------------------------
+def test_story_files_exist():
+    assert len(STORY_FILES) >= 3, f"expected the shipped stories in {STORY_DIR}"
+
+
+@pytest.mark.parametrize("path", STORY_FILES, ids=lambda p: Path(p).name)
+def test_every_shipped_story_parses(path):
+    story = load_story(path)
+    raw = yaml.safe_load(Path(path).read_text())
+    assert story.source == path
+    assert len(story.scenes) == len(raw["scenes"]) > 0
+    assert set(story.characters) == {c["name"] for c in raw["characters"]}
+    for scene in story.scenes:
+        assert set(scene.characters) <= set(story.characters) and isinstance(scene.seed, int)
+    # every character appears in some scene
+    assert {n for s in story.scenes for n in s.characters} == set(story.characters)
+
+
+def test_valid_story_round_trip(tmp_path):
+    story = load_story(write(tmp_path, VALID))
+    assert story.title == "Lily and Tom"
+    assert story.characters["Lily"].seed == 7 and story.characters["Tom"].seed is None
+    assert [s.seed for s in story.scenes] == [1, 2, 3]
+    assert story.scenes[2].characters == ["Lily", "Tom"]
+
+
+def expect_error(tmp_path, data, *fragments):
+    path = write(tmp_path, data)
+    with pytest.raises(StoryError) as info:
+        load_story(path)
+    message = str(info.value)
+    assert str(path) in message, message  # the file
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_unknown_character_in_scene(tmp_path):
+    data = story_dict()
+    data["scenes"][1]["characters"] = ["Tom", "Rex"]
+    expect_error(tmp_path, data, "scene 2", "field 'characters'", "unknown character 'Rex'", "'Lily'")
+
+
+def test_character_word_missing_from_scene_prompt(tmp_path):
+    data = story_dict()
+    data["scenes"][2]["prompt"] = "a girl and her friend in the snow"
+    expect_error(tmp_path, data, "scene 3", "field 'prompt'", "'Tom'", "'boy'")
+
+
+def test_word_inside_another_word_does_not_count(tmp_path):
+    data = story_dict()
+    data["scenes"][1]["prompt"] = "a cowboy with a dog on the beach"
+    expect_error(tmp_path, data, "scene 2", "field 'prompt'", "'boy'")
+
+
+def test_two_characters_share_a_word(tmp_path):
+    data = story_dict()
+    data["characters"][1]["word"] = "girl"
+    data["characters"][1]["id_prompt"] = "a girl with black hair"
+    expect_error(tmp_path, data, "character 2", "field 'word'", "'Lily'", "'Tom'", "'girl'")
+
+
+def test_empty_scene_list(tmp_path):
+    expect_error(tmp_path, story_dict(scenes=[]), "field 'scenes'", "empty")
+
+
+def test_malformed_yaml(tmp_path):
+    expect_error(tmp_path, "characters: [name: Lily\nscenes: {{{\n", "not valid YAML")
+
+
+def test_missing_seed(tmp_path):
+    data = story_dict()
+    del data["scenes"][1]["seed"]
+    expect_error(tmp_path, data, "scene 2", "field 'seed'")
+
+
+def test_id_prompt_without_word(tmp_path):
+    data = story_dict()
+    data["characters"][0]["id_prompt"] = "blonde hair, black dress"
+    expect_error(tmp_path, data, "character 1", "field 'id_prompt'", "'girl'")
+
+
+def test_other_structural_errors(tmp_path):
+    expect_error(tmp_path, "- just\n- a list\n", "top level")
+    expect_error(tmp_path, {"scenes": VALID["scenes"]}, "missing field 'characters'")
+    data = story_dict()
+    data["scenes"][0]["characters"] = ["Lily", "Lily"]
+    expect_error(tmp_path, data, "scene 1", "listed twice")
+    data = story_dict()
+    data["characters"][1]["name"] = "Lily"
+    data["characters"][1]["word"] = "boy"
+    expect_error(tmp_path, data, "character 2", "defined twice")
+
+
+def test_missing_file():
+    with pytest.raises(StoryError, match="no such story file"):
+        load_story("/nonexistent/story.yaml")
+
+
+def test_with_seed_offset():
+    story = parse_story(story_dict())
+    shifted = story.with_seed_offset(100)
+    assert [s.seed for s in shifted.scenes] == [101, 102, 103]
+    assert shifted.characters["Lily"].seed == 107 and shifted.characters["Tom"].seed is None
+    assert [s.seed for s in story.scenes] == [1, 2, 3] and story.characters["Lily"].seed == 7  # unchanged
+    assert [s.prompt for s in shifted.scenes] == [s.prompt for s in story.scenes]
+    assert [shifted.scene_seed(i) for i in range(3)] == [107, 102, 103]
+
+
+def test_scene_seed_prefers_introduced_characters_seed():
+    story = parse_story(story_dict())
+    assert [story.scene_seed(i) for i in range(3)] == [7, 2, 3]
+    # Lily already drawn before this story (a loaded bank): scene 1 does not introduce her
+    assert story.scene_seed(0, known=["Lily"]) == 1
+    later = Story(story.characters, story.scenes[2:])
+    assert later.scene_seed(0) == 7 and later.scene_seed(0, known=["Lily", "Tom"]) == 3
+
+
+# --- generation on the tiny SDXL -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("sdxl-tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def story():
+    assert all(w in _TINY_WORDS for s in VALID["scenes"] for w in s["prompt"].split())
+    return parse_story(story_dict(), "tiny-story")
+
+
+@pytest.fixture(scope="module")
+def isolated(tiny, story):
+    return generate_story(tiny, story, "isolated", num_inference_steps=STEPS, progress=False)
+
+
+@pytest.fixture(scope="module")
+def vanilla(tiny, story):
+    return generate_story(tiny, story, "vanilla", num_inference_steps=STEPS, progress=False)
+
+
+def test_isolated_story_fills_bank(tiny, isolated):
+    assert isolated.method == "isolated" and len(isolated.scenes) == 3
+    bank = isolated.bank
+    assert sorted(bank.characters) == ["Lily", "Tom"]
+    assert bank.nbytes("Lily") > 0 and bank.nbytes("Tom") > 0
+    bank.check_compatible("sdxl-tiny", tuple(tiny.latent_shape[1:]), STEPS)
+    assert [s.seed for s in isolated.scenes] == [7, 2, 3]
+    for scene in isolated.scenes:
+        assert scene.image.shape == (32, 32, 3) and scene.seconds > 0
+
+
+def test_continued_story_with_loaded_bank_matches_uninterrupted_run(tmp_path, tiny, story, isolated, vanilla):
+    path = isolated.bank.save(tmp_path / "bank.safetensors")
+    loaded = ReferenceBank.load(path)
+    nbytes = loaded.nbytes()
+    later = Story(story.characters, story.scenes[2:], story.title, "continued")
+    continued = generate_story(tiny, later, "isolated", bank=loaded, num_inference_steps=STEPS, progress=False)
+    assert continued.bank is loaded
+    assert continued.scenes[0].seed == isolated.scenes[2].seed == 3  # Lily is not introduced here
+    assert loaded.nbytes() == nbytes  # returning characters are read from the bank, not written
+    assert np.array_equal(continued.images[0], isolated.images[2])
+    assert np.abs(continued.images[0] - vanilla.images[2]).max() > 1e-4  # and isolation did act
+
+
+def test_newcomer_in_continued_story_is_added_to_loaded_bank(tmp_path, tiny, story):
+    """Lily's first scene, saved; later Lily returns and Tom is new: Tom is written, Lily is not."""
+    part1 = Story({"Lily": story.characters["Lily"]}, story.scenes[:1], source="part 1")
+    first = generate_story(tiny, part1, "isolated", num_inference_steps=STEPS, progress=False)
+    bank = ReferenceBank.load(first.bank.save(tmp_path / "lily.safetensors"))
+    lily_bytes = bank.nbytes("Lily")
+    part2 = Story(story.characters, story.scenes[2:], source="part 2")
+    generate_story(tiny, part2, "isolated", bank=bank, num_inference_steps=STEPS, progress=False)
+    assert sorted(bank.characters) == ["Lily", "Tom"]
+    assert bank.nbytes("Lily") == lily_bytes and bank.nbytes("Tom") > 0
+
+
+def test_incompatible_bank_is_refused(tiny, story):
+    bank = ReferenceBank("sdxl-tiny", tuple(tiny.latent_shape[1:]), STEPS + 1)
+    with pytest.raises(BankError, match="denoising steps"):
+        generate_story(tiny, story, "isolated", bank=bank, num_inference_steps=STEPS, progress=False)
+
+
+def test_unknown_method(tiny, story):
+    with pytest.raises(StoryError, match="unknown method 'magic'") as info:
+        generate_story(tiny, story, "magic")
+    assert all(repr(m) in str(info.value) for m in METHODS)
+
+
+def test_prompt_problems_are_story_errors_before_generation(tiny):
+    story = parse_story(story_dict())
+    story.scenes[0].prompt = "a boy in the park"  # bypasses parse-time checks
+    with pytest.raises(StoryError, match="scene 1, field 'prompt'.*'girl'"):
+        generate_story(tiny, story, "vanilla", num_inference_steps=STEPS, progress=False)
+
+
+def test_csa_one_image_per_scene_and_differs_from_vanilla(tiny, story, vanilla):
+    result = generate_story(tiny, story, "csa", num_inference_steps=STEPS, progress=False)
+    assert result.method == "csa" and result.bank is None
+    assert len(result.images) == len(story.scenes)
+    assert [s.seed for s in result.scenes] == [s.seed for s in vanilla.scenes]
+    for ours, theirs in zip(result.images, vanilla.images):
+        assert ours.shape == theirs.shape
+        assert np.abs(ours - theirs).max() > 1e-4
+
+
+def test_vanilla_story_matches_backbone_generate(tiny, story, vanilla):
+    assert vanilla.bank is None
+    direct = tiny.generate([story.scenes[1].prompt], [2], num_inference_steps=STEPS, progress=False)[0]
+    assert np.array_equal(vanilla.images[1], direct)

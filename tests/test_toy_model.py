@@ -1,0 +1,57 @@
+"""The toy text-to-image model: the shipped weights load and sample deterministically, the
+tokenizer is built locally, training runs and resumes."""
+import numpy as np
+import pytest
+import torch
+
+from osa_lib import load_backbone
+from osa_lib.toy.model import MAX_TOKENS, build_tokenizer
+from osa_lib.toy.world import ToyGrammarError
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_backbone("toy", device="cpu")
+
+
+def test_tokenizer_is_word_level_and_local():
+    tok = build_tokenizer()
+    ids = tok("a red circle in the snow", padding="max_length", max_length=MAX_TOKENS).input_ids
+    assert len(ids) == MAX_TOKENS and ids[0] == tok.bos_token_id and ids[7] == tok.eos_token_id
+    assert tok.convert_ids_to_tokens(ids[1:7]) == ["a", "red", "circle", "in", "the", "snow"]
+
+
+def test_shipped_model_samples_deterministically(toy):
+    a = toy.generate(["a red circle in the snow", "a blue square in the meadow"], [1, 2], num_inference_steps=8, progress=False)
+    b = toy.generate(["a red circle in the snow", "a blue square in the meadow"], [1, 2], num_inference_steps=8, progress=False)
+    assert a.shape == (2, 32, 32, 3) and np.array_equal(a, b)
+    c = toy.generate(["a red circle in the snow"], [3], num_inference_steps=8, progress=False)
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_shipped_model_follows_a_simple_prompt(toy):
+    from osa_lib.toy.evaluate import check_prompt
+    prompts = ["a red circle in the snow"] * 4
+    images = toy.generate(prompts, [10, 11, 12, 13], progress=False)
+    hits = [check_prompt(im, p)["all_ok"] for im, p in zip(images, prompts)]
+    assert sum(hits) >= 3, f"only {sum(hits)}/4 images show a red circle in the snow"
+
+
+def test_unknown_word_is_a_clear_error(toy):
+    with pytest.raises(ToyGrammarError, match="unknown word"):
+        toy.encode(["a red dragon in the snow"])
+    with pytest.raises(ValueError, match="does not occur"):
+        toy.token_positions("a red circle in the snow", "square")
+
+
+def test_training_runs_and_resumes(tmp_path):
+    from osa_lib.toy.train import train
+    out = tmp_path / "model"
+    stats = train(steps=2, batch_size=4, out=out, save_every=1, log_every=1, seed=0)
+    assert (out / "model_index.json").exists() and np.isfinite(stats["loss"])
+    state = torch.load(tmp_path / "model_ckpt" / "state.pt", weights_only=False)
+    assert state["step"] == 2
+    train(steps=3, batch_size=4, out=out, save_every=1, log_every=1, seed=0)
+    assert torch.load(tmp_path / "model_ckpt" / "state.pt", weights_only=False)["step"] == 3
+    reloaded = load_backbone("toy", model_id=str(out), device="cpu")
+    assert reloaded.generate(["a red circle in the snow"], [0], num_inference_steps=2, progress=False).shape == (1, 32, 32, 3)
