@@ -239,7 +239,7 @@ def load_backbone(name: str = "toy", model_id: str | None = None, device: str | 
         local = Path(model_id).exists()
         try:
             pipe = StableDiffusionXLPipeline.from_pretrained(
-                model_id, torch_dtype=dtype_, use_safetensors=True, local_files_only=local)
+                model_id, dtype=dtype_, use_safetensors=True, local_files_only=local)
         except Exception as error:  # noqa: BLE001 - re-raised with what to do
             raise RuntimeError(
                 f"could not load SDXL from {model_id!r} ({type(error).__name__}: {error}). Pass a local "

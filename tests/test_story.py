@@ -249,3 +249,24 @@ def test_vanilla_story_matches_backbone_generate(tiny, story, vanilla):
     assert vanilla.bank is None
     direct = tiny.generate([story.scenes[1].prompt], [2], num_inference_steps=STEPS, progress=False)[0]
     assert np.array_equal(vanilla.images[1], direct)
+
+
+def test_llm_rewrite_output_goes_through_the_same_validation():
+    """The optional rewrite step: whatever the model returns is validated like a story file."""
+    from osa_lib.story import rewrite_with_llm
+    story = parse_story({"characters": [{"name": "Lily", "word": "girl", "id_prompt": "a girl"}],
+                         "scenes": [{"prompt": "she reads in the park, a girl", "characters": ["Lily"], "seed": 1}]})
+
+    def good(request, **kwargs):
+        assert "girl" in request and "she reads" in request
+        return [{"generated_text": " a girl reading a book in the park\nmore text"}]
+
+    rewritten = rewrite_with_llm(story, "stub", generator=good)
+    assert rewritten.scenes[0].prompt == "a girl reading a book in the park"
+    assert rewritten.scenes[0].seed == 1 and "rewritten by stub" in rewritten.source
+
+    def drops_the_word(request, **kwargs):
+        return [{"generated_text": "someone reading in the park"}]
+
+    with pytest.raises(StoryError, match="scene 1, field 'prompt'.*'girl'"):
+        rewrite_with_llm(story, "stub", generator=drops_the_word)
