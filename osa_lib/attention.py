@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 __all__ = ["LayerInfo", "find_attention_layers", "installed_processors", "AttentionStore",
            "CrossAttentionRecorder", "capture_attention", "attention_prologue", "attention_epilogue",
-           "split_heads", "merge_heads"]
+           "split_heads", "merge_heads", "recorded_cross_attention"]
 
 _NAME = re.compile(r"^(down|mid|up)_blocks?\.?(\d*).*\.(attn1|attn2)\.processor$")
 
@@ -236,14 +236,26 @@ class CrossAttentionRecorder:
         self.layer, self.store = layer, store
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        x, saved = attention_prologue(attn, hidden_states, temb)
-        context = project_context(attn, encoder_hidden_states)
-        q, k, v = (split_heads(attn, t) for t in (attn.to_q(x), attn.to_k(context), attn.to_v(context)))
-        half = q.shape[0] // 2  # [negative; prompt]
-        out = F.scaled_dot_product_attention(q, k, v)  # (2B, heads, N, d)
-        probs = (q[half:] @ k[half:].transpose(-1, -2) * attn.scale).softmax(dim=-1)  # (B, heads, N, T)
-        self.store.record(self.layer, probs)
+        _, out, saved = recorded_cross_attention(attn, hidden_states, encoder_hidden_states, temb,
+                                                 self.store, self.layer)
         return attention_epilogue(attn, merge_heads(out), saved)
+
+
+def recorded_cross_attention(attn, hidden_states, encoder_hidden_states, temb, store: AttentionStore,
+                             layer: LayerInfo):
+    """Cross-attention output exactly as ``AttnProcessor2_0`` computes it, and ``A_m`` recorded.
+
+    Returns q (2B, heads, N, d), the output (2B, heads, N, d) before ``to_out``, and the state
+    ``attention_epilogue`` needs.
+    """
+    x, saved = attention_prologue(attn, hidden_states, temb)
+    context = project_context(attn, encoder_hidden_states)
+    q, k, v = (split_heads(attn, t) for t in (attn.to_q(x), attn.to_k(context), attn.to_v(context)))
+    half = q.shape[0] // 2  # [negative; prompt]
+    out = F.scaled_dot_product_attention(q, k, v)  # (2B, heads, N, d)
+    probs = (q[half:] @ k[half:].transpose(-1, -2) * attn.scale).softmax(dim=-1)  # (B, heads, N, T)
+    store.record(layer, probs)
+    return q, out, saved
 
 
 @contextmanager

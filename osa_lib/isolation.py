@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import (AttentionStore, LayerInfo, attention_epilogue, attention_prologue, find_attention_layers,
-                        installed_processors, merge_heads, project_context, split_heads)
+                        installed_processors, merge_heads, project_context, recorded_cross_attention, split_heads)
 from .bank import ReferenceBank
 from .masks import subject_masks
 
@@ -209,15 +209,11 @@ class IsolatedCrossAttention:
         self.layer, self.ctrl = layer, controller
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        x, saved = attention_prologue(attn, hidden_states, temb)
-        context = project_context(attn, encoder_hidden_states)
-        q, k, v = (split_heads(attn, t) for t in (attn.to_q(x), attn.to_k(context), attn.to_v(context)))
-        half = q.shape[0] // 2  # [negative; prompt]
-        # F_ori exactly as AttnProcessor2_0 computes it (so λ = 0 is bit-identical to the model)
-        out = F.scaled_dot_product_attention(q, k, v)  # (2B, heads, N, d)
-        probs = (q[half:] @ k[half:].transpose(-1, -2) * attn.scale).softmax(dim=-1)  # (B, heads, N, T)
         ctrl = self.ctrl
-        ctrl.store.record(self.layer, probs)
+        # F_ori exactly as AttnProcessor2_0 computes it (so λ = 0 is bit-identical to the model)
+        q, out, saved = recorded_cross_attention(attn, hidden_states, encoder_hidden_states, temb,
+                                                 ctrl.store, self.layer)
+        half = q.shape[0] // 2  # [negative; prompt]
         y_s = out[half:]  # (B, heads, N, d): global features Y_S
         if ctrl.isolating and ctrl.config.isolated_cross:
             y_s0 = y_s[0].clone()
