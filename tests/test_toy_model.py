@@ -53,5 +53,11 @@ def test_training_runs_and_resumes(tmp_path):
     assert state["step"] == 2
     train(steps=3, batch_size=4, out=out, save_every=1, log_every=1, seed=0)
     assert torch.load(tmp_path / "model_ckpt" / "state.pt", weights_only=False)["step"] == 3
+    # a later session without the (ignored) checkpoint warm-starts from the exported weights
+    import json, shutil
+    shutil.rmtree(tmp_path / "model_ckpt")
+    assert json.loads((out / "training.json").read_text())["step"] == 3
+    train(steps=4, batch_size=4, out=out, save_every=1, log_every=1, seed=0)
+    assert json.loads((out / "training.json").read_text())["step"] == 4
     reloaded = load_backbone("toy", model_id=str(out), device="cpu")
     assert reloaded.generate(["a red circle in the snow"], [0], num_inference_steps=2, progress=False).shape == (1, 32, 32, 3)

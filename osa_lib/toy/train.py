@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ from .model import DEFAULT_MODEL_DIR, ToyPipeline, build_toy_pipeline, images_to
 from .world import HELD_OUT_TRIPLES, sample_scene
 
 __all__ = ["SceneStream", "train", "main"]
+
+TRAINING_RECORD = "training.json"
 
 
 class SceneStream(torch.utils.data.IterableDataset):
@@ -52,8 +55,9 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _export(pipe: ToyPipeline, ema_state: dict, out: Path) -> None:
-    """Write the EMA weights as a diffusers pipeline folder, atomically (temp dir + rename)."""
+def _export(pipe: ToyPipeline, ema_state: dict, out: Path, step: int = 0, elapsed: float = 0.0) -> None:
+    """Write the EMA weights as a diffusers pipeline folder, atomically (temp dir + rename), with
+    ``training.json`` (step, minutes) so a later run can warm-start from the committed weights."""
     export = copy.deepcopy(pipe)
     export.unet.load_state_dict(ema_state["unet"])
     export.text_encoder.load_state_dict(ema_state["text_encoder"])
@@ -62,6 +66,7 @@ def _export(pipe: ToyPipeline, ema_state: dict, out: Path) -> None:
         import shutil
         shutil.rmtree(tmp)
     export.save_pretrained(tmp)
+    (tmp / TRAINING_RECORD).write_text(json.dumps({"step": step, "minutes": round(elapsed / 60, 1)}))
     if out.exists():
         import shutil
         old = out.with_name(out.name + ".old")
@@ -92,8 +97,20 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
         opt.load_state_dict(state["opt"]); ema = state["ema"]
         step, elapsed_before = state["step"], state.get("elapsed", 0.0)
         data_seed = seed + 1000 * state["resumes"] + 1
+        resumes = state["resumes"] + 1
         print(f"resumed from {ckpt_path} at step {step}")
-    resumes = (state["resumes"] + 1) if ckpt_path.exists() else 0
+    elif (Path(out) / TRAINING_RECORD).exists():
+        # warm start from committed weights: the EMA weights seed both copies; Adam starts afresh
+        record = json.loads((Path(out) / TRAINING_RECORD).read_text())
+        exported = ToyPipeline.from_pretrained(out)
+        pipe.unet.load_state_dict(exported.unet.state_dict())
+        pipe.text_encoder.load_state_dict(exported.text_encoder.state_dict())
+        ema = {"unet": copy.deepcopy(pipe.unet.state_dict()), "text_encoder": copy.deepcopy(pipe.text_encoder.state_dict())}
+        step, elapsed_before, resumes = record["step"], record["minutes"] * 60, record.get("resumes", 0) + 1
+        data_seed = seed + 1000 * resumes + 1
+        print(f"warm start from the exported weights in {out} at step {step} (new optimiser state)")
+    else:
+        resumes = 0
     loader = torch.utils.data.DataLoader(SceneStream(batch_size, data_seed), batch_size=None,
                                          num_workers=1, prefetch_factor=4)
     torch.manual_seed(seed + step)
@@ -144,7 +161,7 @@ def _checkpoint(pipe, opt, ema, step, resumes, elapsed, ckpt_path: Path, out: Pa
     _save_atomic({"unet": pipe.unet.state_dict(), "text_encoder": pipe.text_encoder.state_dict(),
                   "opt": opt.state_dict(), "ema": ema, "step": step, "resumes": resumes,
                   "elapsed": elapsed}, ckpt_path)
-    _export(pipe, ema, Path(out))
+    _export(pipe, ema, Path(out), step, elapsed)
 
 
 def main(argv: list[str] | None = None) -> None:
