@@ -36,7 +36,8 @@ def classify_scene(image: np.ndarray, character_mask: np.ndarray | None = None) 
     keep = np.ones(image.shape[:2], bool) if character_mask is None else ~character_mask
     def mean_colour(rows):
         pixels = image[rows][keep[rows]]
-        return pixels.mean(0) if len(pixels) else image[rows].reshape(-1, 3).mean(0)
+        # median: robust to character pixels the analyzer did not claim (soft edges of generated shapes)
+        return np.median(pixels, 0) if len(pixels) else np.median(image[rows].reshape(-1, 3), 0)
     sky, ground = mean_colour(SKY_ROWS), mean_colour(GROUND_ROWS)
     distances = {name: np.linalg.norm(sky - np.array(s)) + np.linalg.norm(ground - np.array(g))
                  for name, (s, g, _) in world.BACKGROUNDS.items()}
