@@ -75,3 +75,23 @@ def test_training_runs_and_resumes(tmp_path):
     assert json.loads((out / "training.json").read_text())["step"] == 4
     reloaded = load_backbone("toy", model_id=str(out), device="cpu")
     assert reloaded.generate(["a red circle in the snow"], [0], num_inference_steps=2, progress=False).shape == (1, 32, 32, 3)
+
+
+def test_denoising_loss_targets_and_min_snr_weighting():
+    """v-prediction regresses the scheduler's velocity; Min-SNR weights each sample by
+    min(SNR, gamma) / (SNR + 1) and leaves the plain MSE when switched off."""
+    from diffusers import DDPMScheduler
+    from osa_lib.toy.train import _denoising_loss
+    g = torch.Generator().manual_seed(0)
+    latents, noise, pred = (torch.randn(3, 12, 16, 16, generator=g) for _ in range(3))
+    t = torch.tensor([10, 500, 990])
+    v_sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    eps_sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+    v = v_sched.get_velocity(latents, noise, t)
+    per_sample = ((pred - v) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(_denoising_loss(pred, latents, noise, t, v_sched, None), per_sample.mean())
+    snr = v_sched.alphas_cumprod[t] / (1 - v_sched.alphas_cumprod[t])
+    weights = snr.clamp(max=5.0) / (snr + 1)
+    assert weights[0] < weights[1] <= 1 and weights[0] < 0.1, "low-noise steps are down-weighted"
+    assert torch.allclose(_denoising_loss(pred, latents, noise, t, v_sched, 5.0), (per_sample * weights).mean())
+    assert torch.allclose(_denoising_loss(noise, latents, noise, t, eps_sched, 5.0), torch.tensor(0.0))

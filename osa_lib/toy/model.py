@@ -10,7 +10,8 @@ as for SDXL:
   a fixed, lossless space-to-depth (``pixel_unshuffle``) - the toy's stand-in for SDXL's VAE,
   which makes CPU training about 3x faster. Cross-attention at 16x16 and 8x8 in the down, mid
   and up blocks.
-- ``scheduler``: ``DDIMScheduler`` for sampling (training uses DDPM noise with the same betas).
+- ``scheduler``: ``DDIMScheduler`` for sampling, v-prediction with "trailing" timesteps so
+  sampling starts at the last training step (training uses DDPM noise with the same betas).
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def build_toy_pipeline(seed: int = 0) -> "ToyPipeline":
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                              clip_sample=True, prediction_type="epsilon")
+                              clip_sample=True, prediction_type="v_prediction",
+                              timestep_spacing="trailing")
     return ToyPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
@@ -107,8 +109,8 @@ class ToyPipeline(DiffusionPipeline):
                         device="cpu").to(device)
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
-            eps_u, eps_c = self.unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample.chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
-            x = self.scheduler.step(eps, t, x).prev_sample
+            out_u, out_c = self.unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample.chunk(2)
+            guided = out_u + guidance_scale * (out_c - out_u)  # v (or epsilon, per scheduler config)
+            x = self.scheduler.step(guided, t, x).prev_sample
         images = latents_to_images(x)
         return images.permute(0, 2, 3, 1).cpu().numpy() if output_type == "np" else images

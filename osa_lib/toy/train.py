@@ -79,7 +79,8 @@ def _export(pipe: ToyPipeline, ema_state: dict, out: Path, step: int = 0, elapse
 
 def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: int = 64, lr: float = 4e-4,
           ema_decay: float = 0.995, out: Path = DEFAULT_MODEL_DIR, ckpt_dir: Path | None = None,
-          save_every: int = 250, device: str = "cpu", seed: int = 0, log_every: int = 50) -> dict:
+          save_every: int = 250, device: str = "cpu", seed: int = 0, log_every: int = 50,
+          snr_gamma: float | None = 5.0) -> dict:
     """Train (or resume) and return the last logged statistics."""
     ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,7 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
         noisy = noise_scheduler.add_noise(latents, noise, t)
         ids = pipe.tokenize(captions, validate=False).to(device)
         text = pipe.text_encoder(ids).last_hidden_state  # (B, 16, 128)
-        loss = F.mse_loss(pipe.unet(noisy, t, text).sample, noise)
+        loss = _denoising_loss(pipe.unet(noisy, t, text).sample, latents, noise, t, noise_scheduler, snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -157,6 +158,23 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
     return stats
 
 
+def _denoising_loss(prediction, latents, noise, t, noise_scheduler, snr_gamma: float | None) -> torch.Tensor:
+    """MSE against the scheduler's target (epsilon or v), with Min-SNR-gamma weighting
+    (Hang et al. 2023) when ``snr_gamma`` is set: w(t) = min(SNR, gamma) / SNR for epsilon and
+    min(SNR, gamma) / (SNR + 1) for v, so easy low-noise steps stop dominating the gradient."""
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if not snr_gamma:
+        return per_sample.mean()
+    alpha_bar = noise_scheduler.alphas_cumprod.to(t.device)[t]
+    snr = alpha_bar / (1 - alpha_bar)  # (B,)
+    denominator = snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr
+    return (per_sample * snr.clamp(max=snr_gamma) / denominator).mean()
+
+
 def _checkpoint(pipe, opt, ema, step, resumes, elapsed, ckpt_path: Path, out: Path) -> None:
     _save_atomic({"unet": pipe.unet.state_dict(), "text_encoder": pipe.text_encoder.state_dict(),
                   "opt": opt.state_dict(), "ema": ema, "step": step, "resumes": resumes,
@@ -177,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0 turns it off")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is faster when other work shares the cores)")
     args = parser.parse_args(argv)
@@ -184,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     train(steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
           ema_decay=args.ema_decay, out=args.out, ckpt_dir=args.ckpt_dir, save_every=args.save_every,
-          device=args.device, seed=args.seed, log_every=args.log_every)
+          device=args.device, seed=args.seed, log_every=args.log_every,
+          snr_gamma=args.snr_gamma)
 
 
 if __name__ == "__main__":
