@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from osa_lib import AttentionStore, capture_attention, load_backbone  # noqa: E402

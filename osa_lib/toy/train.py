@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -63,18 +64,21 @@ def _export(pipe: ToyPipeline, ema_state: dict, out: Path, step: int = 0, elapse
     export.text_encoder.load_state_dict(ema_state["text_encoder"])
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
         shutil.rmtree(tmp)
     export.save_pretrained(tmp)
     (tmp / TRAINING_RECORD).write_text(json.dumps({"step": step, "minutes": round(elapsed / 60, 1)}))
     if out.exists():
-        import shutil
         old = out.with_name(out.name + ".old")
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
+
+
+def _weights_copy(pipe: ToyPipeline) -> dict:
+    """Detached copies of the trained weights, the starting point of their EMA."""
+    return {"unet": copy.deepcopy(pipe.unet.state_dict()), "text_encoder": copy.deepcopy(pipe.text_encoder.state_dict())}
 
 
 def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: int = 64, lr: float = 4e-4,
@@ -90,7 +94,7 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    ema = {"unet": copy.deepcopy(pipe.unet.state_dict()), "text_encoder": copy.deepcopy(pipe.text_encoder.state_dict())}
+    ema = _weights_copy(pipe)
     step, data_seed, elapsed_before = 0, seed, 0.0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -106,7 +110,7 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
         exported = ToyPipeline.from_pretrained(out)
         pipe.unet.load_state_dict(exported.unet.state_dict())
         pipe.text_encoder.load_state_dict(exported.text_encoder.state_dict())
-        ema = {"unet": copy.deepcopy(pipe.unet.state_dict()), "text_encoder": copy.deepcopy(pipe.text_encoder.state_dict())}
+        ema = _weights_copy(pipe)
         step, elapsed_before, resumes = record["step"], record["minutes"] * 60, record.get("resumes", 0) + 1
         data_seed = seed + 1000 * resumes + 1
         print(f"warm start from the exported weights in {out} at step {step} (new optimiser state)")
@@ -162,16 +166,14 @@ def _denoising_loss(prediction, latents, noise, t, noise_scheduler, snr_gamma: f
     """MSE against the scheduler's target (epsilon or v), with Min-SNR-gamma weighting
     (Hang et al. 2023) when ``snr_gamma`` is set: w(t) = min(SNR, gamma) / SNR for epsilon and
     min(SNR, gamma) / (SNR + 1) for v, so easy low-noise steps stop dominating the gradient."""
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, t)
-    else:
-        target = noise
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    target = noise_scheduler.get_velocity(latents, noise, t) if v_prediction else noise
     per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if not snr_gamma:
         return per_sample.mean()
     alpha_bar = noise_scheduler.alphas_cumprod.to(t.device)[t]
     snr = alpha_bar / (1 - alpha_bar)  # (B,)
-    denominator = snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr
+    denominator = snr + 1 if v_prediction else snr
     return (per_sample * snr.clamp(max=snr_gamma) / denominator).mean()
 
 
