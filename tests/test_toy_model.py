@@ -72,7 +72,8 @@ def test_training_runs_and_resumes(tmp_path):
     shutil.rmtree(tmp_path / "model_ckpt")
     assert json.loads((out / "training.json").read_text())["step"] == 3
     train(steps=4, batch_size=4, out=out, save_every=1, log_every=1, seed=0)
-    assert json.loads((out / "training.json").read_text())["step"] == 4
+    record = json.loads((out / "training.json").read_text())
+    assert record["step"] == 4 and record["resumes"] == 2, "each start draws a new data stream"
     reloaded = load_backbone("toy", model_id=str(out), device="cpu")
     assert reloaded.generate(["a red circle in the snow"], [0], num_inference_steps=2, progress=False).shape == (1, 32, 32, 3)
 

@@ -56,9 +56,11 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _export(pipe: ToyPipeline, ema_state: dict, out: Path, step: int = 0, elapsed: float = 0.0) -> None:
+def _export(pipe: ToyPipeline, ema_state: dict, out: Path, step: int = 0, elapsed: float = 0.0,
+            resumes: int = 0) -> None:
     """Write the EMA weights as a diffusers pipeline folder, atomically (temp dir + rename), with
-    ``training.json`` (step, minutes) so a later run can warm-start from the committed weights."""
+    ``training.json`` (step, minutes, resumes) so a later run can warm-start from the committed
+    weights on fresh data."""
     export = copy.deepcopy(pipe)
     export.unet.load_state_dict(ema_state["unet"])
     export.text_encoder.load_state_dict(ema_state["text_encoder"])
@@ -66,7 +68,8 @@ def _export(pipe: ToyPipeline, ema_state: dict, out: Path, step: int = 0, elapse
     if tmp.exists():
         shutil.rmtree(tmp)
     export.save_pretrained(tmp)
-    (tmp / TRAINING_RECORD).write_text(json.dumps({"step": step, "minutes": round(elapsed / 60, 1)}))
+    (tmp / TRAINING_RECORD).write_text(json.dumps({"step": step, "minutes": round(elapsed / 60, 1),
+                                                       "resumes": resumes}))
     if out.exists():
         old = out.with_name(out.name + ".old")
         os.replace(out, old)
@@ -181,7 +184,7 @@ def _checkpoint(pipe, opt, ema, step, resumes, elapsed, ckpt_path: Path, out: Pa
     _save_atomic({"unet": pipe.unet.state_dict(), "text_encoder": pipe.text_encoder.state_dict(),
                   "opt": opt.state_dict(), "ema": ema, "step": step, "resumes": resumes,
                   "elapsed": elapsed}, ckpt_path)
-    _export(pipe, ema, Path(out), step, elapsed)
+    _export(pipe, ema, Path(out), step, elapsed, resumes)
 
 
 def main(argv: list[str] | None = None) -> None:
