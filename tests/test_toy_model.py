@@ -96,3 +96,22 @@ def test_denoising_loss_targets_and_min_snr_weighting():
     assert weights[0] < weights[1] <= 1 and weights[0] < 0.1, "low-noise steps are down-weighted"
     assert torch.allclose(_denoising_loss(pred, latents, noise, t, v_sched, 5.0), (per_sample * weights).mean())
     assert torch.allclose(_denoising_loss(noise, latents, noise, t, eps_sched, 5.0), torch.tensor(0.0))
+
+
+def test_guidance_is_tuned_on_validation_prompts_never_on_held_out_ones(toy):
+    import importlib.util
+    from pathlib import Path
+
+    from osa_lib.toy import world
+    from osa_lib.toy.model import DEFAULT_GUIDANCE
+    path = Path(__file__).resolve().parents[1] / "scripts" / "tune_guidance.py"
+    spec = importlib.util.spec_from_file_location("tune_guidance", path)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    for n in (1, 2):
+        for prompt in tune.validation_prompts(n, 40, seed=n):
+            chars = world.parse_caption(prompt)["characters"]
+            scene = world.parse_caption(prompt)["scene"]
+            assert len(chars) == n and all(c["colour"] for c in chars), prompt
+            assert not any((c["colour"], c["shape"], scene) in world.HELD_OUT_TRIPLES for c in chars), prompt
+    assert toy.default_guidance == DEFAULT_GUIDANCE
