@@ -7,7 +7,7 @@ script generates the same prompts with the same seeds and prints how often the a
 what the prompt names; the scale with the best mean of the single- and two-character rates wins.
 
     python scripts/tune_guidance.py                       # scales 1.5 2 2.5 3 4
-    python scripts/tune_guidance.py --scales 1 2 3 --prompts 16
+    python scripts/tune_guidance.py --scales 1 2 3 --prompts 16 --steps 50
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="toy pipeline folder (default data/toy_model)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.5, 2.0, 2.5, 3.0, 4.0])
     parser.add_argument("--prompts", type=int, default=32, help="prompts per character count")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the backbone's)")
     parser.add_argument("--seed", type=int, default=77)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -43,7 +44,7 @@ def main() -> None:
     backbone = load_backbone("toy", model_id=args.model)
     prompts = {n: validation_prompts(n, args.prompts, args.seed + n) for n in (1, 2)}
     print(f"{args.prompts} validation prompts per character count, one seed each, "
-          f"{backbone.default_steps} steps; rates are all-named-facts-right (shape, colour, scene)")
+          f"{args.steps or backbone.default_steps} steps; rates are all-named-facts-right (shape, colour, scene)")
     print("| guidance | one character | two characters | mean |")
     print("|---|---|---|---|")
     best = None
@@ -51,7 +52,8 @@ def main() -> None:
         rates = []
         for n, batch in prompts.items():
             seeds = [args.seed * 1000 + i for i in range(len(batch))]
-            images = backbone.generate(batch, seeds, guidance_scale=scale, progress=False)
+            images = backbone.generate(batch, seeds, guidance_scale=scale,
+                                       num_inference_steps=args.steps, progress=False)
             rates.append(float(np.mean([check_prompt(im, p)["all_ok"] for im, p in zip(images, batch)])))
         mean = float(np.mean(rates))
         print(f"| {scale:g} | {100 * rates[0]:.1f} % | {100 * rates[1]:.1f} % | {100 * mean:.1f} % |", flush=True)
