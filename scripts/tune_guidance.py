@@ -6,7 +6,7 @@ colour x shape x scene triples are *not* held out), so the held-out prompts that
 script generates the same prompts with the same seeds and prints how often the analyzer finds
 what the prompt names; the scale with the best mean of the single- and two-character rates wins.
 
-    python scripts/tune_guidance.py                       # scales 1.5 2 2.5 3 4
+    python scripts/tune_guidance.py                       # scales 1 1.25 1.5 2 2.5 3 4
     python scripts/tune_guidance.py --scales 1 2 3 --prompts 16 --steps 50
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def validation_prompts(n_characters: int, count: int, seed: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="toy pipeline folder (default data/toy_model)")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.5, 2.0, 2.5, 3.0, 4.0])
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0])
     parser.add_argument("--prompts", type=int, default=32, help="prompts per character count")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the backbone's)")
     parser.add_argument("--seed", type=int, default=77)
