@@ -12,7 +12,7 @@ from .attention import AttentionStore, capture_attention
 from .masks import OVERLAP_RULES, subject_masks
 
 __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_masks_vs_truth",
-           "mask_iou_records", "overlap_rule_table", "layer_table", "iou_over_steps"]
+           "mask_iou_records", "overlap_rule_table", "rule_verdict", "layer_table", "iou_over_steps"]
 
 
 @dataclass
@@ -101,6 +101,28 @@ def overlap_rule_table(run: CapturedRun, rules=OVERLAP_RULES, only_overlapping: 
         table["rules"][rule] = {"mean_iou": float(np.mean(valid)) if valid else float("nan"),
                                 "per_image": per_image, "n_scored": len(valid)}
     return table
+
+
+def rule_verdict(per_rule: dict[str, list[float]], reference: str = "lower_cv", z: float = 2.0) -> str:
+    """Does ``reference`` beat every other rule on paired per-scene IoUs, beyond noise?
+
+    For each other rule the paired difference ``d = IoU_reference - IoU_rule`` over the same scenes
+    gives a mean and a standard error; a difference counts only when ``|mean| > z * se``. So the
+    verdict is "wins" (ahead of all), "loses" (behind one) or "ties" (otherwise), with the numbers.
+    """
+    ref = np.asarray(per_rule[reference], float)  # (scenes,)
+    if len(ref) < 2:
+        return f"cannot be judged on {len(ref)} scene(s)"
+    parts, ahead, behind = [], [], []
+    for rule, values in per_rule.items():
+        if rule == reference:
+            continue
+        d = ref - np.asarray(values, float)  # (scenes,) paired differences
+        mean, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+        (ahead if mean > z * se else behind if mean < -z * se else []).append(rule)
+        parts.append(f"{mean:+.3f} ± {se:.3f} vs {rule}")
+    verdict = "wins" if len(ahead) == len(parts) else f"loses (to {', '.join(behind)})" if behind else "ties"
+    return f"{verdict} ({'; '.join(parts)}; mean paired IoU difference ± standard error, {len(ref)} scenes)"
 
 
 def layer_table(run: CapturedRun, image_index: int = 0) -> list[dict]:

@@ -323,3 +323,17 @@ def test_subject_masks_unreliable_character_takes_no_pixels():
     assert out.reasons[0][1].startswith("mask nearly full")
     assert not out.masks[0, 1].any()
     assert torch.equal(out.masks[0, 0], out.raw_masks[0, 0])  # nothing stolen by char 1
+
+
+def test_rule_verdict_counts_only_differences_beyond_noise():
+    from osa_lib.experiments import rule_verdict
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.8, 50)
+    noise = lambda: rng.normal(0, 0.05, 50)  # noqa: E731
+    clear = {"lower_cv": base + 0.1, "higher_cv": base + noise(), "argmax": base + noise()}
+    assert rule_verdict(clear).startswith("wins")
+    tied = {"lower_cv": base + noise(), "higher_cv": base + noise(), "argmax": base - 0.2}
+    assert rule_verdict(tied).startswith("ties")
+    behind = {"lower_cv": base, "higher_cv": base + 0.1, "argmax": base - 0.2}
+    assert rule_verdict(behind).startswith("loses (to higher_cv)")
+    assert rule_verdict({"lower_cv": [0.5], "argmax": [0.4]}).startswith("cannot be judged")
