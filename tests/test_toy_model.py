@@ -110,8 +110,8 @@ def test_guidance_is_tuned_on_validation_prompts_never_on_held_out_ones(toy):
     spec.loader.exec_module(tune)
     for n in (1, 2):
         for prompt in tune.validation_prompts(n, 40, seed=n):
-            chars = world.parse_caption(prompt)["characters"]
-            scene = world.parse_caption(prompt)["scene"]
+            parsed = world.parse_caption(prompt)
+            chars, scene = parsed["characters"], parsed["scene"]
             assert len(chars) == n and all(c["colour"] for c in chars), prompt
             assert not any((c["colour"], c["shape"], scene) in world.HELD_OUT_TRIPLES for c in chars), prompt
     assert toy.default_guidance == DEFAULT_GUIDANCE
