@@ -217,6 +217,20 @@ class AttentionStore:
         """Running mean over all recorded steps, per layer."""
         return {layer: self._sums[layer] / self._counts[layer] for layer in self._sums}
 
+    def mask_resolution(self, places: tuple[str, ...] = ("up",)) -> int:
+        """The one resolution masks are made at by default: the smallest recorded feature map of
+        ``places`` (toy 8x8, SDXL 32x32 at 1024²). Its maps mark whole objects, while the largest
+        up-block layers' maps trace edges (README, "Which layers make the masks")."""
+        sizes = {l.resolution(self.latent_hw)[0] for l in self.layers if l.place in places}
+        if not sizes:
+            raise ValueError(f"no recorded maps for places={places}; recorded: {sorted({l.place for l in self.layers})}")
+        return min(sizes)
+
+    def mask_maps(self, places: tuple[str, ...] = ("up",), step: int | None = None) -> torch.Tensor:
+        """A_m (B, M, h, w) averaged over the layers at ``mask_resolution``: METHOD.md's aggregation
+        "over the up-block layers at one resolution"."""
+        return self.aggregate(places, self.mask_resolution(places), step)
+
     def aggregate(self, places: tuple[str, ...] = ("up",), resolution: int | None = None,
                   step: int | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
         """A_m averaged over the chosen layers, each upsampled to the largest: (B, M, H, W)."""
@@ -268,7 +282,7 @@ def capture_attention(unet, store: AttentionStore, places: tuple[str, ...] = ("d
         store = AttentionStore(token_groups, backbone.latent_shape[1:])
         with capture_attention(backbone.unet, store, places=("up",)):
             backbone.denoise(cond, latents, callback=store.step_callback)
-        A = store.aggregate(places=("up",), resolution=16)  # (B, M, 16, 16)
+        A = store.mask_maps()  # (B, M, h, w) at the smallest up-block resolution
     """
     layers = find_attention_layers(unet, kind="cross", places=places, resolutions=resolutions,
                                    latent_hw=store.latent_hw)

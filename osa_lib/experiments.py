@@ -67,6 +67,7 @@ def character_masks_vs_truth(image: np.ndarray, shapes: list[str], masks: np.nda
 def mask_iou_records(run: CapturedRun, rule: str = "lower_cv", resolution: int | None = None,
                      step: int | None = None) -> list[dict]:
     """Per (image, character): Otsu-mask IoU against the analyzer, for toy runs whose words are shapes."""
+    resolution = resolution or run.store.mask_resolution()
     A = run.store.aggregate(places=("up",), resolution=resolution, step=step)  # (B, M, h, w)
     result = subject_masks(A, rule=rule)
     masks = upsample_masks(result.masks, run.images.shape[1])
@@ -74,7 +75,8 @@ def mask_iou_records(run: CapturedRun, rule: str = "lower_cv", resolution: int |
     for b in range(len(run.prompts)):
         for m, row in enumerate(character_masks_vs_truth(run.images[b], run.words[b], masks[b])):
             records.append({"image": b, "character": m, "word": row["shape"], "iou": row["iou"],
-                            "ok": bool(result.ok[b, m]), "reason": result.reasons[b][m]})
+                            "ok": bool(result.ok[b, m]), "reason": result.reasons[b][m],
+                            "mask": masks[b, m], "truth_mask": row["truth_mask"]})
     return records
 
 
@@ -83,7 +85,7 @@ def overlap_rule_table(run: CapturedRun, rules=OVERLAP_RULES, only_overlapping: 
 
     Returns ``{"n_images": int, "rules": {rule: {"mean_iou", "per_image"}}, "images": [...]}``.
     """
-    A = run.store.aggregate(places=("up",))
+    A = run.store.mask_maps()  # (B, M, h, w)
     base = subject_masks(A, rule=rules[0])
     overlapping = (base.raw_masks.sum(1) > 1).flatten(1).any(1)  # (B,)
     chosen = [b for b in range(len(run.prompts)) if overlapping[b] or not only_overlapping]
@@ -146,7 +148,7 @@ def iou_over_steps(run: CapturedRun, rule: str = "lower_cv") -> dict:
     steps = sorted(run.store.per_step)
     single, running, total = [], [], None
     for t in steps:
-        A_t = run.store.aggregate(places=("up",), step=t)  # (B, M, H, W)
+        A_t = run.store.mask_maps(step=t)  # (B, M, h, w)
         total = A_t if total is None else total + A_t
         for series, A in ((single, A_t), (running, total / (t + 1))):
             masks = upsample_masks(subject_masks(A, rule=rule).masks, run.images.shape[1])

@@ -50,7 +50,7 @@ class IsolationConfig:
         isolated_self / isolated_cross: switch each half of the branch for ablations.
         overlap_rule: "lower_cv" (paper), "higher_cv" or "argmax".
         mask_resolution: feature-map height of the up-block layers whose maps make the masks
-            (None: the largest one with cross-attention).
+            (None: the smallest one, ``AttentionStore.mask_resolution``).
         min_fraction / max_fraction: masks outside these pixel fractions are unreliable.
     """
 
@@ -134,8 +134,7 @@ class IsolationController:
     def mask_resolution(self) -> int:
         if self.config.mask_resolution is not None:
             return self.config.mask_resolution
-        layers = self.store.layers
-        return max(l.resolution(self.latent_hw)[0] for l in layers)
+        return self.store.mask_resolution()
 
     @property
     def isolating(self) -> bool:

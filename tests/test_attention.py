@@ -143,6 +143,16 @@ def test_aggregate_at_largest_resolution(recorded):
         store.aggregate(places=("up",), resolution=16)
 
 
+def test_mask_maps_use_the_smallest_up_resolution(recorded):
+    """Masks are made at one resolution (METHOD.md), by default the smallest up-block one."""
+    _, store = recorded
+    assert store.mask_resolution() == 4
+    assert torch.equal(store.mask_maps(), store.aggregate(places=("up",), resolution=4))
+    assert store.mask_maps().shape == (2, 2, 4, 4)
+    with pytest.raises(ValueError, match="no recorded maps"):
+        store.mask_resolution(places=("nowhere",))
+
+
 def test_group_maps_average_heads_and_tokens():
     layer = LayerInfo("x", "up", 0, "cross", 1)
     store = AttentionStore([[[1, 2], [3]]], latent_hw=(2, 2))
