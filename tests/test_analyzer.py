@@ -85,3 +85,15 @@ def test_match_and_iou():
     assert [t for t, _ in pairs] == [0, 1] and all(d is not None for _, d in pairs)
     assert sorted(d for _, d in pairs) == [0, 1]
     assert match_characters([], scene.characters, scene.masks) == [(0, None), (1, None)]
+
+
+def test_union_iou_ignores_which_mask_is_whose():
+    """Swapped masks score 0 per character but 1 together; an undrawn character drops its image."""
+    from osa_lib.toy.evaluate import _union_iou
+    a, b = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
+    a[:4], b[4:] = True, True
+    swapped = [{"image": 0, "mask": b, "truth_mask": a}, {"image": 0, "mask": a, "truth_mask": b}]
+    half = [{"image": 1, "mask": a, "truth_mask": a}, {"image": 1, "mask": a, "truth_mask": b}]
+    undrawn = [{"image": 2, "mask": a, "truth_mask": None}, {"image": 2, "mask": b, "truth_mask": b}]
+    assert _union_iou(swapped) == {"mean": 1.0, "n_images": 1}
+    assert _union_iou(swapped + half + undrawn) == {"mean": 0.75, "n_images": 2}

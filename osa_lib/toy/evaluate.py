@@ -10,7 +10,9 @@ Four measurements (targets from the foundation issue):
 2. two-character prompts: both characters present with their named attributes (>= 70 %);
 3. a prompt that names no colour: distinct colour families over 16 seeds (>= 4);
 4. cross-attention concentration: IoU of each character word's Otsu mask with the analyzer's
-   mask, on two-character scenes (the masks issue needs a mean >= 0.5).
+   mask, on two-character scenes (the masks issue needs a mean >= 0.5); as diagnostics, the
+   same IoU on single-character scenes, and the two masks together against both characters
+   together (do the maps find the objects, even when they do not tell them apart?).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import json
 import numpy as np
 
 from . import world
-from .analyzer import analyze_image
+from .analyzer import analyze_image, mask_iou
 
 __all__ = ["MIN_SCORE", "classify_scene", "check_prompt", "held_out_prompts", "evaluate_model", "main"]
 
@@ -116,18 +118,34 @@ def evaluate_model(backbone, seeds_per_prompt: int = 8, n_two: int = 24, no_colo
         colours = {d.colour for im in images for d in analyze_image(im) if d.shape == shape}
         diversity[prompt] = sorted(colours)
     out["no_colour"] = {"prompts": diversity, "min_distinct": min(len(v) for v in diversity.values())}
-    # 4: cross-attention concentration on two-character scenes
-    records = []
-    for i in tqdm(range(0, len(twos), batch_size // 2), desc="mask IoU", disable=not progress):
-        chunk = twos[i:i + batch_size // 2]
-        words = [[c["shape"] for c in world.parse_caption(p)["characters"]] for p in chunk]
-        run = generate_with_maps(backbone, chunk, words, [seed + 900 + i + k for k in range(len(chunk))],
-                                 places=("up",), progress=False)
-        records += mask_iou_records(run)
-    ious = [r["iou"] for r in records if r["iou"] is not None]
-    out["mask_iou"] = {"mean": float(np.mean(ious)) if ious else float("nan"), "n_scored": len(ious),
-                       "n_characters": len(records)}
+    # 4: cross-attention concentration: two-character scenes (the target), and as diagnostics
+    # single-character scenes and the two masks together against both characters together
+    for label, prompts, offset in (("mask_iou", twos, 900), ("mask_iou_single", singles * 2, 700)):
+        records = []
+        for i in tqdm(range(0, len(prompts), batch_size // 2), desc=label, disable=not progress):
+            chunk = prompts[i:i + batch_size // 2]
+            words = [[c["shape"] for c in world.parse_caption(p)["characters"]] for p in chunk]
+            run = generate_with_maps(backbone, chunk, words, [seed + offset + i + k for k in range(len(chunk))],
+                                     places=("up",), progress=False)
+            records += mask_iou_records(run)
+        ious = [r["iou"] for r in records if r["iou"] is not None]
+        out[label] = {"mean": float(np.mean(ious)) if ious else float("nan"), "n_scored": len(ious),
+                      "n_characters": len(records)}
+        if label == "mask_iou":
+            out["mask_iou_union"] = _union_iou(records)
     return out
+
+
+def _union_iou(records: list[dict]) -> dict:
+    """Mean over images with every character drawn: IoU of the union of the characters' masks
+    with the union of their analyzer masks. High while per-character IoU is low means the
+    maps find the objects but not which object a word names."""
+    by_image: dict[int, list[dict]] = {}
+    for r in records:
+        by_image.setdefault(r["image"], []).append(r)
+    ious = [mask_iou(np.any([r["mask"] for r in rows], 0), np.any([r["truth_mask"] for r in rows], 0))
+            for rows in by_image.values() if all(r["truth_mask"] is not None for r in rows)]
+    return {"mean": float(np.mean(ious)) if ious else float("nan"), "n_images": len(ious)}
 
 
 def format_report(r: dict) -> str:
@@ -142,6 +160,10 @@ def format_report(r: dict) -> str:
         f"{r['no_colour']['min_distinct']} | >= 4 |",
         f"| Otsu mask IoU vs analyzer, two-character scenes | {r['mask_iou']['mean']:.2f} "
         f"({r['mask_iou']['n_scored']} of {r['mask_iou']['n_characters']} characters drawn) | >= 0.5 |",
+        f"| (diagnostic) both masks together vs both characters together, same scenes | "
+        f"{r['mask_iou_union']['mean']:.2f} ({r['mask_iou_union']['n_images']} images) | - |",
+        f"| (diagnostic) Otsu mask IoU, single-character scenes | {r['mask_iou_single']['mean']:.2f} "
+        f"({r['mask_iou_single']['n_scored']} of {r['mask_iou_single']['n_characters']} drawn) | - |",
     ])
 
 
