@@ -78,6 +78,24 @@ def test_training_runs_and_resumes(tmp_path):
     assert reloaded.generate(["a red circle in the snow"], [0], num_inference_steps=2, progress=False).shape == (1, 32, 32, 3)
 
 
+def test_fine_tune_start_keeps_unet_and_embeddings_and_drops_text_layers(tmp_path):
+    """--init-from with --text-layers 0: the new pipeline starts from the source's U-Net and token
+    and position embeddings; the source's transformer layers are dropped, not silently kept."""
+    from osa_lib.toy.model import build_toy_pipeline
+    from osa_lib.toy.train import train
+    source = build_toy_pipeline(seed=3, text_layers=1)
+    source.save_pretrained(tmp_path / "source")
+    out = tmp_path / "model"
+    train(steps=0, batch_size=2, out=out, seed=0, text_layers=0, init_from=tmp_path / "source")
+    tuned = load_backbone("toy", model_id=str(out), device="cpu").pipe
+    assert tuned.text_encoder.config.num_hidden_layers == 0
+    assert not any(".layers." in k for k in tuned.text_encoder.state_dict())
+    embed = "embeddings.token_embedding.weight"
+    assert torch.equal(tuned.text_encoder.state_dict()[embed], source.text_encoder.state_dict()[embed])
+    for k, v in source.unet.state_dict().items():
+        assert torch.equal(tuned.unet.state_dict()[k], v), k
+
+
 def test_denoising_loss_targets_and_min_snr_weighting():
     """v-prediction regresses the scheduler's velocity; Min-SNR weights each sample by
     min(SNR, gamma) / (SNR + 1) and leaves the plain MSE when switched off."""

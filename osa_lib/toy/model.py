@@ -59,12 +59,15 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>", model_max_length=MAX_TOKENS)
 
 
-def build_toy_pipeline(seed: int = 0) -> "ToyPipeline":
-    """A freshly initialised (untrained) toy pipeline; ``osa_lib.toy.train`` trains it."""
+def build_toy_pipeline(seed: int = 0, text_layers: int = 3) -> "ToyPipeline":
+    """A freshly initialised (untrained) toy pipeline; ``osa_lib.toy.train`` trains it.
+
+    ``text_layers`` = transformer layers of the text encoder. With 0, each token's embedding is
+    its word plus its position and nothing else: no token can carry the whole caption."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=text_layers,
         num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=0,
         bos_token_id=1, eos_token_id=2))
     unet = UNet2DConditionModel(

@@ -87,12 +87,12 @@ def _weights_copy(pipe: ToyPipeline) -> dict:
 def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: int = 64, lr: float = 4e-4,
           ema_decay: float = 0.995, out: Path = DEFAULT_MODEL_DIR, ckpt_dir: Path | None = None,
           save_every: int = 250, device: str = "cpu", seed: int = 0, log_every: int = 50,
-          snr_gamma: float | None = 5.0) -> dict:
+          snr_gamma: float | None = 5.0, text_layers: int = 3, init_from: Path | None = None) -> dict:
     """Train (or resume) and return the last logged statistics."""
     ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "state.pt"
-    pipe = build_toy_pipeline(seed)
+    pipe = build_toy_pipeline(seed, text_layers=text_layers)
     pipe.to(device)
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -117,6 +117,14 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
         step, elapsed_before, resumes = record["step"], record["minutes"] * 60, record.get("resumes", 0) + 1
         data_seed = seed + 1000 * resumes + 1
         print(f"warm start from the exported weights in {out} at step {step} (new optimiser state)")
+    elif init_from is not None:
+        # fine-tune start: U-Net and the text encoder's embeddings from another pipeline; text
+        # encoder layers that this pipeline does not have are dropped
+        source = ToyPipeline.from_pretrained(init_from)
+        pipe.unet.load_state_dict(source.unet.state_dict())
+        dropped = pipe.text_encoder.load_state_dict(source.text_encoder.state_dict(), strict=False).unexpected_keys
+        ema, resumes = _weights_copy(pipe), 0
+        print(f"initialised from {init_from}; dropped {len(dropped)} text-encoder tensors")
     else:
         resumes = 0
     loader = torch.utils.data.DataLoader(SceneStream(batch_size, data_seed), batch_size=None,
@@ -203,13 +211,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0 turns it off")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is faster when other work shares the cores)")
+    parser.add_argument("--text-layers", type=int, default=3, help="transformer layers of a new text encoder")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start a new run from this pipeline's U-Net and text embeddings")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     train(steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
           ema_decay=args.ema_decay, out=args.out, ckpt_dir=args.ckpt_dir, save_every=args.save_every,
           device=args.device, seed=args.seed, log_every=args.log_every,
-          snr_gamma=args.snr_gamma)
+          snr_gamma=args.snr_gamma, text_layers=args.text_layers, init_from=args.init_from)
 
 
 if __name__ == "__main__":
