@@ -127,7 +127,7 @@ def evaluate_model(backbone, seeds_per_prompt: int = 8, n_two: int = 24, no_colo
             words = [[c["shape"] for c in world.parse_caption(p)["characters"]] for p in chunk]
             run = generate_with_maps(backbone, chunk, words, [seed + offset + i + k for k in range(len(chunk))],
                                      places=("up",), progress=False)
-            records += mask_iou_records(run)
+            records += [{**r, "image": i + r["image"]} for r in mask_iou_records(run)]  # index over all prompts
         ious = [r["iou"] for r in records if r["iou"] is not None]
         out[label] = {"mean": float(np.mean(ious)) if ious else float("nan"), "n_scored": len(ious),
                       "n_characters": len(records)}
