@@ -65,6 +65,10 @@ def main() -> None:
     ]
     print(markdown_table([{"target": name, "measured": round(value, 2), "met": "yes" if ok(value) else "NO"}
                           for name, value, ok in checks]))
+    for other in (v, c):  # pooled runs are in the same (story, seed) order for every method
+        d = np.array([a["IIS-toy"] - b["IIS-toy"] for a, b in zip(pooled[i], pooled[other])])  # (story seeds,)
+        print(f"IIS-toy, isolated − {other}, paired over {len(d)} story seeds: "
+              f"{d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f} (mean ± standard error)")
     for method in pooled:
         print(f"{method}: " + ", ".join(f"{k} {mean(method, k):.1f}" for k in ("IIS-toy", "attribute accuracy", "mixing rate", "TIS-toy")))
     # bank sizes
