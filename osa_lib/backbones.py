@@ -218,7 +218,8 @@ def load_backbone(name: str = "toy", model_id: str | None = None, device: str | 
     """
     device_ = _resolve_device(device)
     if name == "toy":
-        from .toy.model import DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline
+        from .toy.model import (DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE,
+                                ToyPipeline)
         folder = Path(model_id) if model_id else DEFAULT_MODEL_DIR
         if not (folder / "model_index.json").exists():
             raise FileNotFoundError(
@@ -231,7 +232,7 @@ def load_backbone(name: str = "toy", model_id: str | None = None, device: str | 
         if dtype_ != torch.float32:
             pipe.to(dtype=dtype_)
         return Backbone("toy", pipe, (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), device_, dtype_,
-                        default_steps=25, default_guidance=DEFAULT_GUIDANCE, info={"model_dir": str(folder)})
+                        default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE, info={"model_dir": str(folder)})
     if name == "sdxl":
         from diffusers import StableDiffusionXLPipeline
         model_id = model_id or "stabilityai/stable-diffusion-xl-base-1.0"

@@ -25,7 +25,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 from .world import IMAGE_SIZE, VOCABULARY, parse_caption
 
 __all__ = ["ToyPipeline", "build_tokenizer", "build_toy_pipeline", "images_to_latents",
-           "latents_to_images", "MAX_TOKENS", "DEFAULT_MODEL_DIR", "DEFAULT_GUIDANCE"]
+           "latents_to_images", "MAX_TOKENS", "DEFAULT_MODEL_DIR", "DEFAULT_GUIDANCE",
+           "DEFAULT_STEPS"]
 
 MAX_TOKENS = 16  # longest caption (3 characters) is 14 words + <bos> + <eos>
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -35,6 +36,7 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "toy_model"
 # training distribution (not the held-out test prompts): on the 12,590-step weights 1.5 beat
 # 1, 1.25, 2, 2.5, 3 and 4 there (README, "Guidance scale").
 DEFAULT_GUIDANCE = 1.5
+DEFAULT_STEPS = 25  # DDIM steps, used by ToyPipeline and load_backbone("toy")
 
 
 def images_to_latents(images: torch.Tensor) -> torch.Tensor:
@@ -105,7 +107,7 @@ class ToyPipeline(DiffusionPipeline):
         return self.text_encoder(ids).last_hidden_state
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], num_inference_steps: int = 25, guidance_scale: float = DEFAULT_GUIDANCE,
+    def __call__(self, prompt: str | list[str], num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                  generator: torch.Generator | None = None, output_type: str = "np"):
         """Sample images; returns (B, H, W, 3) float in [0, 1] (``output_type="np"``) or a tensor."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
