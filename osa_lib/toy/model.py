@@ -107,8 +107,9 @@ class ToyPipeline(DiffusionPipeline):
         return self.text_encoder(ids).last_hidden_state
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-                 generator: torch.Generator | None = None, output_type: str = "np"):
+    def __call__(self, prompt: str | list[str], num_inference_steps: int = DEFAULT_STEPS,
+                 guidance_scale: float = DEFAULT_GUIDANCE, generator: torch.Generator | None = None,
+                 output_type: str = "np"):
         """Sample images; returns (B, H, W, 3) float in [0, 1] (``output_type="np"``) or a tensor."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         cond = self.encode_prompt(prompts)

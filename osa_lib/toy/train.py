@@ -122,11 +122,14 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
         # encoder layers that this pipeline does not have are dropped
         source = ToyPipeline.from_pretrained(init_from)
         pipe.unet.load_state_dict(source.unet.state_dict())
-        dropped = pipe.text_encoder.load_state_dict(source.text_encoder.state_dict(), strict=False).unexpected_keys
+        loaded = pipe.text_encoder.load_state_dict(source.text_encoder.state_dict(), strict=False)
         ema, resumes = _weights_copy(pipe), 0
-        print(f"initialised from {init_from}; dropped {len(dropped)} text-encoder tensors")
+        print(f"initialised from {init_from}; text encoder: dropped {len(loaded.unexpected_keys)} tensors, "
+              f"{len(loaded.missing_keys)} new ones start random")
     else:
         resumes = 0
+    if init_from is not None and step > 0:
+        print(f"--init-from {init_from} ignored: continuing the run above")
     loader = torch.utils.data.DataLoader(SceneStream(batch_size, data_seed), batch_size=None,
                                          num_workers=1, prefetch_factor=4)
     torch.manual_seed(seed + step)
