@@ -96,6 +96,28 @@ def test_fine_tune_start_keeps_unet_and_embeddings_and_drops_text_layers(tmp_pat
         assert torch.equal(tuned.unet.state_dict()[k], v), k
 
 
+def test_up_only_text_model_has_cross_attention_in_up_blocks_only(tmp_path):
+    """text_blocks="up": the method's capture finds cross-attention only in the up blocks; a
+    fine-tune start from an all-blocks model copies every tensor the two share (up blocks and
+    ResNets) and drops the down- and mid-block attention."""
+    from osa_lib.attention import find_attention_layers
+    from osa_lib.toy.model import build_toy_pipeline
+    from osa_lib.toy.train import train
+    with pytest.raises(ValueError, match="text_blocks"):
+        build_toy_pipeline(text_blocks="down")
+    source = build_toy_pipeline(seed=3, text_layers=0)
+    source.save_pretrained(tmp_path / "source")
+    out = tmp_path / "model"
+    train(steps=0, batch_size=2, out=out, seed=0, text_layers=0, text_blocks="up", init_from=tmp_path / "source")
+    tuned = load_backbone("toy", model_id=str(out), device="cpu")
+    places = {l.place for l in find_attention_layers(tuned.unet, kind="cross", latent_hw=(16, 16))}
+    assert places == {"up"}
+    up_keys = [k for k in tuned.unet.state_dict() if k.startswith("up_blocks")]
+    assert up_keys and all(torch.equal(tuned.unet.state_dict()[k], source.unet.state_dict()[k]) for k in up_keys)
+    assert tuned.generate(["a red circle and a blue square in the snow"], [0], num_inference_steps=2,
+                          progress=False).shape == (1, 32, 32, 3)
+
+
 def test_denoising_loss_targets_and_min_snr_weighting():
     """v-prediction regresses the scheduler's velocity; Min-SNR weights each sample by
     min(SNR, gamma) / (SNR + 1) and leaves the plain MSE when switched off."""

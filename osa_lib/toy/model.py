@@ -25,7 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 from .world import IMAGE_SIZE, VOCABULARY, parse_caption
 
 __all__ = ["ToyPipeline", "build_tokenizer", "build_toy_pipeline", "images_to_latents",
-           "latents_to_images", "MAX_TOKENS", "DEFAULT_MODEL_DIR", "DEFAULT_GUIDANCE",
+           "latents_to_images", "MAX_TOKENS", "TEXT_BLOCKS", "DEFAULT_MODEL_DIR", "DEFAULT_GUIDANCE",
            "DEFAULT_STEPS"]
 
 MAX_TOKENS = 16  # longest caption (3 characters) is 14 words + <bos> + <eos>
@@ -61,11 +61,20 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>", model_max_length=MAX_TOKENS)
 
 
-def build_toy_pipeline(seed: int = 0, text_layers: int = 3) -> "ToyPipeline":
+TEXT_BLOCKS = ("all", "up")
+
+
+def build_toy_pipeline(seed: int = 0, text_layers: int = 3, text_blocks: str = "all") -> "ToyPipeline":
     """A freshly initialised (untrained) toy pipeline; ``osa_lib.toy.train`` trains it.
 
     ``text_layers`` = transformer layers of the text encoder. With 0, each token's embedding is
-    its word plus its position and nothing else: no token can carry the whole caption."""
+    its word plus its position and nothing else: no token can carry the whole caption.
+    ``text_blocks`` = which U-Net blocks see the text: "all" (cross-attention in down, mid and
+    up blocks) or "up" (only the up blocks, where the method reads its masks; the down and mid
+    blocks then have no cross-attention, and the mid block is a single ResNet block)."""
+    if text_blocks not in TEXT_BLOCKS:
+        raise ValueError(f"text_blocks must be one of {TEXT_BLOCKS}, got {text_blocks!r}")
+    text_down = text_blocks == "all"
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -75,7 +84,8 @@ def build_toy_pipeline(seed: int = 0, text_layers: int = 3) -> "ToyPipeline":
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         layers_per_block=1, block_out_channels=(64, 96, 128),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        down_block_types=(("CrossAttnDownBlock2D",) * 2 if text_down else ("DownBlock2D",) * 2) + ("DownBlock2D",),
+        mid_block_type="UNetMidBlock2DCrossAttn" if text_down else "UNetMidBlock2D",
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from .model import DEFAULT_MODEL_DIR, ToyPipeline, build_toy_pipeline, images_to_latents
+from .model import DEFAULT_MODEL_DIR, TEXT_BLOCKS, ToyPipeline, build_toy_pipeline, images_to_latents
 from .world import HELD_OUT_TRIPLES, sample_scene
 
 __all__ = ["SceneStream", "train", "main"]
@@ -87,12 +87,13 @@ def _weights_copy(pipe: ToyPipeline) -> dict:
 def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: int = 64, lr: float = 4e-4,
           ema_decay: float = 0.995, out: Path = DEFAULT_MODEL_DIR, ckpt_dir: Path | None = None,
           save_every: int = 250, device: str = "cpu", seed: int = 0, log_every: int = 50,
-          snr_gamma: float | None = 5.0, text_layers: int = 3, init_from: Path | None = None) -> dict:
+          snr_gamma: float | None = 5.0, text_layers: int = 3, init_from: Path | None = None,
+          text_blocks: str = "all") -> dict:
     """Train (or resume) and return the last logged statistics."""
     ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "state.pt"
-    pipe = build_toy_pipeline(seed, text_layers=text_layers)
+    pipe = build_toy_pipeline(seed, text_layers=text_layers, text_blocks=text_blocks)
     pipe.to(device)
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -118,14 +119,13 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
         data_seed = seed + 1000 * resumes + 1
         print(f"warm start from the exported weights in {out} at step {step} (new optimiser state)")
     elif init_from is not None:
-        # fine-tune start: U-Net and the text encoder's embeddings from another pipeline; text
-        # encoder layers that this pipeline does not have are dropped
+        # fine-tune start from another pipeline: every tensor whose name and shape this pipeline
+        # shares is copied; the others (layers this architecture lacks or adds) are reported
         source = ToyPipeline.from_pretrained(init_from)
-        pipe.unet.load_state_dict(source.unet.state_dict())
-        loaded = pipe.text_encoder.load_state_dict(source.text_encoder.state_dict(), strict=False)
+        for name in ("unet", "text_encoder"):
+            dropped, fresh = _load_matching(getattr(pipe, name), getattr(source, name))
+            print(f"initialised {name} from {init_from}: dropped {dropped} tensors, {fresh} new ones start random")
         ema, resumes = _weights_copy(pipe), 0
-        print(f"initialised from {init_from}; text encoder: dropped {len(loaded.unexpected_keys)} tensors, "
-              f"{len(loaded.missing_keys)} new ones start random")
     else:
         resumes = 0
     if init_from is not None and step > 0:
@@ -176,6 +176,15 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
     return stats
 
 
+def _load_matching(target: torch.nn.Module, source: torch.nn.Module) -> tuple[int, int]:
+    """Copy the tensors of ``source`` whose name and shape ``target`` shares; returns
+    (source tensors dropped, target tensors left at their initialisation)."""
+    own, theirs = target.state_dict(), source.state_dict()
+    shared = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+    target.load_state_dict(shared, strict=False)
+    return len(theirs) - len(shared), len(own) - len(shared)
+
+
 def _denoising_loss(prediction, latents, noise, t, noise_scheduler, snr_gamma: float | None) -> torch.Tensor:
     """MSE against the scheduler's target (epsilon or v), with Min-SNR-gamma weighting
     (Hang et al. 2023) when ``snr_gamma`` is set: w(t) = min(SNR, gamma) / SNR for epsilon and
@@ -217,13 +226,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-layers", type=int, default=3, help="transformer layers of a new text encoder")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start a new run from this pipeline's U-Net and text embeddings")
+    parser.add_argument("--text-blocks", choices=TEXT_BLOCKS, default="all",
+                        help="U-Net blocks with cross-attention in a new model: all, or up only")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     train(steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
           ema_decay=args.ema_decay, out=args.out, ckpt_dir=args.ckpt_dir, save_every=args.save_every,
           device=args.device, seed=args.seed, log_every=args.log_every,
-          snr_gamma=args.snr_gamma, text_layers=args.text_layers, init_from=args.init_from)
+          snr_gamma=args.snr_gamma, text_layers=args.text_layers, init_from=args.init_from,
+          text_blocks=args.text_blocks)
 
 
 if __name__ == "__main__":
