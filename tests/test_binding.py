@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from osa_lib.toy.binding import binding_scores, own_object_share
+from osa_lib.toy.model import build_toy_pipeline
+
+
+def _two_squares():
+    truth = torch.zeros(1, 2, 32, 32, dtype=torch.bool)
+    truth[0, 0, 4:12, 4:12] = True
+    truth[0, 1, 20:28, 20:28] = True
+    return truth
+
+
+def test_own_share_is_one_for_bound_maps_half_for_shared_maps_zero_for_swapped():
+    truth = _two_squares()
+    bound = torch.nn.functional.adaptive_avg_pool2d(truth.float(), (8, 8))  # (1, 2, 8, 8)
+    assert torch.allclose(own_object_share(bound, truth), torch.ones(1, 2))
+    assert torch.allclose(own_object_share(bound.flip(1), truth), torch.zeros(1, 2))
+    shared = bound.sum(1, keepdim=True).expand(1, 2, 8, 8)  # both words light both objects
+    assert torch.allclose(own_object_share(shared, truth), torch.full((1, 2), 0.5))
+
+
+def test_own_share_needs_two_characters():
+    with pytest.raises(ValueError, match="two characters"):
+        own_object_share(torch.ones(1, 3, 8, 8), torch.ones(1, 3, 32, 32))
+
+
+def test_binding_scores_read_every_cross_attention_layer_of_an_untrained_model():
+    rows = binding_scores(build_toy_pipeline(seed=0, text_layers=0), n_scenes=4, timesteps=(500,))
+    assert {(r["word"], r["place"], r["resolution"]) for r in rows} == {
+        (w, p, r) for w in ("shape", "colour") for p, r in (("down", 16), ("down", 8), ("mid", 4), ("up", 8), ("up", 16))}
+    assert all(0.0 <= r["own_share"] <= 1.0 and 0.0 <= r["iou"] <= 1.0 for r in rows)
