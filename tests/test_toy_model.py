@@ -155,3 +155,31 @@ def test_guidance_is_tuned_on_validation_prompts_never_on_held_out_ones(toy):
             assert len(chars) == n and all(c["colour"] for c in chars), prompt
             assert not any((c["colour"], c["shape"], scene) in world.HELD_OUT_TRIPLES for c in chars), prompt
     assert toy.default_guidance == DEFAULT_GUIDANCE
+
+
+def test_shift_captions_moves_whole_captions_right_within_the_window():
+    """Training-time caption shift: every caption keeps its tokens in order, moves right by at
+    most max_shift slots with <pad> in front, never past the window; max_shift=0 changes nothing."""
+    from osa_lib.toy.model import build_toy_pipeline
+    from osa_lib.toy.train import shift_captions
+    pipe = build_toy_pipeline(text_layers=0)
+    ids = pipe.tokenize(["a red circle in the snow", "a red circle and a blue square and a green triangle in the night", ""])
+    assert torch.equal(shift_captions(ids, 0), ids)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        shifted = shift_captions(ids, 3)
+        for row, new in zip(ids, shifted):
+            n = int((row != 0).sum())
+            start = int((new != 0).nonzero()[0])
+            seen.add(start)
+            assert 0 <= start <= 3 and torch.equal(new[start:start + n], row[:n]) and int((new != 0).sum()) == n
+        assert torch.equal(shifted[1], ids[1]), "a caption that fills the window cannot move"
+    assert seen == {0, 1, 2, 3}
+
+
+def test_heads_sets_every_unet_attention_to_that_many_heads():
+    from osa_lib.toy.model import build_toy_pipeline
+    unet = build_toy_pipeline(text_layers=0, text_blocks="up", heads=1).unet
+    attentions = [m for n, m in unet.named_modules() if n.endswith(("attn1", "attn2"))]
+    assert attentions and all(a.heads == 1 for a in attentions)

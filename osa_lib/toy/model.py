@@ -64,14 +64,16 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 TEXT_BLOCKS = ("all", "up")
 
 
-def build_toy_pipeline(seed: int = 0, text_layers: int = 3, text_blocks: str = "all") -> "ToyPipeline":
+def build_toy_pipeline(seed: int = 0, text_layers: int = 3, text_blocks: str = "all", heads: int = 4) -> "ToyPipeline":
     """A freshly initialised (untrained) toy pipeline; ``osa_lib.toy.train`` trains it.
 
     ``text_layers`` = transformer layers of the text encoder. With 0, each token's embedding is
     its word plus its position and nothing else: no token can carry the whole caption.
     ``text_blocks`` = which U-Net blocks see the text: "all" (cross-attention in down, mid and
     up blocks) or "up" (only the up blocks, where the method reads its masks; the down and mid
-    blocks then have no cross-attention, and the mid block is a single ResNet block)."""
+    blocks then have no cross-attention, and the mid block is a single ResNet block).
+    ``heads`` = attention heads of every U-Net transformer block (the weights' shapes do not
+    depend on it, so a fine-tune may change it)."""
     if text_blocks not in TEXT_BLOCKS:
         raise ValueError(f"text_blocks must be one of {TEXT_BLOCKS}, got {text_blocks!r}")
     text_down = text_blocks == "all"
@@ -87,7 +89,7 @@ def build_toy_pipeline(seed: int = 0, text_layers: int = 3, text_blocks: str = "
         down_block_types=(("CrossAttnDownBlock2D",) * 2 if text_down else ("DownBlock2D",) * 2) + ("DownBlock2D",),
         mid_block_type="UNetMidBlock2DCrossAttn" if text_down else "UNetMidBlock2D",
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16)
+        cross_attention_dim=128, attention_head_dim=heads, norm_num_groups=16)  # diffusers: = heads
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                               clip_sample=True, prediction_type="v_prediction",
                               timestep_spacing="trailing")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .model import DEFAULT_MODEL_DIR, TEXT_BLOCKS, ToyPipeline, build_toy_pipeline, images_to_latents
 from .world import HELD_OUT_TRIPLES, sample_scene
 
-__all__ = ["SceneStream", "train", "main"]
+__all__ = ["SceneStream", "shift_captions", "train", "main"]
 
 TRAINING_RECORD = "training.json"
 
@@ -88,12 +88,12 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
           ema_decay: float = 0.995, out: Path = DEFAULT_MODEL_DIR, ckpt_dir: Path | None = None,
           save_every: int = 250, device: str = "cpu", seed: int = 0, log_every: int = 50,
           snr_gamma: float | None = 5.0, text_layers: int = 3, init_from: Path | None = None,
-          text_blocks: str = "all") -> dict:
+          text_blocks: str = "all", heads: int = 4, max_shift: int = 0) -> dict:
     """Train (or resume) and return the last logged statistics."""
     ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "state.pt"
-    pipe = build_toy_pipeline(seed, text_layers=text_layers, text_blocks=text_blocks)
+    pipe = build_toy_pipeline(seed, text_layers=text_layers, text_blocks=text_blocks, heads=heads)
     pipe.to(device)
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -143,7 +143,7 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
         noise = torch.randn_like(latents)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        ids = pipe.tokenize(captions, validate=False).to(device)
+        ids = shift_captions(pipe.tokenize(captions, validate=False), max_shift).to(device)
         text = pipe.text_encoder(ids).last_hidden_state  # (B, 16, 128)
         loss = _denoising_loss(pipe.unet(noisy, t, text).sample, latents, noise, t, noise_scheduler, snr_gamma)
         opt.zero_grad(set_to_none=True)
@@ -174,6 +174,21 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
     _checkpoint(pipe, opt, ema, step, resumes, elapsed_before + time.time() - started, ckpt_path, out)
     bar.close()
     return stats
+
+
+def shift_captions(ids: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Move each caption (B, T) right by a random 0..max_shift slots, padding in front, as far as
+    the caption still fits. A word's position then no longer tells which character it belongs
+    to, so the U-Net cannot fetch "the first character's words" by position alone; sampling
+    uses shift 0, a layout seen in training."""
+    if max_shift <= 0:
+        return ids
+    shifted = torch.zeros_like(ids)  # <pad> = 0
+    for b, row in enumerate(ids):
+        length = int((row != 0).sum())
+        s = int(torch.randint(0, min(max_shift, ids.shape[1] - length) + 1, ()))
+        shifted[b, s:s + length] = row[:length]
+    return shifted
 
 
 def _load_matching(target: torch.nn.Module, source: torch.nn.Module) -> tuple[int, int]:
@@ -228,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="start a new run from this pipeline's U-Net and text embeddings")
     parser.add_argument("--text-blocks", choices=TEXT_BLOCKS, default="all",
                         help="U-Net blocks with cross-attention in a new model: all, or up only")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads per U-Net transformer block")
+    parser.add_argument("--max-shift", type=int, default=0, help="shift captions right by up to this many slots")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -235,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
           ema_decay=args.ema_decay, out=args.out, ckpt_dir=args.ckpt_dir, save_every=args.save_every,
           device=args.device, seed=args.seed, log_every=args.log_every,
           snr_gamma=args.snr_gamma, text_layers=args.text_layers, init_from=args.init_from,
-          text_blocks=args.text_blocks)
+          text_blocks=args.text_blocks, heads=args.heads, max_shift=args.max_shift)
 
 
 if __name__ == "__main__":
