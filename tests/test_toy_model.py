@@ -183,3 +183,11 @@ def test_heads_sets_every_unet_attention_to_that_many_heads():
     unet = build_toy_pipeline(text_layers=0, text_blocks="up", heads=1).unet
     attentions = [m for n, m in unet.named_modules() if n.endswith(("attn1", "attn2"))]
     assert attentions and all(a.heads == 1 for a in attentions)
+
+
+def test_text_dim_sets_the_text_width_and_the_unets_cross_attention_width():
+    from osa_lib.toy.model import build_toy_pipeline
+    pipe = build_toy_pipeline(text_layers=1, text_blocks="up", heads=1, text_dim=8)
+    assert pipe.unet.config.cross_attention_dim == 8
+    assert pipe.encode_prompt(["a red circle in the snow"]).shape == (1, MAX_TOKENS, 8)
+    assert build_toy_pipeline(text_layers=0).text_encoder.config.hidden_size == 128, "default unchanged"

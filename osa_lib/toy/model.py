@@ -64,7 +64,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 TEXT_BLOCKS = ("all", "up")
 
 
-def build_toy_pipeline(seed: int = 0, text_layers: int = 3, text_blocks: str = "all", heads: int = 4) -> "ToyPipeline":
+def build_toy_pipeline(seed: int = 0, text_layers: int = 3, text_blocks: str = "all", heads: int = 4,
+                       text_dim: int = 128) -> "ToyPipeline":
     """A freshly initialised (untrained) toy pipeline; ``osa_lib.toy.train`` trains it.
 
     ``text_layers`` = transformer layers of the text encoder. With 0, each token's embedding is
@@ -73,15 +74,19 @@ def build_toy_pipeline(seed: int = 0, text_layers: int = 3, text_blocks: str = "
     up blocks) or "up" (only the up blocks, where the method reads its masks; the down and mid
     blocks then have no cross-attention, and the mid block is a single ResNet block).
     ``heads`` = attention heads of every U-Net transformer block (the weights' shapes do not
-    depend on it, so a fine-tune may change it)."""
+    depend on it, so a fine-tune may change it).
+    ``text_dim`` = width of the text embeddings (the U-Net's ``cross_attention_dim``). A narrow
+    one is an information bottleneck: a token cannot carry much more than its own word, and an
+    average over many tokens cannot hold every character's words at once."""
     if text_blocks not in TEXT_BLOCKS:
         raise ValueError(f"text_blocks must be one of {TEXT_BLOCKS}, got {text_blocks!r}")
     text_down = text_blocks == "all"
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=text_layers,
-        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=0,
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim,
+        num_hidden_layers=text_layers, num_attention_heads=max(1, min(4, text_dim // 8)),
+        max_position_embeddings=MAX_TOKENS, pad_token_id=0,
         bos_token_id=1, eos_token_id=2))
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
@@ -89,7 +94,7 @@ def build_toy_pipeline(seed: int = 0, text_layers: int = 3, text_blocks: str = "
         down_block_types=(("CrossAttnDownBlock2D",) * 2 if text_down else ("DownBlock2D",) * 2) + ("DownBlock2D",),
         mid_block_type="UNetMidBlock2DCrossAttn" if text_down else "UNetMidBlock2D",
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=128, attention_head_dim=heads, norm_num_groups=16)  # diffusers: = heads
+        cross_attention_dim=text_dim, attention_head_dim=heads, norm_num_groups=16)  # diffusers: = heads
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                               clip_sample=True, prediction_type="v_prediction",
                               timestep_spacing="trailing")
@@ -114,7 +119,7 @@ class ToyPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings (B, MAX_TOKENS, 128)."""
+        """Text embeddings (B, MAX_TOKENS, text_dim)."""
         ids = self.tokenize(prompts).to(self.text_encoder.device)
         return self.text_encoder(ids).last_hidden_state
 
