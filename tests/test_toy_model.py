@@ -191,3 +191,21 @@ def test_text_dim_sets_the_text_width_and_the_unets_cross_attention_width():
     assert pipe.unet.config.cross_attention_dim == 8
     assert pipe.encode_prompt(["a red circle in the snow"]).shape == (1, MAX_TOKENS, 8)
     assert build_toy_pipeline(text_layers=0).text_encoder.config.hidden_size == 128, "default unchanged"
+
+
+def test_phrase_wise_encoding_keeps_each_characters_tokens_to_its_own_phrase(tmp_path):
+    """phrase_wise: a character's token states depend on its own phrase only (changing the other
+    character changes nothing), equal the phrase encoded alone, and the flag survives a save."""
+    from osa_lib.toy.model import ToyPipeline, build_toy_pipeline
+    pipe = build_toy_pipeline(text_layers=1, phrase_wise=True)
+    one, two = pipe.encode_prompt(["a red circle and a blue square in the snow",
+                                   "a red circle and a green diamond in the snow"])
+    assert torch.allclose(one[:4], two[:4]) and torch.allclose(one[8:], two[8:]), "phrase 1, scene, eos, pads"
+    assert not torch.allclose(one[4:8], two[4:8])
+    alone = pipe.text_encoder(pipe.tokenize(["a red circle"])[:, :4]).last_hidden_state[0]
+    assert torch.allclose(one[:4], alone, atol=1e-6)
+    pipe.save_pretrained(tmp_path / "p")
+    assert ToyPipeline.from_pretrained(tmp_path / "p").config.phrase_wise is True
+    plain = build_toy_pipeline(text_layers=1)
+    a, b = plain.encode_prompt(["a red circle and a blue square in the snow", "a red circle and a green diamond in the snow"])
+    assert not torch.allclose(a[8:], b[8:]), "the plain causal encoder lets later tokens see every phrase"

@@ -70,8 +70,8 @@ def binding_scores(pipe: ToyPipeline, n_scenes: int = 64, timesteps=(200, 500, 8
     images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
     x0 = images_to_latents(images)  # (B, 12, 16, 16)
     truth = torch.from_numpy(np.stack([s.masks for s in scenes]))  # (B, 2, 32, 32)
-    cond = pipe.text_encoder(ids).last_hidden_state
-    uncond = pipe.text_encoder(pipe.tokenize([""] * n_scenes, validate=False)).last_hidden_state
+    cond = pipe.embed_ids(ids)
+    uncond = pipe.embed_ids(pipe.tokenize([""] * n_scenes, validate=False))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     rows = []
     for kind, token_groups in groups.items():

@@ -65,7 +65,7 @@ TEXT_BLOCKS = ("all", "up")
 
 
 def build_toy_pipeline(seed: int = 0, text_layers: int = 3, text_blocks: str = "all", heads: int = 4,
-                       text_dim: int = 128) -> "ToyPipeline":
+                       text_dim: int = 128, phrase_wise: bool = False) -> "ToyPipeline":
     """A freshly initialised (untrained) toy pipeline; ``osa_lib.toy.train`` trains it.
 
     ``text_layers`` = transformer layers of the text encoder. With 0, each token's embedding is
@@ -77,7 +77,8 @@ def build_toy_pipeline(seed: int = 0, text_layers: int = 3, text_blocks: str = "
     depend on it, so a fine-tune may change it).
     ``text_dim`` = width of the text embeddings (the U-Net's ``cross_attention_dim``). A narrow
     one is an information bottleneck: a token cannot carry much more than its own word, and an
-    average over many tokens cannot hold every character's words at once."""
+    average over many tokens cannot hold every character's words at once.
+    ``phrase_wise`` = encode each phrase of a caption on its own (see ``ToyPipeline.embed_ids``)."""
     if text_blocks not in TEXT_BLOCKS:
         raise ValueError(f"text_blocks must be one of {TEXT_BLOCKS}, got {text_blocks!r}")
     text_down = text_blocks == "all"
@@ -98,15 +99,45 @@ def build_toy_pipeline(seed: int = 0, text_layers: int = 3, text_blocks: str = "
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                               clip_sample=True, prediction_type="v_prediction",
                               timestep_spacing="trailing")
-    return ToyPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    return ToyPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                       phrase_wise=phrase_wise)
 
 
 class ToyPipeline(DiffusionPipeline):
     """Text-to-image in pixel space for the toy world, with classifier-free guidance."""
 
-    def __init__(self, unet, text_encoder, tokenizer, scheduler):
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, phrase_wise: bool = False):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self.register_to_config(phrase_wise=phrase_wise)
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Text embeddings (B, T, text_dim) of token ids (B, T), with gradients (training uses it).
+
+        With ``phrase_wise`` each phrase is encoded as a sequence of its own, with positions from
+        0: "<bos> a red circle | and a blue square | in the snow | <eos> | <pad> | ...". A
+        character's tokens then carry its own words and nothing else, and no token's position
+        says which character it belongs to - the structured text encoding of Feng et al. 2023
+        ("StructureDiffusion"), which encodes noun phrases apart to help attribute binding."""
+        if not self.config.phrase_wise:
+            return self.text_encoder(ids).last_hidden_state
+        starts = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<bos>", "and", "in", "<eos>", "<pad>")}
+        segments = []  # (row, first column, length)
+        for b, row in enumerate(ids.tolist()):
+            first = 0
+            for i in range(1, len(row) + 1):
+                if i == len(row) or row[i] in starts:
+                    segments.append((b, first, i - first))
+                    first = i
+        width = max(n for _, _, n in segments)
+        pieces = ids.new_zeros((len(segments), width))  # (S, width), right-padded with <pad>
+        for k, (b, first, n) in enumerate(segments):
+            pieces[k, :n] = ids[b, first:first + n]
+        hidden = self.text_encoder(pieces).last_hidden_state  # (S, width, D); causal, so padding is unseen
+        out = hidden.new_empty(ids.shape + (hidden.shape[-1],))  # (B, T, D)
+        for k, (b, first, n) in enumerate(segments):
+            out[b, first:first + n] = hidden[k, :n]
+        return out
 
     def tokenize(self, prompts: list[str], validate: bool = True) -> torch.Tensor:
         """Token ids (B, MAX_TOKENS); every non-empty prompt is checked against the grammar."""
@@ -121,7 +152,7 @@ class ToyPipeline(DiffusionPipeline):
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings (B, MAX_TOKENS, text_dim)."""
         ids = self.tokenize(prompts).to(self.text_encoder.device)
-        return self.text_encoder(ids).last_hidden_state
+        return self.embed_ids(ids)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_inference_steps: int = DEFAULT_STEPS,

@@ -89,13 +89,13 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
           save_every: int = 250, device: str = "cpu", seed: int = 0, log_every: int = 50,
           snr_gamma: float | None = 5.0, text_layers: int = 3, init_from: Path | None = None,
           text_blocks: str = "all", heads: int = 4, max_shift: int = 0,
-          text_dim: int = 128) -> dict:
+          text_dim: int = 128, phrase_wise: bool = False) -> dict:
     """Train (or resume) and return the last logged statistics."""
     ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "state.pt"
     pipe = build_toy_pipeline(seed, text_layers=text_layers, text_blocks=text_blocks, heads=heads,
-                              text_dim=text_dim)
+                              text_dim=text_dim, phrase_wise=phrase_wise)
     pipe.to(device)
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -146,7 +146,7 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         ids = shift_captions(pipe.tokenize(captions, validate=False), max_shift).to(device)
-        text = pipe.text_encoder(ids).last_hidden_state  # (B, 16, text_dim)
+        text = pipe.embed_ids(ids)  # (B, 16, text_dim)
         loss = _denoising_loss(pipe.unet(noisy, t, text).sample, latents, noise, t, noise_scheduler, snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="U-Net blocks with cross-attention in a new model: all, or up only")
     parser.add_argument("--heads", type=int, default=4, help="attention heads per U-Net transformer block")
     parser.add_argument("--text-dim", type=int, default=128, help="width of a new text encoder's embeddings")
+    parser.add_argument("--phrase-wise", action="store_true", help="encode each phrase of a caption on its own")
     parser.add_argument("--max-shift", type=int, default=0, help="shift captions right by up to this many slots")
     args = parser.parse_args(argv)
     if args.threads:
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
           device=args.device, seed=args.seed, log_every=args.log_every,
           snr_gamma=args.snr_gamma, text_layers=args.text_layers, init_from=args.init_from,
           text_blocks=args.text_blocks, heads=args.heads, max_shift=args.max_shift,
-          text_dim=args.text_dim)
+          text_dim=args.text_dim, phrase_wise=args.phrase_wise)
 
 
 if __name__ == "__main__":
