@@ -209,3 +209,13 @@ def test_phrase_wise_encoding_keeps_each_characters_tokens_to_its_own_phrase(tmp
     plain = build_toy_pipeline(text_layers=1)
     a, b = plain.encode_prompt(["a red circle and a blue square in the snow", "a red circle and a green diamond in the snow"])
     assert not torch.allclose(a[8:], b[8:]), "the plain causal encoder lets later tokens see every phrase"
+
+
+def test_a_phrase_wise_up_only_model_trains_saves_and_samples(tmp_path):
+    from osa_lib.toy.train import train
+    out = tmp_path / "model"
+    train(steps=2, batch_size=2, out=out, seed=0, text_layers=1, text_blocks="up", phrase_wise=True, save_every=1)
+    backbone = load_backbone("toy", model_id=str(out), device="cpu")
+    assert backbone.pipe.config.phrase_wise is True
+    assert backbone.generate(["a red circle and a blue square in the snow"], [0], num_inference_steps=2,
+                             progress=False).shape == (1, 32, 32, 3)
