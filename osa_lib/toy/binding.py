@@ -65,8 +65,10 @@ def binding_scores(pipe: ToyPipeline, n_scenes: int = 64, timesteps=(200, 500, 8
               for _ in range(n_scenes)]
     ids = pipe.tokenize([s.caption for s in scenes], validate=False)
     tokens = [pipe.tokenizer.convert_ids_to_tokens(row) for row in ids]
-    groups = {kind: [[[tokens[b].index(getattr(c, kind))] for c in s.characters] for b, s in enumerate(scenes)]
-              for kind in ("shape", "colour")}
+    kinds = ("shape", "colour")
+    # groups (shape 1, shape 2, colour 1, colour 2) per scene: one U-Net pass per t serves both kinds
+    token_groups = [[[tokens[b].index(getattr(c, kind))] for kind in kinds for c in s.characters]
+                    for b, s in enumerate(scenes)]
     images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
     x0 = images_to_latents(images)  # (B, 12, 16, 16)
     truth = torch.from_numpy(np.stack([s.masks for s in scenes]))  # (B, 2, 32, 32)
@@ -74,15 +76,15 @@ def binding_scores(pipe: ToyPipeline, n_scenes: int = 64, timesteps=(200, 500, 8
     uncond = pipe.embed_ids(pipe.tokenize([""] * n_scenes, validate=False))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     rows = []
-    for kind, token_groups in groups.items():
-        for t in timesteps:
-            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t))
-            xt = noise_scheduler.add_noise(x0, noise, torch.tensor([t]))
-            store = AttentionStore(token_groups, (LATENT_SIZE, LATENT_SIZE))
-            with capture_attention(pipe.unet, store):
-                pipe.unet(torch.cat([xt, xt]), t, torch.cat([uncond, cond]))
+    for t in timesteps:
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t))
+        xt = noise_scheduler.add_noise(x0, noise, torch.tensor([t]))
+        store = AttentionStore(token_groups, (LATENT_SIZE, LATENT_SIZE))
+        with capture_attention(pipe.unet, store):
+            pipe.unet(torch.cat([xt, xt]), t, torch.cat([uncond, cond]))
+        for k, kind in enumerate(kinds):
             for place, res in sorted({(l.place, l.resolution(store.latent_hw)[0]) for l in store.layers}):
-                A = store.aggregate((place,), res)  # (B, 2, res, res)
+                A = store.aggregate((place,), res)[:, 2 * k:2 * k + 2]  # (B, 2, res, res)
                 rows.append({"word": kind, "t": t, "place": place, "resolution": res,
                              "own_share": own_object_share(A, truth).mean().item(),
                              "iou": _mask_iou(A, truth).mean().item()})
