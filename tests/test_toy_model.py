@@ -219,3 +219,17 @@ def test_a_phrase_wise_up_only_model_trains_saves_and_samples(tmp_path):
     assert backbone.pipe.config.phrase_wise is True
     assert backbone.generate(["a red circle and a blue square in the snow"], [0], num_inference_steps=2,
                              progress=False).shape == (1, 32, 32, 3)
+
+
+def test_continuing_a_run_with_other_architecture_flags_is_a_clear_error(tmp_path):
+    from osa_lib.toy.train import train
+    out = tmp_path / "model"
+    flags = dict(batch_size=2, out=out, seed=0, text_layers=1, text_blocks="up", save_every=1)
+    train(steps=1, phrase_wise=True, **flags)
+    # neither a missing --phrase-wise nor another head count changes a tensor shape
+    with pytest.raises(ValueError, match="phrase_wise: saved True, flags ask False"):
+        train(steps=2, **flags)
+    with pytest.raises(ValueError, match="attention_head_dim: saved 4, flags ask 1"):
+        train(steps=2, phrase_wise=True, heads=1, **flags)
+    train(steps=2, phrase_wise=True, **flags)  # the same flags continue it
+    assert torch.load(tmp_path / "model_ckpt" / "state.pt", weights_only=False)["step"] == 2

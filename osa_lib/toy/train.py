@@ -102,6 +102,9 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     ema = _weights_copy(pipe)
     step, data_seed, elapsed_before = 0, seed, 0.0
+    saved = ToyPipeline.from_pretrained(out) if (Path(out) / "model_index.json").exists() else None
+    if saved is not None and (ckpt_path.exists() or (Path(out) / TRAINING_RECORD).exists()):
+        _refuse_other_architecture(pipe, saved, out)
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         pipe.unet.load_state_dict(state["unet"]); pipe.text_encoder.load_state_dict(state["text_encoder"])
@@ -110,12 +113,11 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
         data_seed = seed + 1000 * state["resumes"] + 1
         resumes = state["resumes"] + 1
         print(f"resumed from {ckpt_path} at step {step}")
-    elif (Path(out) / TRAINING_RECORD).exists():
+    elif saved is not None and (Path(out) / TRAINING_RECORD).exists():
         # warm start from committed weights: the EMA weights seed both copies; Adam starts afresh
         record = json.loads((Path(out) / TRAINING_RECORD).read_text())
-        exported = ToyPipeline.from_pretrained(out)
-        pipe.unet.load_state_dict(exported.unet.state_dict())
-        pipe.text_encoder.load_state_dict(exported.text_encoder.state_dict())
+        pipe.unet.load_state_dict(saved.unet.state_dict())
+        pipe.text_encoder.load_state_dict(saved.text_encoder.state_dict())
         ema = _weights_copy(pipe)
         step, elapsed_before, resumes = record["step"], record["minutes"] * 60, record.get("resumes", 0) + 1
         data_seed = seed + 1000 * resumes + 1
@@ -191,6 +193,30 @@ def shift_captions(ids: torch.Tensor, max_shift: int) -> torch.Tensor:
         s = int(torch.randint(0, min(max_shift, ids.shape[1] - length) + 1, ()))
         shifted[b, s:s + length] = row[:length]
     return shifted
+
+
+def _architecture(pipe: ToyPipeline) -> dict:
+    """The settings that define a toy pipeline's architecture, comparable between a freshly built
+    pipeline and a saved one (private keys, dtypes and list-versus-tuple differences dropped)."""
+    text_config = pipe.text_encoder.config.to_dict()
+    settings = {**{f"unet.{k}": v for k, v in pipe.unet.config.items() if not k.startswith("_")},
+                **{f"text_encoder.{k}": v for k, v in text_config.items()
+                   if not k.startswith("_") and k not in ("dtype", "torch_dtype", "architectures", "transformers_version")},
+                "phrase_wise": bool(pipe.config.get("phrase_wise", False))}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _refuse_other_architecture(requested: ToyPipeline, saved: ToyPipeline, out: Path) -> None:
+    """Continuing a run with other architecture flags would load weights into the wrong model
+    (a head count or phrase-wise encoding changes no tensor shape, so nothing else would notice)."""
+    asked, have = _architecture(requested), _architecture(saved)
+    differ = [f"{k}: saved {have.get(k)!r}, flags ask {asked.get(k)!r}"
+              for k in sorted(set(asked) | set(have)) if asked.get(k) != have.get(k)]
+    if differ:
+        raise ValueError(f"{out} holds a run whose architecture differs from these flags ("
+                         + "; ".join(differ) + "). Pass the flags it was trained with (--text-layers, "
+                         "--text-blocks, --heads, --text-dim, --phrase-wise) to continue it, "
+                         "or choose a new --out to start a new run.")
 
 
 def _load_matching(target: torch.nn.Module, source: torch.nn.Module) -> tuple[int, int]:
