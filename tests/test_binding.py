@@ -27,7 +27,7 @@ def test_own_share_needs_two_characters():
 
 
 def test_binding_scores_read_every_cross_attention_layer_of_an_untrained_model():
-    rows = binding_scores(build_toy_pipeline(seed=0, text_layers=0), n_scenes=4, timesteps=(500,))
+    rows = binding_scores(build_toy_pipeline(seed=0, text_layers=0, text_blocks="all"), n_scenes=4, timesteps=(500,))
     assert {(r["word"], r["place"], r["resolution"]) for r in rows} == {
         (w, p, r) for w in ("shape", "colour") for p, r in (("down", 16), ("down", 8), ("mid", 4), ("up", 8), ("up", 16))}
     assert all(0.0 <= r["own_share"] <= 1.0 and 0.0 <= r["iou"] <= 1.0 for r in rows)

@@ -105,7 +105,7 @@ def test_up_only_text_model_has_cross_attention_in_up_blocks_only(tmp_path):
     from osa_lib.toy.train import train
     with pytest.raises(ValueError, match="text_blocks"):
         build_toy_pipeline(text_blocks="down")
-    source = build_toy_pipeline(seed=3, text_layers=0)
+    source = build_toy_pipeline(seed=3, text_layers=0, text_blocks="all")
     source.save_pretrained(tmp_path / "source")
     out = tmp_path / "model"
     train(steps=0, batch_size=2, out=out, seed=0, text_layers=0, text_blocks="up", init_from=tmp_path / "source")
@@ -206,7 +206,7 @@ def test_phrase_wise_encoding_keeps_each_characters_tokens_to_its_own_phrase(tmp
     assert torch.allclose(one[:4], alone, atol=1e-6)
     pipe.save_pretrained(tmp_path / "p")
     assert ToyPipeline.from_pretrained(tmp_path / "p").config.phrase_wise is True
-    plain = build_toy_pipeline(text_layers=1)
+    plain = build_toy_pipeline(text_layers=1, phrase_wise=False)
     a, b = plain.encode_prompt(["a red circle and a blue square in the snow", "a red circle and a green diamond in the snow"])
     assert not torch.allclose(a[8:], b[8:]), "the plain causal encoder lets later tokens see every phrase"
 
@@ -226,9 +226,9 @@ def test_continuing_a_run_with_other_architecture_flags_is_a_clear_error(tmp_pat
     out = tmp_path / "model"
     flags = dict(batch_size=2, out=out, seed=0, text_layers=1, text_blocks="up", save_every=1)
     train(steps=1, phrase_wise=True, **flags)
-    # neither a missing --phrase-wise nor another head count changes a tensor shape
+    # neither phrase-wise encoding nor the head count changes a tensor shape
     with pytest.raises(ValueError, match="phrase_wise: saved True, flags ask False"):
-        train(steps=2, **flags)
+        train(steps=2, phrase_wise=False, **flags)
     with pytest.raises(ValueError, match="attention_head_dim: saved 4, flags ask 1"):
         train(steps=2, phrase_wise=True, heads=1, **flags)
     train(steps=2, phrase_wise=True, **flags)  # the same flags continue it

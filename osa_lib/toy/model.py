@@ -64,9 +64,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 TEXT_BLOCKS = ("all", "up")
 
 
-def build_toy_pipeline(seed: int = 0, text_layers: int = 3, text_blocks: str = "all", heads: int = 4,
-                       text_dim: int = 128, phrase_wise: bool = False) -> "ToyPipeline":
-    """A freshly initialised (untrained) toy pipeline; ``osa_lib.toy.train`` trains it.
+def build_toy_pipeline(seed: int = 0, text_layers: int = 1, text_blocks: str = "up", heads: int = 4,
+                       text_dim: int = 128, phrase_wise: bool = True) -> "ToyPipeline":
+    """A freshly initialised (untrained) toy pipeline; ``osa_lib.toy.train`` trains it. The
+    defaults are the shipped model's architecture (1-layer phrase-wise text encoder, text in the
+    up blocks only); the README's "Which layers make the masks" says why.
 
     ``text_layers`` = transformer layers of the text encoder. With 0, each token's embedding is
     its word plus its position and nothing else: no token can carry the whole caption.

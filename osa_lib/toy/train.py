@@ -1,7 +1,7 @@
 """Train the toy text-to-image model on freshly rendered toy-world scenes.
 
-    python -m osa_lib.toy.train --max-minutes 85            # CPU, ~the shipped model
-    python -m osa_lib.toy.train --device cuda --steps 20000  # on a GPU
+    python -m osa_lib.toy.train --max-minutes 85                  # CPU: continues data/toy_model
+    python -m osa_lib.toy.train --out runs/new --device cuda --steps 20000  # a new model, on a GPU
 
 Resumable: the full training state (weights, EMA weights, optimiser, step, data seed) is
 written to ``--ckpt-dir`` every ``--save-every`` steps and picked up on the next start. The
@@ -87,9 +87,9 @@ def _weights_copy(pipe: ToyPipeline) -> dict:
 def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: int = 64, lr: float = 4e-4,
           ema_decay: float = 0.995, out: Path = DEFAULT_MODEL_DIR, ckpt_dir: Path | None = None,
           save_every: int = 250, device: str = "cpu", seed: int = 0, log_every: int = 50,
-          snr_gamma: float | None = 5.0, text_layers: int = 3, init_from: Path | None = None,
-          text_blocks: str = "all", heads: int = 4, max_shift: int = 0,
-          text_dim: int = 128, phrase_wise: bool = False) -> dict:
+          snr_gamma: float | None = 5.0, text_layers: int = 1, init_from: Path | None = None,
+          text_blocks: str = "up", heads: int = 4, max_shift: int = 0,
+          text_dim: int = 128, phrase_wise: bool = True) -> dict:
     """Train (or resume) and return the last logged statistics."""
     ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -266,14 +266,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0 turns it off")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is faster when other work shares the cores)")
-    parser.add_argument("--text-layers", type=int, default=3, help="transformer layers of a new text encoder")
+    parser.add_argument("--text-layers", type=int, default=1, help="transformer layers of a new text encoder")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start a new run from this pipeline's U-Net and text embeddings")
-    parser.add_argument("--text-blocks", choices=TEXT_BLOCKS, default="all",
+    parser.add_argument("--text-blocks", choices=TEXT_BLOCKS, default="up",
                         help="U-Net blocks with cross-attention in a new model: all, or up only")
     parser.add_argument("--heads", type=int, default=4, help="attention heads per U-Net transformer block")
     parser.add_argument("--text-dim", type=int, default=128, help="width of a new text encoder's embeddings")
-    parser.add_argument("--phrase-wise", action="store_true", help="encode each phrase of a caption on its own")
+    parser.add_argument("--phrase-wise", action=argparse.BooleanOptionalAction, default=True,
+                        help="encode each phrase of a caption on its own (--no-phrase-wise: the whole caption at once)")
     parser.add_argument("--max-shift", type=int, default=0, help="shift captions right by up to this many slots")
     args = parser.parse_args(argv)
     if args.threads:
