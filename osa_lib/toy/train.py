@@ -102,8 +102,11 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     ema = _weights_copy(pipe)
     step, data_seed, elapsed_before = 0, seed, 0.0
-    saved = ToyPipeline.from_pretrained(out) if (Path(out) / "model_index.json").exists() else None
-    if saved is not None and (ckpt_path.exists() or (Path(out) / TRAINING_RECORD).exists()):
+    record_path = Path(out) / TRAINING_RECORD
+    # the run being continued, if any: loaded once, for the architecture check and a warm start
+    resumable_export = ckpt_path.exists() and (Path(out) / "model_index.json").exists()
+    saved = ToyPipeline.from_pretrained(out) if record_path.exists() or resumable_export else None
+    if saved is not None:
         _refuse_other_architecture(pipe, saved, out)
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -113,9 +116,9 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
         data_seed = seed + 1000 * state["resumes"] + 1
         resumes = state["resumes"] + 1
         print(f"resumed from {ckpt_path} at step {step}")
-    elif saved is not None and (Path(out) / TRAINING_RECORD).exists():
+    elif record_path.exists():
         # warm start from committed weights: the EMA weights seed both copies; Adam starts afresh
-        record = json.loads((Path(out) / TRAINING_RECORD).read_text())
+        record = json.loads(record_path.read_text())
         pipe.unet.load_state_dict(saved.unet.state_dict())
         pipe.text_encoder.load_state_dict(saved.text_encoder.state_dict())
         ema = _weights_copy(pipe)
