@@ -17,19 +17,25 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["identity_similarity", "toy_story_metrics", "compare_methods", "METRIC_NAMES"]
+__all__ = ["identity_terms", "identity_similarity", "IDENTITY_DETAILS", "toy_story_metrics", "compare_methods", "METRIC_NAMES"]
 
 METRIC_NAMES = ("IIS-toy", "attribute accuracy", "mixing rate", "TIS-toy")
+IDENTITY_DETAILS = ("hue", "brightness", "size", "mark")  # the terms IIS-toy averages
 HUE_SCALE, SIZE_SCALE, VALUE_SCALE = 20.0, 3.0, 0.2  # differences at which a term reaches 0
 
 
-def identity_similarity(a, b) -> float:
-    """Similarity in [0, 1] of two detections' identity details (hue, value, size, mark)."""
+def identity_terms(a, b) -> dict[str, float]:
+    """Per-detail similarity, each in [0, 1], of two detections (keys: ``IDENTITY_DETAILS``)."""
     hue_gap = abs((a.hue - b.hue + 180) % 360 - 180)
-    terms = [1 - min(1.0, hue_gap / HUE_SCALE), 1 - min(1.0, abs(a.value - b.value) / VALUE_SCALE),
-             1 - min(1.0, abs(a.size - b.size) / SIZE_SCALE),
-             float(a.mark == b.mark and (a.mark == "none" or a.mark_tone == b.mark_tone))]
-    return float(np.mean(terms))
+    return {"hue": 1 - min(1.0, hue_gap / HUE_SCALE),
+            "brightness": 1 - min(1.0, abs(a.value - b.value) / VALUE_SCALE),
+            "size": 1 - min(1.0, abs(a.size - b.size) / SIZE_SCALE),
+            "mark": float(a.mark == b.mark and (a.mark == "none" or a.mark_tone == b.mark_tone))}
+
+
+def identity_similarity(a, b) -> float:
+    """Similarity in [0, 1] of two detections' identity details: the mean of ``identity_terms``."""
+    return float(np.mean(list(identity_terms(a, b).values())))
 
 
 def _find(detected, shape):
@@ -38,8 +44,13 @@ def _find(detected, shape):
     return max(found, key=lambda d: d.mask.sum()) if found else None
 
 
-def toy_story_metrics(story, result) -> dict:
-    """The four toy metrics for one generated story (``StoryResult``) of a toy ``Story``."""
+def toy_story_metrics(story, result, details: bool = False) -> dict:
+    """The four toy metrics for one generated story (``StoryResult``) of a toy ``Story``.
+
+    With ``details``, also IIS-toy per identity detail (keys ``"IIS-toy hue"`` etc.: which of
+    the unnamed details a method carries from scene to scene) and the counts behind the mixing
+    rate (``"mixed scenes"``, ``"multi-character scenes"``).
+    """
     from .toy.analyzer import analyze_image
     from .toy.evaluate import check_prompt
     from .toy.world import parse_caption
@@ -62,21 +73,27 @@ def toy_story_metrics(story, result) -> dict:
         check = check_prompt(res.image, scene.prompt)
         facts = [check["scene_ok"]] + [r["ok"] for r in check["characters"]]
         tis.append(np.mean(facts))
-    pairs = [identity_similarity(ds[i], ds[j]) for ds in drawn.values()
+    pairs = [identity_terms(ds[i], ds[j]) for ds in drawn.values()
              for i in range(len(ds)) for j in range(i + 1, len(ds))]
-    return {"IIS-toy": 100 * float(np.mean(pairs)) if pairs else float("nan"),
-            "attribute accuracy": 100 * float(np.mean(attribute_hits)),
-            "mixing rate": 100 * float(np.mean(mixing)) if mixing else float("nan"),
-            "TIS-toy": 100 * float(np.mean(tis)),
-            "seconds per scene": float(np.mean([s.seconds for s in result.scenes]))}
+    metrics = {"IIS-toy": 100 * float(np.mean([list(p.values()) for p in pairs])) if pairs else float("nan"),
+               "attribute accuracy": 100 * float(np.mean(attribute_hits)),
+               "mixing rate": 100 * float(np.mean(mixing)) if mixing else float("nan"),
+               "TIS-toy": 100 * float(np.mean(tis)),
+               "seconds per scene": float(np.mean([s.seconds for s in result.scenes]))}
+    if details:
+        metrics["mixed scenes"], metrics["multi-character scenes"] = int(sum(mixing)), len(mixing)
+        for detail in IDENTITY_DETAILS:
+            metrics[f"IIS-toy {detail}"] = 100 * float(np.mean([p[detail] for p in pairs])) if pairs else float("nan")
+    return metrics
 
 
 def compare_methods(backbone, story, methods=("vanilla", "csa", "isolated"), n_seeds: int = 20,
-                    config=None, seed_stride: int = 1000, progress: bool = True, **kwargs) -> dict:
+                    config=None, seed_stride: int = 1000, progress: bool = True, details: bool = False,
+                    **kwargs) -> dict:
     """Every method on the same backbone and the same seeds (the story shifted by k·stride).
 
     Returns ``{method: {metric: (mean, standard error), ...}}`` and, under ``"runs"``, the raw
-    per-seed metrics.
+    per-seed metrics. ``details`` adds IIS-toy per identity detail (see ``toy_story_metrics``).
     """
     from tqdm import tqdm
     from .story import generate_story
@@ -85,7 +102,7 @@ def compare_methods(backbone, story, methods=("vanilla", "csa", "isolated"), n_s
         shifted = story.with_seed_offset(k * seed_stride)
         for method in methods:
             result = generate_story(backbone, shifted, method, config=config, progress=False, **kwargs)
-            runs[method].append(toy_story_metrics(shifted, result))
+            runs[method].append(toy_story_metrics(shifted, result, details))
     summary = {}
     for method, rows in runs.items():
         summary[method] = {}

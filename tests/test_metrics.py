@@ -1,0 +1,68 @@
+"""The toy story metrics read rendered scenes, whose identities are known, the way they read
+generated ones: a character drawn the same in every scene scores ~100, one redrawn does not,
+and a character wearing its partner's colour counts as mixed."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from osa_lib.metrics import IDENTITY_DETAILS, toy_story_metrics
+from osa_lib.story import SceneResult, StoryResult, parse_story
+from osa_lib.toy import world
+
+STORY = parse_story({
+    "characters": [{"name": "Sunny", "word": "square", "id_prompt": "a yellow square"},
+                   {"name": "Blu", "word": "triangle", "id_prompt": "a blue triangle"}],
+    "scenes": [{"prompt": f"a yellow square and a blue triangle in the {scene}", "characters": ["Sunny", "Blu"],
+                "seed": k} for k, scene in enumerate(("meadow", "snow", "beach"))],
+}, "test story")
+
+
+def rendered_result(characters_per_scene) -> StoryResult:
+    """A StoryResult whose images are rendered scenes of the given characters, in opposite corners
+    (far enough apart that two characters of one colour stay two)."""
+    rng = np.random.default_rng(0)
+    scenes = []
+    for k, (scene, characters) in enumerate(zip(STORY.scenes, characters_per_scene)):
+        corners = [(8.0 + k, 8.0), (24.0 - k, 24.0)]  # (row, column) centres, moved a little per scene
+        placed = [dataclasses.replace(c, center=corner) for c, corner in zip(characters, corners)]
+        image = world.render_scene(scene.prompt.split()[-1], placed, rng).image / 255.0
+        scenes.append(SceneResult(k, scene.prompt, scene.characters, scene.seed, image, 0.1))
+    return StoryResult("rendered", scenes)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    rng = np.random.default_rng(1)
+    sunny = dataclasses.replace(world.sample_character(rng, "square", "yellow"), size=6.0, mark="dot")
+    blu = dataclasses.replace(world.sample_character(rng, "triangle", "blue"), size=6.5, mark="none")
+    return sunny, blu
+
+
+def test_same_identity_in_every_scene_scores_near_100(pair):
+    metrics = toy_story_metrics(STORY, rendered_result([pair] * 3), details=True)
+    assert metrics["IIS-toy"] >= 95, metrics
+    assert all(metrics[f"IIS-toy {d}"] >= 90 for d in IDENTITY_DETAILS), metrics
+    assert metrics["attribute accuracy"] == 100 and metrics["TIS-toy"] == 100 and metrics["mixing rate"] == 0
+
+
+def test_redrawn_identity_loses_the_changed_details_only(pair):
+    sunny, blu = pair
+    redrawn = dataclasses.replace(sunny, size=4.5, mark="none")
+    metrics = toy_story_metrics(STORY, rendered_result([pair, (redrawn, blu), pair]), details=True)
+    # pairs pool both characters: Sunny's 3 pairs, 2 of them with the redrawn scene, and Blu's 3
+    assert metrics["IIS-toy mark"] == pytest.approx(100 * (1 + 3) / 6), metrics
+    assert metrics["IIS-toy size"] <= 90, metrics
+    assert metrics["IIS-toy hue"] >= 90 and metrics["IIS-toy brightness"] >= 90, metrics
+    assert 50 < metrics["IIS-toy"] < 95
+
+
+def test_a_character_in_its_partners_colour_is_mixing(pair):
+    sunny, blu = pair
+    blue_square = dataclasses.replace(sunny, colour="blue", hue=blu.hue)
+    metrics = toy_story_metrics(STORY, rendered_result([pair, (blue_square, blu), pair]))
+    assert metrics["mixing rate"] == pytest.approx(100 / 3)
+    assert metrics["attribute accuracy"] == pytest.approx(100 * 5 / 6)
+    assert "IIS-toy hue" not in metrics  # details only when asked
+    counts = toy_story_metrics(STORY, rendered_result([pair, (blue_square, blu), pair]), details=True)
+    assert (counts["mixed scenes"], counts["multi-character scenes"]) == (1, 3)
