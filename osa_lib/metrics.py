@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["identity_terms", "identity_similarity", "IDENTITY_DETAILS", "toy_story_metrics", "compare_methods", "METRIC_NAMES"]
+__all__ = ["identity_terms", "identity_similarity", "IDENTITY_DETAILS", "id_colours", "read_scene", "is_mixed",
+           "toy_story_metrics", "compare_methods", "METRIC_NAMES"]
 
 METRIC_NAMES = ("IIS-toy", "attribute accuracy", "mixing rate", "TIS-toy")
 IDENTITY_DETAILS = ("hue", "brightness", "size", "mark")  # the terms IIS-toy averages
@@ -44,32 +45,47 @@ def _find(detected, shape):
     return max(found, key=lambda d: d.mask.sum()) if found else None
 
 
+def id_colours(story) -> dict[str, str]:
+    """Each character's colour word, read from its ID prompt."""
+    from .toy.world import parse_caption
+    return {n: parse_caption(c.id_prompt, id_prompt=True)["characters"][0]["colour"]
+            for n, c in story.characters.items()}
+
+
+def read_scene(story, scene, image) -> dict:
+    """The analyzer's detection of each character of ``scene`` in ``image`` (None: not drawn)."""
+    from .toy.analyzer import analyze_image
+    detected = analyze_image(image)
+    return {n: _find(detected, story.characters[n].word) for n in scene.characters}
+
+
+def is_mixed(found: dict, id_colour: dict[str, str]) -> bool:
+    """A character of the scene is drawn in the colour of another character of the scene."""
+    return any(d is not None and d.colour != id_colour[n] and d.colour in {id_colour[o] for o in found if o != n}
+               for n, d in found.items())
+
+
 def toy_story_metrics(story, result, details: bool = False) -> dict:
     """The four toy metrics for one generated story (``StoryResult``) of a toy ``Story``.
 
     With ``details``, also IIS-toy per identity detail (keys ``"IIS-toy hue"`` etc.: which of
     the unnamed details a method carries from scene to scene) and the counts behind the mixing
-    rate (``"mixed scenes"``, ``"multi-character scenes"``).
+    rate: ``"mixed scenes"`` of ``"multi-character scenes"``, and the same for two-character
+    scenes alone (the issue's target is about those).
     """
-    from .toy.analyzer import analyze_image
     from .toy.evaluate import check_prompt
-    from .toy.world import parse_caption
-    id_colour = {n: parse_caption(c.id_prompt, id_prompt=True)["characters"][0]["colour"]
-                 for n, c in story.characters.items()}
+    id_colour = id_colours(story)
     drawn: dict[str, list] = {n: [] for n in story.characters}
-    attribute_hits, mixing, tis = [], [], []
+    attribute_hits, mixing, mixing_sizes, tis = [], [], [], []
     for scene, res in zip(story.scenes, result.scenes):
-        detected = analyze_image(res.image)
-        found = {n: _find(detected, story.characters[n].word) for n in scene.characters}
+        found = read_scene(story, scene, res.image)
         for name, d in found.items():
             attribute_hits.append(d is not None and d.colour == id_colour[name])
             if d is not None:
                 drawn[name].append(d)
         if len(scene.characters) > 1:
-            mixed = any(d is not None and d.colour != id_colour[n] and
-                        d.colour in {id_colour[o] for o in scene.characters if o != n}
-                        for n, d in found.items())
-            mixing.append(mixed)
+            mixing.append(is_mixed(found, id_colour))
+            mixing_sizes.append(len(scene.characters))
         check = check_prompt(res.image, scene.prompt)
         facts = [check["scene_ok"]] + [r["ok"] for r in check["characters"]]
         tis.append(np.mean(facts))
@@ -82,6 +98,8 @@ def toy_story_metrics(story, result, details: bool = False) -> dict:
                "seconds per scene": float(np.mean([s.seconds for s in result.scenes]))}
     if details:
         metrics["mixed scenes"], metrics["multi-character scenes"] = int(sum(mixing)), len(mixing)
+        two = [mixed for mixed, size in zip(mixing, mixing_sizes) if size == 2]
+        metrics["mixed two-character scenes"], metrics["two-character scenes"] = int(sum(two)), len(two)
         for detail in IDENTITY_DETAILS:
             metrics[f"IIS-toy {detail}"] = 100 * float(np.mean([p[detail] for p in pairs])) if pairs else float("nan")
     return metrics

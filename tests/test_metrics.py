@@ -2,6 +2,7 @@
 generated ones: a character drawn the same in every scene scores ~100, one redrawn does not,
 and a character wearing its partner's colour counts as mixed."""
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,3 +67,21 @@ def test_a_character_in_its_partners_colour_is_mixing(pair):
     assert "IIS-toy hue" not in metrics  # details only when asked
     counts = toy_story_metrics(STORY, rendered_result([pair, (blue_square, blu), pair]), details=True)
     assert (counts["mixed scenes"], counts["multi-character scenes"]) == (1, 3)
+    assert (counts["mixed two-character scenes"], counts["two-character scenes"]) == (1, 3)
+
+
+def test_mixing_and_neglect_rows_and_lambda_zero():
+    """One row per multi-character scene; at λ = 0 isolated attention is vanilla, so both
+    methods read the same in every row."""
+    from osa_lib.backbones import load_backbone
+    from osa_lib.experiments import mixing_and_neglect
+    from osa_lib.isolation import IsolationConfig
+    from osa_lib.story import load_story
+    trio = load_story(str(Path(__file__).resolve().parent.parent / "data" / "stories" / "toy_trio.yaml"))
+    rows = mixing_and_neglect(load_backbone("toy"), trio, n_seeds=1, config=IsolationConfig(lam=0.0),
+                              num_inference_steps=3)
+    assert [r["characters"] for r in rows] == [len(s.characters) for s in trio.scenes if len(s.characters) > 1]
+    for r in rows:
+        assert np.array_equal(r["vanilla image"], r["isolated image"])
+        assert r["vanilla mixed"] == r["isolated mixed"]
+        assert set(r["vanilla left out"]) <= set(r["names"])
