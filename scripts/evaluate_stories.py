@@ -5,8 +5,10 @@
 
 Prints, per story and method (vanilla, Consistent Self-Attention, isolated): IIS-toy, named-
 attribute accuracy, attribute-mixing rate, TIS-toy and seconds per scene (all methods timed
-side by side in this run, same backbone and seeds), then the ratios the targets are about, the
-reference-bank size per character, and the bank size estimated for SDXL at 1024².
+side by side in this run, same backbone and seeds), then the ratios the targets are about (the
+mixing target over two-character scenes, as the issue states it), IIS-toy per identity detail,
+the mixed-scene counts behind the rates, the reference-bank size per character, and the bank
+size estimated for SDXL at 1024².
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ def main() -> None:
     def mean(method, key, multi_only=False):
         values = [r[key] for r in pooled[method] if not np.isnan(r[key])]
         return float(np.mean(values))
+
     def pooled_count(method, key):
         return sum(r[key] for r in pooled[method])
 
