@@ -61,11 +61,12 @@ def test_redrawn_identity_loses_the_changed_details_only(pair):
 def test_a_character_in_its_partners_colour_is_mixing(pair):
     sunny, blu = pair
     blue_square = dataclasses.replace(sunny, colour="blue", hue=blu.hue)
-    metrics = toy_story_metrics(STORY, rendered_result([pair, (blue_square, blu), pair]))
+    result = rendered_result([pair, (blue_square, blu), pair])
+    metrics = toy_story_metrics(STORY, result)
     assert metrics["mixing rate"] == pytest.approx(100 / 3)
     assert metrics["attribute accuracy"] == pytest.approx(100 * 5 / 6)
     assert "IIS-toy hue" not in metrics  # details only when asked
-    counts = toy_story_metrics(STORY, rendered_result([pair, (blue_square, blu), pair]), details=True)
+    counts = toy_story_metrics(STORY, result, details=True)
     assert (counts["mixed scenes"], counts["multi-character scenes"]) == (1, 3)
     assert (counts["mixed two-character scenes"], counts["two-character scenes"]) == (1, 3)
 
