@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -65,7 +66,7 @@ TEXT_BLOCKS = ("all", "up")
 
 
 def build_toy_pipeline(seed: int = 0, text_layers: int = 1, text_blocks: str = "up", heads: int = 4,
-                       text_dim: int = 128, phrase_wise: bool = True) -> "ToyPipeline":
+                       text_dim: int = 128, phrase_wise: bool = True, levels: int = 3) -> "ToyPipeline":
     """A freshly initialised (untrained) toy pipeline; ``osa_lib.toy.train`` trains it. The
     defaults are the shipped model's architecture (1-layer phrase-wise text encoder, text in the
     up blocks only); the README's "Which layers make the masks" says why.
@@ -80,7 +81,12 @@ def build_toy_pipeline(seed: int = 0, text_layers: int = 1, text_blocks: str = "
     ``text_dim`` = width of the text embeddings (the U-Net's ``cross_attention_dim``). A narrow
     one is an information bottleneck: a token cannot carry much more than its own word, and an
     average over many tokens cannot hold every character's words at once.
-    ``phrase_wise`` = encode each phrase of a caption on its own (see ``ToyPipeline.embed_ids``)."""
+    ``phrase_wise`` = encode each phrase of a caption on its own (see ``ToyPipeline.embed_ids``).
+    ``levels`` = U-Net resolutions: 3 (16, 8 and 4) or 2 (16 and 8). Without the 4x4 level a 3x3
+    convolution no longer sees nearly the whole image at once, so coordinating distant pixels
+    (two scenes' copies of one character) is left to self-attention."""
+    if levels not in (2, 3):
+        raise ValueError(f"levels must be 2 or 3, got {levels!r}")
     if text_blocks not in TEXT_BLOCKS:
         raise ValueError(f"text_blocks must be one of {TEXT_BLOCKS}, got {text_blocks!r}")
     text_down = text_blocks == "all"
@@ -93,10 +99,10 @@ def build_toy_pipeline(seed: int = 0, text_layers: int = 1, text_blocks: str = "
         bos_token_id=1, eos_token_id=2))
     unet = UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        layers_per_block=1, block_out_channels=(64, 96, 128),
-        down_block_types=(("CrossAttnDownBlock2D",) * 2 if text_down else ("DownBlock2D",) * 2) + ("DownBlock2D",),
+        layers_per_block=1, block_out_channels=(64, 96, 128)[:levels],
+        down_block_types=(("CrossAttnDownBlock2D",) * 2 if text_down else ("DownBlock2D",) * 2) + ("DownBlock2D",) * (levels - 2),
         mid_block_type="UNetMidBlock2DCrossAttn" if text_down else "UNetMidBlock2D",
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        up_block_types=("UpBlock2D",) * (levels - 2) + ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=text_dim, attention_head_dim=heads, norm_num_groups=16)  # diffusers: = heads
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                               clip_sample=True, prediction_type="v_prediction",
@@ -124,22 +130,25 @@ class ToyPipeline(DiffusionPipeline):
         if not self.config.phrase_wise:
             return self.text_encoder(ids).last_hidden_state
         starts = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<bos>", "and", "in", "<eos>", "<pad>")}
-        segments = []  # (row, first column, length)
+        batch, length = ids.shape
+        segment_of = np.zeros((batch, length), np.int64)  # which phrase each token belongs to
+        offset_in = np.zeros((batch, length), np.int64)  # and its position inside that phrase
+        gather = []  # per phrase: flat indices into ids
         for b, row in enumerate(ids.tolist()):
             first = 0
-            for i in range(1, len(row) + 1):
-                if i == len(row) or row[i] in starts:
-                    segments.append((b, first, i - first))
+            for i in range(1, length + 1):
+                if i == length or row[i] in starts:
+                    segment_of[b, first:i], offset_in[b, first:i] = len(gather), np.arange(i - first)
+                    gather.append(b * length + np.arange(first, i))
                     first = i
-        width = max(n for _, _, n in segments)
-        pieces = ids.new_zeros((len(segments), width))  # (S, width), right-padded with <pad>
-        for k, (b, first, n) in enumerate(segments):
-            pieces[k, :n] = ids[b, first:first + n]
+        width = max(len(g) for g in gather)
+        index = np.full((len(gather), width), -1, np.int64)  # (S, width), -1 = right padding
+        for k, g in enumerate(gather):
+            index[k, :len(g)] = g
+        index = torch.from_numpy(index).to(ids.device)
+        pieces = torch.where(index >= 0, ids.flatten()[index.clamp(min=0)], 0)  # (S, width), <pad> = 0
         hidden = self.text_encoder(pieces).last_hidden_state  # (S, width, D); causal, so padding is unseen
-        out = hidden.new_empty(ids.shape + (hidden.shape[-1],))  # (B, T, D)
-        for k, (b, first, n) in enumerate(segments):
-            out[b, first:first + n] = hidden[k, :n]
-        return out
+        return hidden[torch.from_numpy(segment_of).to(ids.device), torch.from_numpy(offset_in).to(ids.device)]  # (B, T, D)
 
     def tokenize(self, prompts: list[str], validate: bool = True) -> torch.Tensor:
         """Token ids (B, MAX_TOKENS); every non-empty prompt is checked against the grammar."""

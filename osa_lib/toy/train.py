@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from .model import DEFAULT_MODEL_DIR, TEXT_BLOCKS, ToyPipeline, build_toy_pipeline, images_to_latents
-from .world import HELD_OUT_TRIPLES, sample_scene
+from .model import DEFAULT_MODEL_DIR, LATENT_SIZE, TEXT_BLOCKS, ToyPipeline, build_toy_pipeline, images_to_latents
+from .reference import reference_attention
+from .world import HELD_OUT_TRIPLES, _dilate, sample_pair, sample_scene
 
 __all__ = ["SceneStream", "shift_captions", "train", "main"]
 
@@ -36,18 +37,41 @@ TRAINING_RECORD = "training.json"
 
 
 class SceneStream(torch.utils.data.IterableDataset):
-    """Endless batches of (images (B, 3, 32, 32) in [-1, 1], captions) from the renderer."""
+    """Endless batches from the renderer: images (B, 3, 32, 32) in [-1, 1], captions, and the
+    reference pairs of ``world.sample_pair`` (``osa_lib.toy.reference``).
 
-    def __init__(self, batch_size: int, seed: int, p_empty_caption: float = 0.1):
+    With ``pair_rate`` > 0, the first ``P = round(pair_rate * B / 2)`` rows are references and the
+    next ``P`` their targets: ``partner`` (B,) gives each target its reference row (-1 elsewhere)
+    and ``ref_mask`` (B, 16, 16) the reference tokens it may see, at latent size: the shared
+    character's pixels or, a share ``whole_share`` of the time, the whole reference image (so the
+    model must also find the matching character by itself); ``query_mask`` (B, 16, 16) the target's
+    pixels that may look, as the method's isolated self-attention allows: the shared character's
+    region (grown by one pixel) or, a share ``whole_share`` of the time, every pixel."""
+
+    def __init__(self, batch_size: int, seed: int, p_empty_caption: float = 0.1, pair_rate: float = 0.0,
+                 whole_share: float = 0.5):
         self.batch_size, self.seed, self.p_empty_caption = batch_size, seed, p_empty_caption
+        self.pairs, self.whole_share = int(round(pair_rate * batch_size / 2)), whole_share
 
     def __iter__(self):
-        rng = np.random.default_rng(self.seed)
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng(self.seed + (info.id * 7919 if info else 0))
         while True:
-            scenes = [sample_scene(rng, exclude=HELD_OUT_TRIPLES) for _ in range(self.batch_size)]
+            pairs = [sample_pair(rng, exclude=HELD_OUT_TRIPLES) for _ in range(self.pairs)]
+            plain = [sample_scene(rng, exclude=HELD_OUT_TRIPLES) for _ in range(self.batch_size - 2 * self.pairs)]
+            scenes = [p[0] for p in pairs] + [p[1] for p in pairs] + plain
             images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2)
             captions = ["" if rng.random() < self.p_empty_caption else s.caption for s in scenes]
-            yield images.float() / 127.5 - 1.0, captions
+            partner = torch.full((len(scenes),), -1, dtype=torch.long)
+            partner[self.pairs:2 * self.pairs] = torch.arange(self.pairs)
+            ref_mask, query_mask = torch.zeros(len(scenes), 32, 32), torch.ones(len(scenes), 32, 32)
+            for k, (reference, target, i_ref, i_tgt) in enumerate(pairs):
+                whole = rng.random() < self.whole_share
+                ref_mask[self.pairs + k] = 1.0 if whole else torch.from_numpy(reference.masks[i_ref]).float()
+                if rng.random() >= self.whole_share:
+                    query_mask[self.pairs + k] = torch.from_numpy(_dilate(target.masks[i_tgt])).float()
+            pooled = (F.avg_pool2d(m[:, None], 2)[:, 0] for m in (ref_mask, query_mask))
+            yield (images.float() / 127.5 - 1.0, captions, partner, *pooled)
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -89,14 +113,17 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
           save_every: int = 250, device: str = "cpu", seed: int = 0, log_every: int = 50,
           snr_gamma: float | None = 5.0, text_layers: int = 1, init_from: Path | None = None,
           text_blocks: str = "up", heads: int = 4, max_shift: int = 0,
-          text_dim: int = 128, phrase_wise: bool = True) -> dict:
+          text_dim: int = 128, phrase_wise: bool = True, levels: int = 3, pair_rate: float = 0.0,
+          workers: int = 1, whole_share: float = 0.5) -> dict:
     """Train (or resume) and return the last logged statistics."""
     ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "state.pt"
     pipe = build_toy_pipeline(seed, text_layers=text_layers, text_blocks=text_blocks, heads=heads,
-                              text_dim=text_dim, phrase_wise=phrase_wise)
+                              text_dim=text_dim, phrase_wise=phrase_wise, levels=levels)
     pipe.to(device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -137,50 +164,63 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
         resumes = 0
     if init_from is not None and step > 0:
         print(f"--init-from {init_from} ignored: continuing the run above")
-    loader = torch.utils.data.DataLoader(SceneStream(batch_size, data_seed), batch_size=None,
-                                         num_workers=1, prefetch_factor=4)
+    loader = torch.utils.data.DataLoader(SceneStream(batch_size, data_seed, pair_rate=pair_rate, whole_share=whole_share), batch_size=None,
+                                         num_workers=workers, prefetch_factor=4, persistent_workers=True,
+                                         worker_init_fn=lambda _: torch.set_num_threads(1))
     torch.manual_seed(seed + step)
     started, stats, running = time.time(), {}, []
     bar = tqdm(total=steps, initial=step, desc="train toy model", dynamic_ncols=True)
-    for images, captions in loader:
-        if step >= steps or (max_minutes and time.time() - started > max_minutes * 60):
-            break
-        images = images.to(device)
-        latents = images_to_latents(images)  # (B, 12, 16, 16)
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=device)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        ids = shift_captions(pipe.tokenize(captions, validate=False), max_shift).to(device)
-        text = pipe.embed_ids(ids)  # (B, 16, text_dim)
-        loss = _denoising_loss(pipe.unet(noisy, t, text).sample, latents, noise, t, noise_scheduler, snr_gamma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        warmup = min(1.0, (step + 1) / 200)
-        for g in opt.param_groups:
-            g["lr"] = lr * warmup
-        opt.step()
-        step += 1
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for name, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
-                for k, v in module.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema[name][k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-                    else:
-                        ema[name][k].copy_(v)
-        running.append(loss.item())
-        bar.update(1)
-        if step % log_every == 0:
-            stats = {"step": step, "loss": float(np.mean(running)), "minutes": (time.time() - started) / 60}
-            bar.set_postfix(loss=f"{stats['loss']:.4f}")
-            print(f"step {step} loss {stats['loss']:.4f} elapsed {stats['minutes']:.1f} min", flush=True)
-            running = []
-        if step % save_every == 0:
-            _checkpoint(pipe, opt, ema, step, resumes, elapsed_before + time.time() - started, ckpt_path, out)
+    # up-block self-attention may read a partner row's tokens (reference pairs; none when pair_rate = 0)
+    with reference_attention(pipe.unet, (LATENT_SIZE, LATENT_SIZE)) as reference_state:
+        for images, captions, partner, ref_mask, query_mask in loader:
+            if step >= steps or (max_minutes and time.time() - started > max_minutes * 60):
+                break
+            images = images.to(device)
+            reference_state.partner, reference_state.ref_mask = partner.to(device), ref_mask.to(device)
+            reference_state.query_mask = query_mask.to(device)
+            latents = images_to_latents(images)  # (B, 12, 16, 16)
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=device)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            ids = shift_captions(pipe.tokenize(captions, validate=False), max_shift).to(device)
+            text = pipe.embed_ids(ids)  # (B, 16, text_dim)
+            loss = _denoising_loss(pipe.unet(noisy, t, text).sample, latents, noise, t, noise_scheduler, snr_gamma)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            warmup = min(1.0, (step + 1) / 200)
+            for g in opt.param_groups:
+                g["lr"] = lr * warmup
+            opt.step()
+            step += 1
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            _ema_update(ema, pipe, decay)
+            running.append(loss.item())
+            bar.update(1)
+            if step % log_every == 0:
+                stats = {"step": step, "loss": float(np.mean(running)), "minutes": (time.time() - started) / 60}
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                print(f"step {step} loss {stats['loss']:.4f} elapsed {stats['minutes']:.1f} min", flush=True)
+                running = []
+            if step % save_every == 0:
+                _checkpoint(pipe, opt, ema, step, resumes, elapsed_before + time.time() - started, ckpt_path, out)
     _checkpoint(pipe, opt, ema, step, resumes, elapsed_before + time.time() - started, ckpt_path, out)
     bar.close()
     return stats
+
+
+@torch.no_grad()
+def _ema_update(ema: dict, pipe: ToyPipeline, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, for every floating-point tensor."""
+    for name, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        state = module.state_dict()
+        floats = [k for k, v in state.items() if v.dtype.is_floating_point]
+        averaged = [ema[name][k] for k in floats]
+        torch._foreach_mul_(averaged, decay)
+        torch._foreach_add_(averaged, [state[k].detach() for k in floats], alpha=1 - decay)
+        for k, v in state.items():
+            if not v.dtype.is_floating_point:
+                ema[name][k].copy_(v)
 
 
 def shift_captions(ids: torch.Tensor, max_shift: int) -> torch.Tensor:
@@ -278,6 +318,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-dim", type=int, default=128, help="width of a new text encoder's embeddings")
     parser.add_argument("--phrase-wise", action=argparse.BooleanOptionalAction, default=True,
                         help="encode each phrase of a caption on its own (--no-phrase-wise: the whole caption at once)")
+    parser.add_argument("--levels", type=int, choices=(2, 3), default=3,
+                        help="U-Net resolutions of a new model: 3 (16, 8, 4) or 2 (16, 8: no 4x4 level)")
+    parser.add_argument("--pair-rate", type=float, default=0.0,
+                        help="share of each batch in reference pairs (osa_lib.toy.reference); 0 = none")
+    parser.add_argument("--whole-share", type=float, default=0.5,
+                        help="share of reference pairs where the whole reference is visible, and (apart) where every target pixel may look")
+    parser.add_argument("--workers", type=int, default=1, help="data loader processes rendering scenes")
     parser.add_argument("--max-shift", type=int, default=0, help="shift captions right by up to this many slots")
     args = parser.parse_args(argv)
     if args.threads:
@@ -287,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
           device=args.device, seed=args.seed, log_every=args.log_every,
           snr_gamma=args.snr_gamma, text_layers=args.text_layers, init_from=args.init_from,
           text_blocks=args.text_blocks, heads=args.heads, max_shift=args.max_shift,
-          text_dim=args.text_dim, phrase_wise=args.phrase_wise)
+          text_dim=args.text_dim, phrase_wise=args.phrase_wise, levels=args.levels,
+          pair_rate=args.pair_rate, workers=args.workers, whole_share=args.whole_share)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np
 __all__ = [
     "COLOURS", "SHAPES", "SCENES", "MARKS", "RELATIONS", "VOCABULARY", "IMAGE_SIZE",
     "Character", "Scene", "ToyGrammarError", "parse_caption", "make_caption",
-    "sample_scene", "render_scene", "shape_mask", "BACKGROUNDS",
+    "sample_scene", "sample_pair", "render_scene", "shape_mask", "BACKGROUNDS",
 ]
 
 IMAGE_SIZE = 32
@@ -287,6 +287,40 @@ def sample_scene(rng: np.random.Generator, n_characters: int | None = None,
         show = [bool(rng.random() >= p_drop_colour) for _ in characters]
         return render_scene(scene, characters, rng, rel, show)
     raise RuntimeError("could not sample a scene under these constraints; loosen `exclude`/`only`")
+
+
+def sample_pair(rng: np.random.Generator, p_drop_shared_colour: float = 0.6,
+                exclude: set[tuple[str, str, str]] | frozenset = frozenset()) -> tuple[Scene, Scene, int, int]:
+    """Two scenes that share one character, identical in every detail but its position: the
+    training data that teaches the toy model to copy appearance through self-attention
+    (``osa_lib.toy.reference``).
+
+    The reference has 1-2 characters with their colours named as usual; the target has 1-3, and
+    its caption leaves the shared character's colour out with probability ``p_drop_shared_colour``.
+
+    Returns:
+        (reference, target, index of the shared character in the reference, index in the target).
+    """
+    for _ in range(1000):
+        reference = sample_scene(rng, n_characters=int(rng.choice([1, 2], p=[0.6, 0.4])), exclude=exclude)
+        i_ref = int(rng.integers(len(reference.characters)))
+        shared = reference.characters[i_ref]
+        n = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
+        scene = str(rng.choice(SCENES))
+        shapes = [s for s in SHAPES if s != shared.shape]
+        colours = [c for c in COLOURS if c != shared.colour]
+        others = [sample_character(rng, str(s), str(c)) for s, c in zip(
+            rng.choice(shapes, size=n - 1, replace=False), rng.choice(colours, size=n - 1, replace=False))]
+        i_tgt = int(rng.integers(n))
+        characters = others[:i_tgt] + [Character(**{**asdict(shared), "center": (16.0, 16.0)})] + others[i_tgt:]
+        if any((c.colour, c.shape, scene) in exclude for c in characters):
+            continue
+        relation = str(rng.choice(RELATIONS, p=[0.6, 0.2, 0.2]))
+        if not _place(characters, relation, rng):
+            continue
+        show = [bool(rng.random() >= (p_drop_shared_colour if k == i_tgt else 0.2)) for k in range(n)]
+        return reference, render_scene(scene, characters, rng, relation, show), i_ref, i_tgt
+    raise RuntimeError("could not sample a scene pair under these constraints; loosen `exclude`")
 
 
 def _held_out_triples(n: int = 12, seed: int = 1234) -> frozenset[tuple[str, str, str]]:

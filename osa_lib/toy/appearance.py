@@ -1,0 +1,151 @@
+"""Does appearance travel through the up blocks' self-attention? A probe, in about a minute.
+
+    python -m osa_lib.toy.appearance                   # the shipped model
+    python -m osa_lib.toy.appearance --model DIR --samples 64
+
+The method's isolated self-attention carries a character's look from its first scene into later
+ones only if the U-Net copies appearance from the keys/values it is shown. This probe asks that
+directly, without masks or a bank: each sample draws an *uncoloured* prompt ("a circle in the
+snow") while the up-block self-attention of its prompt half also sees the tokens of a reference
+image, a rendered character of the same shape in a known colour, noised to the same timestep
+(teacher-forced, like ``osa_lib.toy.binding``) and run in the same U-Net batch. Only the tokens
+inside the reference character's true mask are visible, as in the bank.
+
+Per setting (which up-block layers see the reference, during which share of the steps) it reports
+how often the drawn character takes the reference's colour family, its mark (kind and tone), and
+its size (within 1 px). "none" shows no reference: the model's own rate of drawing that colour,
+i.e. chance. Every setting uses the same noise and references, so rows are paired.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from . import world
+from .analyzer import analyze_image
+from .evaluate import MIN_SCORE
+from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline, images_to_latents, latents_to_images
+from .reference import reference_attention
+
+__all__ = ["PROBE_SETTINGS", "probe_references", "sample_with_reference", "appearance_scores", "main"]
+
+# (name, up-block resolutions that see the reference (None: all, (): none), share of steps (from, to))
+PROBE_SETTINGS = (
+    ("none", (), (0.0, 1.0)),
+    ("up, all steps", None, (0.0, 1.0)),
+    ("up 8x8 only", (8,), (0.0, 1.0)),
+    ("up 16x16 only", (16,), (0.0, 1.0)),
+    ("up, first 20 % of steps", None, (0.0, 0.2)),
+    ("up, after a 20 % warm-up", None, (0.2, 1.0)),
+    ("up, last half", None, (0.5, 1.0)),
+)
+
+
+def probe_references(n: int, seed: int = 0) -> tuple[list[world.Scene], list[str]]:
+    """``n`` rendered one-character references (colour named) and, per reference, an uncoloured
+    target prompt of the same shape in another scene."""
+    rng = np.random.default_rng(seed)
+    references, prompts = [], []
+    for _ in range(n):
+        reference = world.sample_scene(rng, n_characters=1, p_drop_colour=0.0)
+        shape = reference.characters[0].shape
+        scene = str(rng.choice([s for s in world.SCENES if s != reference.scene]))
+        references.append(reference)
+        prompts.append(f"a {shape} in the {scene}")
+    return references, prompts
+
+
+@torch.no_grad()
+def sample_with_reference(pipe: ToyPipeline, prompts: list[str], references: list[world.Scene], seed: int = 0,
+                          resolutions: tuple[int, ...] | None = None, step_range: tuple[float, float] = (0.0, 1.0),
+                          steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> np.ndarray:
+    """Images (B, 32, 32, 3) in [0, 1]: ``prompts`` sampled with classifier-free guidance while the
+    prompt half's up-block self-attention (at ``resolutions``; () for none) also sees each
+    reference's character tokens during the steps in ``step_range`` (shares of the run)."""
+    b, device = len(prompts), pipe.unet.device
+    x = torch.randn((b, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), generator=torch.Generator().manual_seed(seed))
+    ref_x0 = images_to_latents(torch.from_numpy(np.stack([r.image for r in references])).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    ref_noise = torch.randn(ref_x0.shape, generator=torch.Generator().manual_seed(seed + 1))
+    ref_masks = torch.nn.functional.avg_pool2d(torch.from_numpy(np.stack([r.masks[0] for r in references])).float()[:, None], 2)[:, 0]
+    context = torch.cat([pipe.encode_prompt([""] * b), pipe.encode_prompt(prompts),
+                         pipe.encode_prompt([r.caption for r in references])])  # (3B, T, D)
+    partner = torch.full((3 * b,), -1, dtype=torch.long)
+    partner[b:2 * b] = torch.arange(2 * b, 3 * b)  # prompt half sees the references' rows
+    ref_mask = torch.zeros(3 * b, LATENT_SIZE, LATENT_SIZE)
+    ref_mask[b:2 * b] = ref_masks
+    x, ref_x0, ref_noise, partner, ref_mask = (t.to(device) for t in (x, ref_x0, ref_noise, partner, ref_mask))
+    pipe.scheduler.set_timesteps(steps)
+    with reference_attention(pipe.unet, (LATENT_SIZE, LATENT_SIZE), resolutions) if resolutions != () else _nothing() as state:
+        for i, t in enumerate(pipe.scheduler.timesteps):
+            if state is not None:
+                state.partner, state.ref_mask = partner, ref_mask
+                state.active = step_range[0] <= i / steps < step_range[1]
+            ref_t = pipe.scheduler.add_noise(ref_x0, ref_noise, t.reshape(1))
+            out = pipe.unet(torch.cat([x, x, ref_t]), t, context).sample
+            out_u, out_c = out[:b], out[b:2 * b]
+            x = pipe.scheduler.step(out_u + guidance * (out_c - out_u), t, x).prev_sample
+    return latents_to_images(x).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _read(image: np.ndarray, reference: world.Character) -> dict:
+    """What a sample took from its reference: colour family, mark, size (None if not drawn)."""
+    found = [d for d in analyze_image(image) if d.shape == reference.shape and d.score >= MIN_SCORE]
+    if not found:
+        return {"drawn": False}
+    d = max(found, key=lambda d: d.mask.sum())
+    return {"drawn": True, "colour": d.colour == reference.colour,
+            "mark": d.mark == reference.mark and (d.mark == "none" or d.mark_tone == reference.mark_tone),
+            "size": abs(d.size - reference.size) <= 1.0}
+
+
+def appearance_scores(pipe: ToyPipeline, n_samples: int = 48, seed: int = 0, settings=PROBE_SETTINGS,
+                      steps: int = DEFAULT_STEPS) -> list[dict]:
+    """One row per setting: share of drawn samples that took the reference's colour family, mark
+    and size, the share drawn at all, and the count."""
+    references, prompts = probe_references(n_samples, seed)
+    rows = []
+    for name, resolutions, step_range in settings:
+        images = sample_with_reference(pipe, prompts, references, seed, resolutions, step_range, steps)
+        reads = [_read(img, r.characters[0]) for img, r in zip(images, references)]
+        drawn = [r for r in reads if r["drawn"]]
+        share = {k: float(np.mean([r[k] for r in drawn])) if drawn else float("nan") for k in ("colour", "mark", "size")}
+        rows.append({"setting": name, **share, "drawn": len(drawn) / len(reads), "n": len(reads)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| reference seen by | colour family taken | mark taken | size within 1 px | drawn | n |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['colour']:.0%} | {r['mark']:.0%} | {r['size']:.0%} | {r['drawn']:.0%} | {r['n']} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="toy pipeline folder (default data/toy_model)")
+    parser.add_argument("--samples", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    from .model import DEFAULT_MODEL_DIR
+    pipe = ToyPipeline.from_pretrained(args.model or DEFAULT_MODEL_DIR).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    started = time.time()
+    print(format_table(appearance_scores(pipe, args.samples, args.seed)))
+    print(f"({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Self-attention that also reads another image's tokens: how the toy model learns to copy
+appearance, and what the appearance probe (``osa_lib.toy.appearance``) switches on.
+
+The method's isolated self-attention (METHOD.md, step 3) appends a character's stored reference
+keys/values ``K_R``, ``V_R`` to a later scene's self-attention. That only carries the character's
+look if the U-Net has learned to copy appearance through self-attention. SDXL learned it from
+natural images, full of repeated things; the toy world has no repetition, so its training adds
+*reference pairs*: two scenes that share one character with identical unnamed details, where the
+second scene's up-block self-attention also sees the first scene's tokens, and its caption often
+leaves the shared character's colour out. Copying is then the only way to get that colour right.
+
+``ReferenceSelfAttention`` is that processor: row ``b`` attends to its own tokens plus the tokens
+of row ``partner[b]`` inside ``ref_mask[b]``, from the queries inside ``query_mask[b]`` (all of them
+when it is None; the method's isolated self-attention lets only a character's own region see its
+reference). ``partner[b] = -1`` means its own tokens only, and with no partner in the batch the
+output is exactly ``AttnProcessor2_0``'s.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import (LayerInfo, attention_epilogue, attention_prologue, find_attention_layers,
+                         installed_processors, merge_heads, split_heads)
+
+__all__ = ["ReferenceState", "ReferenceSelfAttention", "reference_attention", "pooled_token_mask"]
+
+
+@dataclass
+class ReferenceState:
+    """What every ``ReferenceSelfAttention`` of one U-Net reads on its next call.
+
+    partner: (B,) long, the row whose tokens row b also sees, or -1.
+    ref_mask: (B, H, W) float coverage in [0, 1] at latent size: which of the partner's tokens
+        are visible (pooled to each layer's resolution, kept where coverage >= 0.5).
+    query_mask: (B, H, W) float coverage at latent size: which queries may see the partner's
+        tokens (None: every query).
+    active: switch (the probe turns references on for some steps only).
+    """
+
+    partner: torch.Tensor | None = None
+    ref_mask: torch.Tensor | None = None
+    query_mask: torch.Tensor | None = None
+    active: bool = True
+
+
+def pooled_token_mask(ref_mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) coverage -> (B, h*w) bool: tokens of an (h, w) layer at least half covered."""
+    pooled = F.adaptive_avg_pool2d(ref_mask[:, None].float(), hw)  # (B, 1, h, w)
+    return (pooled >= 0.5).flatten(1)
+
+
+class ReferenceSelfAttention:
+    """A diffusers self-attention (``attn1``) processor with optional partner tokens."""
+
+    def __init__(self, layer: LayerInfo, state: ReferenceState, latent_hw: tuple[int, int]):
+        self.layer, self.state, self.hw = layer, state, layer.resolution(latent_hw)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        x, saved = attention_prologue(attn, hidden_states, temb)
+        q, k, v = (split_heads(attn, t) for t in (attn.to_q(x), attn.to_k(x), attn.to_v(x)))  # (B, heads, N, d)
+        partner = self.state.partner
+        if not self.state.active or partner is None or not bool((partner >= 0).any()):
+            return attention_epilogue(attn, merge_heads(F.scaled_dot_product_attention(q, k, v)), saved)
+        source = partner.clamp(min=0)
+        keys = torch.cat([k, k[source]], dim=2)  # (B, heads, 2N, d)
+        values = torch.cat([v, v[source]], dim=2)
+        seen = pooled_token_mask(self.state.ref_mask, self.hw) & (partner >= 0)[:, None]  # (B, N)
+        allowed = torch.cat([torch.ones_like(seen), seen], dim=1)[:, None, :]  # (B, 1, 2N): own tokens always
+        if self.state.query_mask is not None:
+            asking = pooled_token_mask(self.state.query_mask, self.hw)  # (B, N) queries that may look
+            allowed = allowed & torch.cat([torch.ones_like(seen)[:, :, None].expand(-1, -1, seen.shape[1]),
+                                           asking[:, :, None].expand(-1, -1, seen.shape[1])], dim=2)  # (B, N, 2N)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[:, None])
+        return attention_epilogue(attn, merge_heads(out), saved)
+
+
+@contextmanager
+def reference_attention(unet, latent_hw: tuple[int, int], resolutions: tuple[int, ...] | None = None):
+    """Install ``ReferenceSelfAttention`` on the up blocks' self-attention (optionally only at
+    some resolutions); yields the shared ``ReferenceState``. Restores the processors on exit."""
+    state = ReferenceState()
+    layers = find_attention_layers(unet, kind="self", places=("up",), resolutions=resolutions, latent_hw=latent_hw)
+    with installed_processors(unet, {l.name: ReferenceSelfAttention(l, state, latent_hw) for l in layers}):
+        yield state
