@@ -33,7 +33,7 @@ from .bank import ReferenceBank
 from .masks import OVERLAP_RULES, subject_masks
 
 __all__ = ["IsolationConfig", "LAM_RANGE", "SceneCharacter", "IsolationController", "IsolatedSelfAttention",
-           "IsolatedCrossAttention", "isolated_attention"]
+           "IsolatedCrossAttention", "isolated_attention", "check_mask_resolution"]
 
 log = logging.getLogger("osa_lib.isolation")
 
@@ -302,6 +302,18 @@ class IsolatedCrossAttention:
         return attention_epilogue(attn, merge_heads(out), saved)
 
 
+def check_mask_resolution(unet, latent_hw: tuple[int, int], config: IsolationConfig) -> list[LayerInfo]:
+    """Raise ``ValueError`` if ``config.mask_resolution`` is not the height of one of this U-Net's
+    up-block cross-attention maps (listing those it has); returns the up-block layers."""
+    layers = find_attention_layers(unet, places=("up",), latent_hw=latent_hw)
+    heights = sorted({l.resolution(latent_hw)[0] for l in layers if l.kind == "cross"})
+    if config.mask_resolution is not None and config.mask_resolution not in heights:
+        raise ValueError(f"IsolationConfig.mask_resolution={config.mask_resolution!r} is not a map height of this "
+                         f"U-Net's up-block cross-attention at latent size {tuple(latent_hw)}; it has {heights}. "
+                         f"Pick one of them or None (the smallest).")
+    return layers
+
+
 @contextmanager
 def isolated_attention(unet, controller: IsolationController):
     """Install the extended block on every up-block transformer block while open.
@@ -311,13 +323,7 @@ def isolated_attention(unet, controller: IsolationController):
             up-block cross-attention map of this U-Net (the list of heights it has is given).
         RuntimeError: on leaving, if the U-Net ran without ``controller.step_callback`` after it.
     """
-    layers = find_attention_layers(unet, places=("up",), latent_hw=controller.latent_hw)
-    wanted = controller.config.mask_resolution
-    heights = sorted({l.resolution(controller.latent_hw)[0] for l in layers if l.kind == "cross"})
-    if wanted is not None and wanted not in heights:
-        raise ValueError(f"IsolationConfig.mask_resolution={wanted!r} is not a map height of this U-Net's "
-                         f"up-block cross-attention at latent size {tuple(controller.latent_hw)}; it has "
-                         f"{heights}. Pick one of them or None (the smallest).")
+    layers = check_mask_resolution(unet, controller.latent_hw, controller.config)
     processors = {l.name: (IsolatedSelfAttention if l.kind == "self" else IsolatedCrossAttention)(l, controller)
                   for l in layers}
     with installed_processors(unet, processors):
