@@ -93,11 +93,13 @@ def _word_in(word: str, prompt: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word.lower())}(?!\w)", prompt.lower()) is not None
 
 
-def _check_seed(seed, fail, where: str) -> None:
+def _seed_problem(seed) -> str | None:
+    """What is wrong with a seed (e.g. `seed: true`, YAML's boolean, or one past 2**64), or None."""
     try:
         check_seed(seed)
-    except ValueError as error:  # e.g. `seed: true` (YAML's boolean) or a seed past 2**64
-        fail(where, str(error).replace("seed=", "", 1))
+    except ValueError as error:
+        return str(error).replace("seed=", "", 1)
+    return None
 
 
 def parse_story(data, source: str = "<story>") -> Story:
@@ -136,8 +138,8 @@ def parse_story(data, source: str = "<story>") -> Story:
         if not _word_in(word, c["id_prompt"]):
             fail(f"{where}, field 'id_prompt'", f"ID prompt {c['id_prompt']!r} does not contain the word {word!r}")
         seed = c.get("seed")
-        if seed is not None:
-            _check_seed(seed, fail, f"{where}, field 'seed'")
+        if seed is not None and _seed_problem(seed):
+            fail(f"{where}, field 'seed'", _seed_problem(seed))
         words[word] = name
         characters[name] = StoryCharacter(name, word, c["id_prompt"].strip(), seed)
     scenes = []
@@ -160,7 +162,8 @@ def parse_story(data, source: str = "<story>") -> Story:
             fail(f"{where}, field 'characters'", "a character is listed twice")
         if "seed" not in s:
             fail(f"{where}, field 'seed'", "missing; give every scene an integer seed in [0, 2**64), e.g. 'seed: 1'")
-        _check_seed(s["seed"], fail, f"{where}, field 'seed'")
+        if _seed_problem(s["seed"]):
+            fail(f"{where}, field 'seed'", _seed_problem(s["seed"]))
         scenes.append(StoryScene(s["prompt"].strip(), list(names), s["seed"]))
     return Story(characters, scenes, str(data.get("title", "")), source)
 
@@ -200,10 +203,6 @@ class StoryResult:
         return [s.image for s in self.scenes]
 
 
-def _fail(story: Story, where: str, message: str):
-    raise StoryError(f"{story.source}: {where}: {message}")
-
-
 def _check_prompts(backbone, story: Story) -> None:
     for i, scene in enumerate(story.scenes):
         try:
@@ -239,7 +238,8 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
     known = bank.characters if bank is not None else []  # a continued story: these are not introduced here
     seeds = [story.scene_seed(i, known) for i in range(len(story.scenes))]
     for i, seed in enumerate(seeds):  # a seed offset can push a valid seed out of range
-        _check_seed(seed, lambda where, message: _fail(story, where, message), f"scene {i + 1}, seed")
+        if _seed_problem(seed):
+            raise StoryError(f"{story.source}: scene {i + 1}, seed: {_seed_problem(seed)}")
     if method == "csa":
         started = time.perf_counter()
         with consistent_self_attention(backbone.unet, csa_rate, seed=seeds[0]):

@@ -368,3 +368,9 @@ def test_toy_story_behaves_like_its_normalised_form():
     for ours, theirs in zip(*(r.images for r in runs)):
         assert np.array_equal(ours, theirs)
     assert not np.array_equal(runs[0].images[0], runs[0].images[1])
+
+
+def test_seed_offset_past_the_range_is_refused_before_generation(tiny, story, unet_calls):
+    with pytest.raises(StoryError, match=r"scene 1, seed: 18446744073709551622 is not accepted"):
+        generate_story(tiny, story.with_seed_offset(2 ** 64 - 1), "vanilla", num_inference_steps=STEPS, progress=False)
+    assert unet_calls == []
