@@ -15,6 +15,7 @@ prompts), ``token_positions`` (where a word sits in a prompt), ``unet``, ``sched
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,9 +25,29 @@ import torch
 from tqdm import tqdm
 
 __all__ = ["Backbone", "Conditioning", "load_backbone", "BACKBONES", "build_tiny_sdxl_pipeline",
-           "build_tiny_clip_tokenizer"]
+           "build_tiny_clip_tokenizer", "check_steps", "check_seed", "SEED_RANGE"]
 
 BACKBONES = ("toy", "sdxl", "sdxl-tiny")
+SEED_RANGE = (0, 2 ** 64)  # what torch.Generator.manual_seed takes without wrapping around
+
+
+def check_steps(num_inference_steps, default: int) -> int:
+    """The number of denoising steps to run: ``default`` for None, else a positive int (not a bool)."""
+    if num_inference_steps is None:
+        return default
+    if not isinstance(num_inference_steps, numbers.Integral) or isinstance(num_inference_steps, bool) \
+            or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} is not accepted: it must be a positive "
+                         f"integer such as {default} (or None for the backbone's default, {default}).")
+    return int(num_inference_steps)
+
+
+def check_seed(seed, where: str = "seed") -> int:
+    """A seed as an int in ``SEED_RANGE``; bools, floats and strings are refused, not converted."""
+    low, high = SEED_RANGE
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not low <= seed < high:
+        raise ValueError(f"{where}={seed!r} is not accepted: a seed is an integer in [0, 2**64), e.g. 7.")
+    return int(seed)
 
 
 @dataclass
@@ -115,6 +136,9 @@ class Backbone:
             ValueError: if the word is not in the prompt, naming the prompt's words.
         """
         tokenizer = self.tokenizer
+        if self.name == "toy":  # the toy pipeline reads prompts normalised (lower case, no commas)
+            from .toy.world import normalise_prompt
+            prompt, word = normalise_prompt(prompt), normalise_prompt(word)
         encoding = tokenizer(prompt)
         prompt_ids = encoding.input_ids
         word_ids = tokenizer(word.strip(), add_special_tokens=False).input_ids
@@ -141,12 +165,17 @@ class Backbone:
         if not positions:
             raise ValueError(f"word {word!r} does not occur in prompt {prompt!r}; its words are "
                              f"{prompt.split()}. Put the character's word in the scene prompt.")
-        return positions
+        limit = tokenizer.model_max_length  # the text encoder cuts the prompt there
+        if min(positions) >= limit:
+            raise ValueError(f"word {word!r} is at token {min(positions)} of prompt {prompt!r}, but the text "
+                             f"encoder reads only the first {limit} tokens. Shorten the prompt or name the "
+                             f"character earlier.")
+        return [p for p in positions if p < limit]
 
     # --- sampling ---------------------------------------------------------------------
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:
         """(B, C, h, w) noise, one CPU generator per seed, so a scene's noise depends only on its seed."""
-        noise = [torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(int(s)))
+        noise = [torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(check_seed(s)))
                  for s in seeds]
         return torch.stack(noise).to(self.device, self.dtype)
 
@@ -160,7 +189,7 @@ class Backbone:
                 processors can read the step through shared state they own.
             cross_attention_kwargs: passed to every attention processor.
         """
-        steps = num_inference_steps or self.default_steps
+        steps = check_steps(num_inference_steps, self.default_steps)
         guidance = self.default_guidance if guidance_scale is None else guidance_scale
         scheduler = copy.deepcopy(self.scheduler)  # samplers keep state; never share one
         scheduler.set_timesteps(steps, device=self.device)
@@ -194,6 +223,7 @@ class Backbone:
         """Vanilla text-to-image: one image (H, W, 3) per prompt and seed."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        check_steps(kwargs.get("num_inference_steps"), self.default_steps)  # before encoding anything
         latents = self.denoise(self.encode(list(prompts)), self.initial_latents(seeds), **kwargs)
         return self.decode(latents)
 

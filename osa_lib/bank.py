@@ -7,25 +7,40 @@ character's mask ``M_m``. Later scenes look the character up by name and attend 
 the backbone's dtype (fp16 for SDXL on a GPU).
 
 On disk: one safetensors file; its metadata carries a JSON header (format version, backbone,
-latent size, number of steps, characters) so a bank from another backbone or a damaged file is
-refused with a clear error. Writes go to a temporary file that is renamed into place.
+latent size, number of steps, characters with their ID prompts and words, a sha256 of the tensor
+data) so a bank from another backbone, an altered or a damaged file is refused with a clear
+error. Writes go to a temporary ``.<name>.tmp`` file that is renamed into place.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-__all__ = ["ReferenceBank", "BankError", "BANK_FORMAT_VERSION", "estimate_bank_bytes", "SDXL_UNET_CONFIG"]
+__all__ = ["ReferenceBank", "BankError", "BANK_FORMAT_VERSION", "check_name", "estimate_bank_bytes", "SDXL_UNET_CONFIG"]
 
-BANK_FORMAT_VERSION = 1
+BANK_FORMAT_VERSION = 2  # 2: sha256 of the tensor data and each character's ID prompt and word
 
 
 class BankError(ValueError):
     """A bank that cannot be used here (wrong backbone, wrong steps, damaged file...)."""
+
+
+def check_name(name) -> str:
+    """A character name the bank's keys (``name|i|k``) can hold: a non-empty string without ``|``
+    or control characters. Returns it; raises ``BankError`` saying what is wrong."""
+    if not isinstance(name, str) or not name.strip():
+        raise BankError(f"character name {name!r} must be a non-empty string")
+    bad = sorted({c for c in name if c == "|" or unicodedata.category(c) == "Cc"})
+    if bad:
+        raise BankError(f"character name {name!r} may not contain {bad} (the bank's keys are 'name|i|k'); "
+                        f"rename the character, e.g. {''.join(c for c in name if c not in bad)!r}")
+    return name
 
 
 @dataclass
@@ -36,6 +51,7 @@ class ReferenceBank:
     latent_hw: tuple[int, int]
     num_steps: int
     tokens: dict[str, dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    identities: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {"id_prompt", "word"}
 
     def __contains__(self, name: str) -> bool:
         return name in self.tokens
@@ -46,12 +62,23 @@ class ReferenceBank:
 
     def add(self, name: str, layer: str, step: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store (n, C) keys and values of one character's tokens at one layer and step."""
-        if "|" in name:
-            raise BankError(f"character name {name!r} may not contain '|'")
+        check_name(name)
         self.tokens.setdefault(name, {})[(layer, int(step))] = (keys.detach().cpu(), values.detach().cpu())
 
     def get(self, name: str, layer: str, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.tokens.get(name, {}).get((layer, int(step)))
+
+    def set_identity(self, name: str, id_prompt: str, word: str) -> None:
+        """Record who ``name`` is, so a story continued from this bank can be checked against it."""
+        self.identities[check_name(name)] = {"id_prompt": id_prompt, "word": word}
+
+    def check_identity(self, name: str, id_prompt: str, word: str) -> None:
+        """Raise ``BankError`` if the bank's ``name`` was drawn from another ID prompt or word."""
+        held = self.identities.get(name)
+        if held is not None and (held["id_prompt"], held["word"]) != (id_prompt, word):
+            raise BankError(f"character {name!r} in the reference bank was drawn as id_prompt {held['id_prompt']!r}, "
+                            f"word {held['word']!r}; the story defines id_prompt {id_prompt!r}, word {word!r}. "
+                            f"Use the story the bank was made with, rename the character, or start a new bank.")
 
     def check_compatible(self, backbone: str, latent_hw: tuple[int, int], num_steps: int) -> None:
         """Raise ``BankError`` if this bank cannot serve a run with these settings."""
@@ -74,10 +101,14 @@ class ReferenceBank:
 
     # --- disk -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write atomically (temporary file, then rename): an existing bank is replaced only by a
-        complete file, and a failed write leaves neither a half-written bank nor a ``.tmp`` behind."""
+        """Write atomically: the data goes to ``.<name>.tmp`` beside ``path``, then is renamed into
+        place, so an existing bank is replaced only by a complete file. A failed write removes the
+        temporary file; one left by a killed save is removed when the next save starts."""
         from safetensors.torch import save_file
         path = Path(path)
+        if not path.parent.is_dir():
+            raise BankError(f"cannot save the reference bank to {path}: the folder {path.parent} does not exist. "
+                            f"Create it first (mkdir -p {path.parent}) or choose another path.")
         tensors, index = {}, []
         for name, entries in self.tokens.items():
             for i, ((layer, step), (k, v)) in enumerate(sorted(entries.items())):
@@ -85,8 +116,10 @@ class ReferenceBank:
                 index.append([name, i, layer, step])
         header = {"format": "osa-lab reference bank", "version": BANK_FORMAT_VERSION, "backbone": self.backbone,
                   "latent_hw": list(self.latent_hw), "num_steps": self.num_steps,
-                  "characters": list(self.tokens), "index": index}
-        tmp = path.with_name(path.name + ".tmp")
+                  "characters": list(self.tokens), "identities": self.identities, "index": index,
+                  "sha256": _digest(tensors)}
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.unlink(missing_ok=True)  # left behind by a save that was killed
         try:
             save_file(tensors, str(tmp), metadata={"osa_bank": json.dumps(header)})
             os.replace(tmp, path)
@@ -97,7 +130,7 @@ class ReferenceBank:
 
     @classmethod
     def load(cls, path: str | Path) -> "ReferenceBank":
-        """Read a bank written by :meth:`save`; damaged or foreign files raise ``BankError``."""
+        """Read a bank written by :meth:`save`; damaged, altered or foreign files raise ``BankError``."""
         from safetensors import safe_open
         path = Path(path)
         if not path.exists():
@@ -109,13 +142,62 @@ class ReferenceBank:
         except Exception as error:  # noqa: BLE001 - any read failure means the same to the user
             raise BankError(f"cannot read reference bank {path}: {type(error).__name__}: {error}. "
                             f"The file is damaged or not a bank saved by ReferenceBank.save.") from error
-        if header.get("version") != BANK_FORMAT_VERSION:
-            raise BankError(f"bank {path} has format version {header.get('version')}; "
-                            f"this library reads version {BANK_FORMAT_VERSION}")
-        bank = cls(header["backbone"], tuple(header["latent_hw"]), int(header["num_steps"]))
+        _check_header(header, tensors, path)
+        bank = cls(header["backbone"], tuple(header["latent_hw"]), header["num_steps"],
+                   identities={n: dict(i) for n, i in header["identities"].items()})
         for name, i, layer, step in header["index"]:
             bank.add(name, layer, step, tensors[f"{name}|{i}|k"], tensors[f"{name}|{i}|v"])
         return bank
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_header(header, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise ``BankError`` naming the first header field that is missing, mistyped or inconsistent."""
+    def fail(message: str):
+        raise BankError(f"reference bank {path}: {message}. The file was altered or damaged; "
+                        f"regenerate the bank by drawing the characters' first scenes again.")
+
+    if not isinstance(header, dict):
+        fail("its header is not a JSON object")
+    version = header.get("version")
+    if version != BANK_FORMAT_VERSION:
+        older = isinstance(version, int) and version < BANK_FORMAT_VERSION
+        raise BankError(f"bank {path} has format version {version!r}; this library reads version "
+                        f"{BANK_FORMAT_VERSION}" + (" (older files have no checksum and no ID prompts). "
+                                                    "Regenerate the bank by drawing the characters' first "
+                                                    "scenes again." if older else "."))
+    types = {"backbone": str, "latent_hw": list, "num_steps": int, "characters": list, "identities": dict,
+             "index": list, "sha256": str}
+    for key, kind in types.items():
+        if not isinstance(header.get(key), kind) or isinstance(header.get(key), bool):
+            fail(f"header field {key!r} is {header.get(key)!r}, expected a {kind.__name__}")
+    if len(header["latent_hw"]) != 2 or not all(isinstance(x, int) and x > 0 for x in header["latent_hw"]):
+        fail(f"header field 'latent_hw' is {header['latent_hw']!r}, expected two positive integers")
+    if header["num_steps"] < 1:
+        fail(f"header field 'num_steps' is {header['num_steps']!r}, expected a positive integer")
+    for name, identity in header["identities"].items():
+        if not isinstance(identity, dict) or not all(isinstance(identity.get(k), str) for k in ("id_prompt", "word")):
+            fail(f"header field 'identities' has {identity!r} for {name!r}, expected {{'id_prompt': str, 'word': str}}")
+    for entry in header["index"]:
+        if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
+                and isinstance(entry[1], int) and isinstance(entry[2], str) and isinstance(entry[3], int)):
+            fail(f"header field 'index' has the entry {entry!r}, expected [name, i, layer, step]")
+        for part in "kv":
+            if f"{entry[0]}|{entry[1]}|{part}" not in tensors:
+                fail(f"header names the tensor {entry[0]}|{entry[1]}|{part!r}, which the file does not hold")
+    if {e[0] for e in header["index"]} != set(header["characters"]):
+        fail(f"header field 'characters' {header['characters']} does not match the stored tokens")
+    if _digest(tensors) != header["sha256"]:
+        fail("its tensor data does not match the sha256 checksum in its header")
 
 
 SDXL_UNET_CONFIG = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (shape-relevant keys)

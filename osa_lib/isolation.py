@@ -30,12 +30,17 @@ import torch.nn.functional as F
 from .attention import (AttentionStore, LayerInfo, attention_epilogue, attention_prologue, find_attention_layers,
                         installed_processors, merge_heads, project_context, recorded_cross_attention, split_heads)
 from .bank import ReferenceBank
-from .masks import subject_masks
+from .masks import OVERLAP_RULES, subject_masks
 
-__all__ = ["IsolationConfig", "SceneCharacter", "IsolationController", "IsolatedSelfAttention",
-           "IsolatedCrossAttention", "isolated_attention"]
+__all__ = ["IsolationConfig", "LAM_RANGE", "SceneCharacter", "IsolationController", "IsolatedSelfAttention",
+           "IsolatedCrossAttention", "isolated_attention", "check_mask_resolution"]
 
 log = logging.getLogger("osa_lib.isolation")
+
+#: Accepted λ. 0 is the unmodified model, 1 the isolated branch alone, the paper's 1.1 pushes a
+#: little past it (notebook 05 sweeps 0..2); negative λ only pushes away from isolation. Far outside this range ``λ·F_iso + (1 − λ)·F_ori`` extrapolates so hard that
+#: the decoded image clips (λ = 1e6 saturated 40 % of the pixels), so such values are refused.
+LAM_RANGE = (0.0, 3.0)
 
 
 @dataclass
@@ -52,6 +57,10 @@ class IsolationConfig:
         mask_resolution: feature-map height of the up-block layers whose maps make the masks
             (None: the smallest one, ``AttentionStore.mask_resolution``).
         min_fraction / max_fraction: masks outside these pixel fractions are unreliable.
+
+    Raises:
+        ValueError: when made (and again when a controller uses it) for a value outside its range,
+            naming the field, the value, what is accepted and the fix.
     """
 
     lam: float = 1.1
@@ -64,6 +73,42 @@ class IsolationConfig:
     mask_resolution: int | None = None
     min_fraction: float = 0.01
     max_fraction: float = 0.9
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; called on construction, ``dataclasses.replace`` and by the controller."""
+        def number(name: str, low: float, high: float, low_open=False, high_open=False, fix=""):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+            if not ok:
+                accepted = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+                raise ValueError(f"IsolationConfig.{name}={value!r} is not accepted: it must be a finite number "
+                                 f"in {accepted}. {fix}".strip())
+
+        number("lam", *LAM_RANGE, fix="0 is the unmodified model, the paper uses 1.1.")
+        number("reweight", 0.0, math.inf, high_open=True, fix="0 turns re-weighting off, the paper uses 1.")
+        number("beta", 0.0, 1.0, fix="It is the share of the ID prompt's features inside a mask.")
+        number("warmup", 0.0, 1.0, high_open=True, fix="It is a fraction of the steps; 1 or more would never "
+                                                       "isolate (use lam=0 for the unmodified model).")
+        number("min_fraction", 0.0, 1.0, high_open=True)
+        number("max_fraction", 0.0, 1.0, low_open=True)
+        if self.min_fraction >= self.max_fraction:
+            raise ValueError(f"IsolationConfig.min_fraction={self.min_fraction!r} must be below "
+                             f"max_fraction={self.max_fraction!r}; otherwise every mask is refused and the "
+                             f"run is silently the unmodified model. Swap or widen them (defaults 0.01, 0.9).")
+        if self.overlap_rule not in OVERLAP_RULES:
+            raise ValueError(f"IsolationConfig.overlap_rule={self.overlap_rule!r} is unknown; "
+                             f"choose one of {list(OVERLAP_RULES)} ('lower_cv' is the paper's).")
+        for name in ("isolated_self", "isolated_cross"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"IsolationConfig.{name}={getattr(self, name)!r} must be True or False")
+        r = self.mask_resolution
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0):
+            raise ValueError(f"IsolationConfig.mask_resolution={r!r} must be None (the smallest up-block "
+                             f"map) or a positive integer feature-map height that the backbone has")
 
 
 @dataclass
@@ -97,6 +142,10 @@ class IsolationController:
     def __post_init__(self):
         if not self.characters:
             raise ValueError("a scene needs at least one character for isolated attention")
+        self.config.validate()  # a config changed after it was made
+        if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 1:
+            raise ValueError(f"num_steps={self.num_steps!r} must be a positive integer")
+        self.ran_layers: set[str] = set()  # layers run since the last step_callback
         self.store = AttentionStore([[c.tokens for c in self.characters]], self.latent_hw)
         self.step = 0
         self.masks = None  # SubjectMasks of the previous step
@@ -114,6 +163,7 @@ class IsolationController:
     # --- step bookkeeping -----------------------------------------------------------------
     def step_callback(self, step_index: int, timestep=None, latents=None) -> None:
         """End of a denoising step: update the masks from the running mean of the maps."""
+        self.ran_layers.clear()
         self.store.step_callback(step_index)
         self.step = step_index + 1
         if not self.store.layers:
@@ -141,6 +191,23 @@ class IsolationController:
         """True once warm-up is over and masks exist."""
         return self.masks is not None and self.step >= self.warmup_steps and self.config.lam != 0
 
+    def enter_layer(self, layer: LayerInfo, batch: int) -> None:
+        """Called by each processor: refuse what the method cannot do instead of running vanilla.
+
+        Args:
+            batch: prompts in this U-Net call (half the CFG batch).
+        """
+        if batch != 1:
+            raise ValueError(f"isolated attention generates one prompt per U-Net call; this call has {batch} "
+                             f"prompts (CFG batch {2 * batch}). Generate the scenes one at a time, as "
+                             f"generate_story does.")
+        if layer.name in self.ran_layers:
+            raise RuntimeError(
+                f"the U-Net ran again at step {self.step} without the controller's step callback, so its masks "
+                f"never update and the run would be the unmodified model. Inside isolated_attention call "
+                f"backbone.denoise(..., callback=controller.step_callback), not backbone.generate.")
+        self.ran_layers.add(layer.name)
+
     def masks_at(self, layer: LayerInfo) -> tuple[torch.Tensor, torch.Tensor]:
         """M_m (M, N) bool and Â_m (M, N) at the layer's resolution, for prompt 0."""
         h, w = layer.resolution(self.latent_hw)
@@ -161,6 +228,7 @@ class IsolatedSelfAttention:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         x, saved = attention_prologue(attn, hidden_states, temb)
         q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)  # (2B, N, C)
+        self.ctrl.enter_layer(self.layer, q.shape[0] // 2)
         out = F.scaled_dot_product_attention(split_heads(attn, q), split_heads(attn, k), split_heads(attn, v))
         ctrl = self.ctrl
         if ctrl.masks is not None:
@@ -209,6 +277,7 @@ class IsolatedCrossAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         ctrl = self.ctrl
+        ctrl.enter_layer(self.layer, hidden_states.shape[0] // 2)
         # F_ori exactly as AttnProcessor2_0 computes it (so λ = 0 is bit-identical to the model)
         q, out, saved = recorded_cross_attention(attn, hidden_states, encoder_hidden_states, temb,
                                                  ctrl.store, self.layer)
@@ -233,11 +302,33 @@ class IsolatedCrossAttention:
         return attention_epilogue(attn, merge_heads(out), saved)
 
 
+def check_mask_resolution(unet, latent_hw: tuple[int, int], config: IsolationConfig) -> list[LayerInfo]:
+    """Raise ``ValueError`` if ``config.mask_resolution`` is not the height of one of this U-Net's
+    up-block cross-attention maps (listing those it has); returns the up-block layers."""
+    layers = find_attention_layers(unet, places=("up",), latent_hw=latent_hw)
+    heights = sorted({l.resolution(latent_hw)[0] for l in layers if l.kind == "cross"})
+    if config.mask_resolution is not None and config.mask_resolution not in heights:
+        raise ValueError(f"IsolationConfig.mask_resolution={config.mask_resolution!r} is not a map height of this "
+                         f"U-Net's up-block cross-attention at latent size {tuple(latent_hw)}; it has {heights}. "
+                         f"Pick one of them or None (the smallest).")
+    return layers
+
+
 @contextmanager
 def isolated_attention(unet, controller: IsolationController):
-    """Install the extended block on every up-block transformer block while open."""
-    layers = find_attention_layers(unet, places=("up",), latent_hw=controller.latent_hw)
+    """Install the extended block on every up-block transformer block while open.
+
+    Raises:
+        ValueError: before any U-Net call, if ``config.mask_resolution`` is not the height of an
+            up-block cross-attention map of this U-Net (the list of heights it has is given).
+        RuntimeError: on leaving, if the U-Net ran without ``controller.step_callback`` after it.
+    """
+    layers = check_mask_resolution(unet, controller.latent_hw, controller.config)
     processors = {l.name: (IsolatedSelfAttention if l.kind == "self" else IsolatedCrossAttention)(l, controller)
                   for l in layers}
     with installed_processors(unet, processors):
         yield controller
+    if controller.ran_layers:
+        raise RuntimeError("the U-Net ran inside isolated_attention without the controller's step callback "
+                           "afterwards, so isolation never acted. Call backbone.denoise(..., "
+                           "callback=controller.step_callback), not backbone.generate.")

@@ -29,9 +29,11 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from .bank import ReferenceBank
+from .backbones import check_seed, check_steps
+from .bank import BankError, ReferenceBank, check_name
 from .baselines import consistent_self_attention
-from .isolation import IsolationConfig, IsolationController, SceneCharacter, isolated_attention
+from .isolation import (IsolationConfig, IsolationController, SceneCharacter, check_mask_resolution,
+                        isolated_attention)
 
 __all__ = ["StoryError", "StoryCharacter", "StoryScene", "Story", "load_story", "parse_story", "SceneResult",
            "StoryResult", "generate_story", "describe_story", "rewrite_with_llm", "METHODS"]
@@ -91,6 +93,15 @@ def _word_in(word: str, prompt: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word.lower())}(?!\w)", prompt.lower()) is not None
 
 
+def _seed_problem(seed) -> str | None:
+    """What is wrong with a seed (e.g. `seed: true`, YAML's boolean, or one past 2**64), or None."""
+    try:
+        check_seed(seed)
+    except ValueError as error:
+        return str(error).replace("seed=", "", 1)
+    return None
+
+
 def parse_story(data, source: str = "<story>") -> Story:
     """Validate a story given as a dict (parsed YAML) and build a ``Story``."""
     def fail(where: str, message: str):
@@ -115,6 +126,10 @@ def parse_story(data, source: str = "<story>") -> Story:
             if not isinstance(c.get(key), str) or not c[key].strip():
                 fail(f"{where}, field '{key}'", "missing or not a non-empty string")
         name, word = c["name"].strip(), c["word"].strip().lower()
+        try:
+            check_name(name)
+        except BankError as error:
+            fail(f"{where}, field 'name'", str(error))
         if name in characters:
             fail(f"{where}, field 'name'", f"character {name!r} is defined twice")
         if word in words:
@@ -123,8 +138,8 @@ def parse_story(data, source: str = "<story>") -> Story:
         if not _word_in(word, c["id_prompt"]):
             fail(f"{where}, field 'id_prompt'", f"ID prompt {c['id_prompt']!r} does not contain the word {word!r}")
         seed = c.get("seed")
-        if seed is not None and not isinstance(seed, int):
-            fail(f"{where}, field 'seed'", f"must be an integer, got {seed!r}")
+        if seed is not None and _seed_problem(seed):
+            fail(f"{where}, field 'seed'", _seed_problem(seed))
         words[word] = name
         characters[name] = StoryCharacter(name, word, c["id_prompt"].strip(), seed)
     scenes = []
@@ -145,8 +160,10 @@ def parse_story(data, source: str = "<story>") -> Story:
                                                  f"which is missing from the scene prompt {s['prompt']!r}")
         if len(set(names)) != len(names):
             fail(f"{where}, field 'characters'", "a character is listed twice")
-        if not isinstance(s.get("seed"), int):
-            fail(f"{where}, field 'seed'", f"missing or not an integer (got {s.get('seed')!r})")
+        if "seed" not in s:
+            fail(f"{where}, field 'seed'", "missing; give every scene an integer seed in [0, 2**64), e.g. 'seed: 1'")
+        if _seed_problem(s["seed"]):
+            fail(f"{where}, field 'seed'", _seed_problem(s["seed"]))
         scenes.append(StoryScene(s["prompt"].strip(), list(names), s["seed"]))
     return Story(characters, scenes, str(data.get("title", "")), source)
 
@@ -216,10 +233,13 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
     if method not in METHODS:
         raise StoryError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     _check_prompts(backbone, story)
-    steps = num_inference_steps or backbone.default_steps
+    steps = check_steps(num_inference_steps, backbone.default_steps)
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance_scale, progress=False)
     known = bank.characters if bank is not None else []  # a continued story: these are not introduced here
     seeds = [story.scene_seed(i, known) for i in range(len(story.scenes))]
+    for i, seed in enumerate(seeds):  # a seed offset can push a valid seed out of range
+        if _seed_problem(seed):
+            raise StoryError(f"{story.source}: scene {i + 1}, seed: {_seed_problem(seed)}")
     if method == "csa":
         started = time.perf_counter()
         with consistent_self_attention(backbone.unet, csa_rate, seed=seeds[0]):
@@ -228,12 +248,16 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
         return StoryResult("csa", [SceneResult(i, s.prompt, s.characters, seeds[i], images[i], per_scene)
                                    for i, s in enumerate(story.scenes)])
     config = config or IsolationConfig()
+    config.validate()  # a config changed after it was made
     latent_hw = tuple(backbone.latent_shape[1:])
     if method == "isolated":
+        check_mask_resolution(backbone.unet, latent_hw, config)
         if bank is None:
             bank = ReferenceBank(backbone.name, latent_hw, steps)
         else:
             bank.check_compatible(backbone.name, latent_hw, steps)
+            for name, c in story.characters.items():
+                bank.check_identity(name, c.id_prompt, c.word)
     results = []
     for i, scene in enumerate(tqdm(story.scenes, desc=f"{method} story", disable=not progress)):
         started = time.perf_counter()
@@ -254,6 +278,9 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
         with isolated_attention(backbone.unet, controller):
             latents = backbone.denoise(backbone.encode([scene.prompt]), backbone.initial_latents([seeds[i]]),
                                        callback=controller.step_callback, **kwargs)
+        for c in characters:
+            if c.is_new:
+                bank.set_identity(c.name, story.characters[c.name].id_prompt, story.characters[c.name].word)
         image = backbone.decode(latents)[0]
         masks = controller.masks.masks[0].numpy() if controller.masks is not None else None
         results.append(SceneResult(i, scene.prompt, scene.characters, seeds[i], image,

@@ -2,8 +2,16 @@
 
     python scripts/run_notebooks.py                 # all notebooks, full parameters
     python scripts/run_notebooks.py --quick         # fast parameters (what the tests use)
-    python scripts/run_notebooks.py 02_otsu_masks   # a subset, by name
-    python scripts/run_notebooks.py -p backbone sdxl -p model_id /models/sdxl   # any parameter
+    python scripts/run_notebooks.py 02_otsu_masks   # a subset, by name (or prefix: 02)
+    python scripts/run_notebooks.py 01 04 -p backbone_name sdxl -p model_id /models/sdxl
+    python scripts/run_notebooks.py 05 -p lams 0,1.1,2   # lists as the notebook declares them
+
+Everything is checked before the first notebook runs: unknown notebook names, parameters that
+none of the chosen notebooks declares (read from each one's ``parameters`` cell with
+``papermill.inspect_notebook``) and values that do not parse as the declared type stop it with
+the accepted names and parameters. A parameter goes only to the notebooks that declare it.
+``--quick`` never overrides an explicit ``-p``: a ``-p`` of a value that a notebook's quick mode
+replaces (``steps = 6 if quick else num_steps``) is refused with what to do instead.
 
 Executed copies go to build/notebooks/ (ignored by git); figures go to figures/ (or
 $OSA_FIGURES_DIR).
@@ -11,23 +19,129 @@ $OSA_FIGURES_DIR).
 from __future__ import annotations
 
 import argparse
+import ast
+import math
+import re
 import sys
 import time
 from pathlib import Path
 
+import nbformat
 import papermill
 
+__all__ = ["RunnerError", "notebooks", "declared_parameters", "quick_replaces", "parse_value", "plan", "main"]
+
 ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
 
 
-def notebooks(names: list[str]) -> list[Path]:
-    every = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    if not names:
-        return every
-    chosen = [p for p in every if any(p.stem.startswith(n) for n in names)]
-    if len(chosen) < len(names):
-        sys.exit(f"unknown notebook in {names}; notebooks are {[p.stem for p in every]}")
-    return chosen
+class RunnerError(ValueError):
+    """A command line the runner refuses before running anything, with what is accepted."""
+
+
+def notebooks(names: list[str], folder: Path = NOTEBOOK_DIR) -> list[Path]:
+    """The notebooks whose names start with one of ``names`` (all when empty), in reading order."""
+    every = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+    unknown = [n for n in names if not any(p.stem.startswith(n) for p in every)]
+    if unknown:
+        raise RunnerError(f"unknown notebook name(s) {unknown}; the notebooks are {[p.stem for p in every]} "
+                          f"(a name or a prefix of it, e.g. 02)")
+    return [p for p in every if not names or any(p.stem.startswith(n) for n in names)]
+
+
+def declared_parameters(path: Path) -> dict[str, dict]:
+    """The notebook's ``parameters`` cell: name -> {inferred_type_name, default, help}."""
+    return papermill.inspect_notebook(str(path))
+
+
+def quick_replaces(path: Path, declared: dict) -> set[str]:
+    """Parameters whose value the notebook's quick mode replaces: those after ``if quick else``
+    (``steps = 6 if quick else num_steps``) and those on a line that quick caps
+    (``[...lams...][: 2 if quick else None]``)."""
+    replaced = set()
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type != "code" or "parameters" in cell.metadata.get("tags", []):
+            continue
+        for line in cell.source.splitlines():
+            if "if quick else" not in line:
+                continue
+            scope = line if "if quick else None" in line else line.split("if quick else", 1)[1]
+            replaced |= {name for name in declared if re.search(rf"\b{name}\b", scope)}
+    return replaced
+
+
+def parse_value(name: str, text: str, info: dict):
+    """``text`` as the declared type of parameter ``name``; ``RunnerError`` if it is not one."""
+    kind, default = info.get("inferred_type_name"), info.get("default", "")
+
+    def refuse(accepted: str):
+        raise RunnerError(f"-p {name} {text!r}: {name} is declared as {kind} (default {default}); "
+                          f"give {accepted}")
+
+    if kind == "int":
+        if not re.fullmatch(r"[+-]?\d+", text.strip()):
+            refuse("an integer, e.g. -p " + name + " " + default)
+        return int(text)
+    if kind == "float":
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            refuse("a finite number, e.g. -p " + name + " " + default)
+        return value
+    if kind == "bool":
+        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if text.strip().lower() not in words:
+            refuse("true or false")
+        return words[text.strip().lower()]
+    if kind == "str":
+        if "," in default and text.strip()[:1] in "[(":  # a list for a comma-separated parameter
+            try:
+                items = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                refuse(f"comma-separated values, e.g. -p {name} {default.strip(chr(34))}")
+            return ",".join(str(x) for x in items)
+        return text
+    try:  # a parameter papermill could not type: a Python literal, else the text
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _accepted(declared: dict[Path, dict]) -> str:
+    lines = []
+    for path, params in declared.items():
+        lines.append(f"  {path.stem}:")
+        lines += [f"    {n}: {i['inferred_type_name']} = {i['default']}  # {i['help']}" for n, i in params.items()]
+    return "\n".join(lines)
+
+
+def plan(names: list[str], pairs: list[tuple[str, str]], quick: bool,
+         folder: Path = NOTEBOOK_DIR) -> list[tuple[Path, dict]]:
+    """Check the whole command line and return (notebook, parameters) to run, or raise ``RunnerError``."""
+    chosen = notebooks(names, folder)
+    declared = {p: declared_parameters(p) for p in chosen}
+    given: dict[str, str] = {}
+    for name, text in pairs:
+        if name in given:
+            raise RunnerError(f"-p {name} is given twice ({given[name]!r} and {text!r}); give it once")
+        given[name] = text
+    unknown = [n for n in given if not any(n in params for params in declared.values())]
+    if unknown:
+        raise RunnerError(f"unknown parameter(s) {unknown} for {[p.stem for p in chosen]}. "
+                          f"Accepted parameters (name: type = default):\n{_accepted(declared)}")
+    runs = []
+    for path, params in declared.items():
+        values = {n: parse_value(n, t, params[n]) for n, t in given.items() if n in params}
+        if quick and "quick" not in given:
+            clash = sorted(quick_replaces(path, params) & set(values))
+            if clash:
+                raise RunnerError(f"--quick replaces {clash} in {path.stem}, so -p {clash[0]} would be ignored; "
+                                  f"drop --quick to use your value, or drop -p {clash[0]}")
+            values["quick"] = True
+        runs.append((path, values))
+    return runs
 
 
 def run(path: Path, parameters: dict, out_dir: Path) -> float:
@@ -38,27 +152,23 @@ def run(path: Path, parameters: dict, out_dir: Path) -> float:
     return time.time() - started
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", help="notebook name prefixes (default: all)")
+    parser.add_argument("names", nargs="*", help="notebook names or prefixes (default: all)")
     parser.add_argument("--quick", action="store_true", help="fast parameters, as in the tests")
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "notebooks")
-    args = parser.parse_args()
-    parameters = {"quick": args.quick}
-    for name, value in args.p:
-        parameters[name] = _literal(value)
-    for path in notebooks(args.names):
-        print(f"running {path.name} ...", flush=True)
-        print(f"  done in {run(path, parameters, args.out):.0f} s -> {args.out / path.name}", flush=True)
-
-
-def _literal(text: str):
-    import ast
+    args = parser.parse_args(argv)
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+        runs = plan(args.names, args.p, args.quick)
+    except RunnerError as error:
+        sys.exit(f"run_notebooks: {error}")
+    for path, parameters in runs:
+        print(f"running {path.name} with {parameters} ...", flush=True)
+        missing = sorted({n for n, _ in args.p} - set(parameters))
+        if missing:
+            print(f"  note: {path.stem} declares no {missing}; it runs without them", flush=True)
+        print(f"  done in {run(path, parameters, args.out):.0f} s -> {args.out / path.name}", flush=True)
 
 
 if __name__ == "__main__":

@@ -112,3 +112,43 @@ def test_sdxl_missing_model_is_runtime_error(monkeypatch, model_id):
     message = str(info.value)
     assert model_id in message
     assert "local folder" in message and "load_backbone('toy')" in message
+
+
+# --- bad inputs stop before the U-Net runs (issue 15) -------------------------------------------
+@pytest.mark.parametrize("steps", [-1, 0, "4", 2.0, True])
+def test_bad_step_count_is_refused_before_the_unet_runs(tiny, steps):
+    calls = []
+    hook = tiny.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=rf"num_inference_steps={steps!r} is not accepted: .*positive integer"):
+            tiny.generate(["a girl in the park"], [0], num_inference_steps=steps, progress=False)
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            tiny.denoise(tiny.encode(["a girl in the park"]), tiny.initial_latents([0]), steps, progress=False)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+@pytest.mark.parametrize("seed", [True, -1, 2 ** 64, 1.0, "7"])
+def test_bad_seed_is_refused(tiny, seed):
+    with pytest.raises(ValueError, match=r"seed=.* is not accepted: a seed is an integer in \[0, 2\*\*64\)"):
+        tiny.initial_latents([seed])
+    tiny.initial_latents([2 ** 64 - 1, np.int64(3)])  # the whole range, numpy ints included
+
+
+def test_subject_word_past_the_text_encoders_length_is_refused(tiny):
+    prompt = "a girl " + "in the park " * 30 + "and a cat"  # 'cat' lies past token 77
+    assert len(tiny.tokenizer(prompt).input_ids) > 77
+    with pytest.raises(ValueError, match=r"word 'cat' is at token \d+ .* reads only the first 77 tokens"):
+        tiny.token_positions(prompt, "cat")
+    assert tiny.token_positions(prompt, "girl") == [2]
+
+
+def test_toy_prompts_are_normalised_like_sdxls_tokenizer():
+    toy = load_backbone("toy", device="cpu")
+    plain = "a red circle in the meadow"
+    assert toy.token_positions("A Red Circle, in the Meadow.", "Circle") == toy.token_positions(plain, "circle")
+    kwargs = dict(num_inference_steps=2, progress=False)
+    images = toy.generate([plain, "A Red Circle in the Meadow", "a red circle, in the meadow."], [5, 5, 5], **kwargs)
+    assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
+    assert not np.array_equal(images[0], toy.generate(["a blue circle in the meadow"], [5], **kwargs)[0])

@@ -172,3 +172,82 @@ def test_empty_bank_roundtrip(tmp_path):
     loaded = ReferenceBank.load(empty.save(tmp_path / "empty.safetensors"))
     assert_same_bank(empty, loaded)
     assert loaded.characters == []
+
+
+# --- banks that check what they hold (issue 15) ---------------------------------------------------
+def rewrite_header(path, change) -> None:
+    """Save the file again with its header changed by ``change(header)`` (tensors untouched)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["osa_bank"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(header, tensors)
+    save_file(tensors, str(path), metadata={"osa_bank": json.dumps(header)})
+
+
+def test_changed_tensor_bytes_fail_the_checksum(tmp_path):
+    path = make_bank().save(tmp_path / "bank.safetensors")
+    rewrite_header(path, lambda header, tensors: tensors["Lily|0|k"].add_(1e-3))
+    with pytest.raises(BankError, match="does not match the sha256 checksum"):
+        ReferenceBank.load(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h, t: h["index"].append(["Lily", 99, LAYERS[0], 1]), r"names the tensor Lily\|99\|'k', which the file"),
+    (lambda h, t: h.pop("sha256"), r"header field 'sha256' is None, expected a str"),
+    (lambda h, t: h.update(num_steps="4"), r"header field 'num_steps' is '4', expected a int"),
+    (lambda h, t: h.update(latent_hw=[16]), r"'latent_hw' is \[16\], expected two positive integers"),
+    (lambda h, t: h.update(characters=["Lily"]), r"'characters' \['Lily'\] does not match"),
+    (lambda h, t: h["identities"].update(Tom=["a boy"]), r"'identities' has \['a boy'\] for 'Tom'"),
+    (lambda h, t: h.update(version=1), r"format version 1; this library reads version 2 \(older files have no checksum"),
+])
+def test_every_header_field_is_checked(tmp_path, change, message):
+    bank = make_bank()
+    bank.set_identity("Tom", "a boy with black hair", "boy")
+    path = bank.save(tmp_path / "bank.safetensors")
+    rewrite_header(path, change)
+    with pytest.raises(BankError, match=message):
+        ReferenceBank.load(path)
+
+
+def test_identities_round_trip_and_a_mismatch_names_both(tmp_path):
+    bank = make_bank()
+    bank.set_identity("Lily", "a girl with blonde hair", "girl")
+    loaded = ReferenceBank.load(bank.save(tmp_path / "bank.safetensors"))
+    assert loaded.identities == {"Lily": {"id_prompt": "a girl with blonde hair", "word": "girl"}}
+    loaded.check_identity("Lily", "a girl with blonde hair", "girl")
+    with pytest.raises(BankError, match="'Lily' in the reference bank was drawn as id_prompt 'a girl with "
+                                        "blonde hair', word 'girl'; the story defines id_prompt 'a boy', word 'boy'"):
+        loaded.check_identity("Lily", "a boy", "boy")
+
+
+@pytest.mark.parametrize("name", ["a|b", "tab\there", "", 3])
+def test_names_the_bank_keys_cannot_hold_are_refused(name):
+    with pytest.raises(BankError, match="character name"):
+        ReferenceBank("sdxl-tiny", (16, 16), 4).set_identity(name, "a girl", "girl")
+
+
+def test_temporary_file_of_a_killed_save_is_removed_by_the_next_save(tmp_path, monkeypatch):
+    import safetensors.torch
+    path = tmp_path / "bank.safetensors"
+
+    def killed(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the write
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        make_bank().save(path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    (tmp_path / ".bank.safetensors.tmp").write_bytes(b"left by a save killed with SIGKILL")
+    make_bank().save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.safetensors"]
+
+
+def test_save_into_a_missing_folder_names_it(tmp_path):
+    with pytest.raises(BankError, match=r"the folder .*missing does not exist. Create it first"):
+        make_bank().save(tmp_path / "missing" / "bank.safetensors")
+    assert list(tmp_path.iterdir()) == []

@@ -8,7 +8,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from osa_lib.attention import LayerInfo, split_heads
 from osa_lib.backbones import load_backbone
 from osa_lib.bank import ReferenceBank
-from osa_lib.isolation import IsolatedSelfAttention, IsolationConfig, IsolationController, SceneCharacter
+from osa_lib.isolation import (IsolatedSelfAttention, IsolationConfig, IsolationController, SceneCharacter,
+                                isolated_attention)
 from osa_lib.masks import SubjectMasks
 from osa_lib.story import generate_story, parse_story
 
@@ -252,3 +253,69 @@ def test_new_character_tokens_written_to_bank(attn):
         assert torch.equal(v_a, attn.to_v(hidden[1])[IN_A])
         k_b, _ = bank.get("B", LAYER.name, 1)
         assert torch.equal(k_b, attn.to_k(hidden[1])[IN_B])
+
+
+# --- bad inputs stop before the U-Net runs (issue 15) -------------------------------------------
+@pytest.mark.parametrize("field, value, message", [
+    ("overlap_rule", "bogus", r"overlap_rule='bogus' is unknown; choose one of \['lower_cv'"),
+    ("warmup", 1.5, r"warmup=1.5 is not accepted: it must be a finite number in \[0.0, 1.0\)"),
+    ("warmup", -0.1, r"warmup=-0.1"),
+    ("lam", float("nan"), r"lam=nan is not accepted"),
+    ("lam", 1e6, r"lam=1000000.0 is not accepted: .* in \[0.0, 3.0\]"),
+    ("lam", "1.1", r"lam='1.1' is not accepted"),
+    ("reweight", -100, r"reweight=-100 is not accepted"),
+    ("beta", 1.5, r"beta=1.5 is not accepted"),
+    ("mask_resolution", 0, r"mask_resolution=0 must be None"),
+    ("isolated_self", "yes", r"isolated_self='yes' must be True or False"),
+])
+def test_bad_config_is_refused_where_it_is_made(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        IsolationConfig(**{field: value})
+
+
+def test_min_fraction_above_max_fraction_is_refused():
+    with pytest.raises(ValueError, match=r"min_fraction=0.5 must be below max_fraction=0.2"):
+        IsolationConfig(min_fraction=0.5, max_fraction=0.2)
+    config = IsolationConfig()
+    config.min_fraction = 0.95  # changed after it was made: the controller checks again
+    with pytest.raises(ValueError, match="min_fraction=0.95"):
+        IsolationController([SceneCharacter("A", [1])], HW, 2, config)
+
+
+def count_unet_calls(unet):
+    calls = []
+    return calls, unet.register_forward_pre_hook(lambda *_: calls.append(1))
+
+
+def test_mask_resolution_the_unet_lacks_is_refused_before_the_unet_runs(tiny):
+    latent_hw = tuple(tiny.latent_shape[1:])
+    controller = IsolationController([SceneCharacter("A", [2])], latent_hw, 2, IsolationConfig(mask_resolution=5))
+    calls, hook = count_unet_calls(tiny.unet)
+    try:
+        with pytest.raises(ValueError, match=r"mask_resolution=5 is not a map height .* it has \[4, 8\]"):
+            with isolated_attention(tiny.unet, controller):
+                tiny.denoise(tiny.encode(["a girl in the park"]), tiny.initial_latents([0]), 2,
+                             callback=controller.step_callback, progress=False)
+    finally:
+        hook.remove()
+    assert calls == []
+    with isolated_attention(tiny.unet, IsolationController([SceneCharacter("A", [2])], latent_hw, 2,
+                                                           IsolationConfig(mask_resolution=4))):
+        pass  # a height the U-Net has is accepted
+
+
+def test_batch_of_two_prompts_is_refused(tiny):
+    controller = IsolationController([SceneCharacter("A", [2])], tuple(tiny.latent_shape[1:]), 2)
+    with pytest.raises(ValueError, match="one prompt per U-Net call; this call has 2 prompts"):
+        with isolated_attention(tiny.unet, controller):
+            tiny.denoise(tiny.encode(["a girl in the park", "a girl on the beach"]), tiny.initial_latents([0, 1]),
+                         2, callback=controller.step_callback, progress=False)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_unet_run_without_the_step_callback_is_an_error(tiny, steps):
+    controller = IsolationController([SceneCharacter("A", [2])], tuple(tiny.latent_shape[1:]), steps)
+    with pytest.raises(RuntimeError, match="without the controller's step callback"):
+        with isolated_attention(tiny.unet, controller):
+            tiny.generate(["a girl in the park"], [0], num_inference_steps=steps, progress=False)
+    assert not any(type(p).__name__.startswith("Isolated") for p in tiny.unet.attn_processors.values())

@@ -8,6 +8,7 @@ import yaml
 
 from osa_lib.backbones import _TINY_WORDS, load_backbone
 from osa_lib.bank import BankError, ReferenceBank
+from osa_lib.isolation import IsolationConfig
 from osa_lib.story import METHODS, Story, StoryError, generate_story, load_story, parse_story
 
 STORY_DIR = Path(__file__).resolve().parent.parent / "data" / "stories"
@@ -270,3 +271,106 @@ def test_llm_rewrite_output_goes_through_the_same_validation():
 
     with pytest.raises(StoryError, match="scene 1, field 'prompt'.*'girl'"):
         rewrite_with_llm(story, "stub", generator=drops_the_word)
+
+
+# --- every bad input stopped before the U-Net runs (issue 15) -----------------------------------
+@pytest.mark.parametrize("where, value, message", [
+    ("scene", True, r"scene 1, field 'seed': True is not accepted: a seed is an integer in \[0, 2\*\*64\)"),
+    ("scene", 2 ** 64, r"scene 1, field 'seed': 18446744073709551616 is not accepted"),
+    ("scene", -1, r"scene 1, field 'seed': -1 is not accepted"),
+    ("character", True, r"character 1, field 'seed': True is not accepted"),
+    ("character", 1.5, r"character 1, field 'seed': 1.5 is not accepted"),
+])
+def test_bad_seeds_are_refused(tmp_path, where, value, message):
+    data = story_dict()
+    (data["scenes"] if where == "scene" else data["characters"])[0]["seed"] = value
+    with pytest.raises(StoryError, match=message):
+        load_story(write(tmp_path, data))
+
+
+def test_seed_true_in_yaml_is_refused(tmp_path):
+    text = yaml.safe_dump(story_dict()).replace("seed: 1\n", "seed: true\n")
+    with pytest.raises(StoryError, match="field 'seed': True is not accepted"):
+        load_story(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("name", ["Lily|2", "Li\nly"])
+def test_character_names_the_bank_cannot_hold_are_refused(tmp_path, name):
+    data = story_dict()
+    data["characters"][0]["name"] = name
+    data["scenes"][0]["characters"], data["scenes"][2]["characters"] = [name], [name, "Tom"]
+    with pytest.raises(StoryError, match=r"character 1, field 'name': character name .* may not contain"):
+        parse_story(data, "names")
+
+
+@pytest.fixture
+def unet_calls(tiny):
+    calls = []
+    hook = tiny.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    yield calls
+    hook.remove()
+
+
+def test_subject_word_past_token_77_is_refused_before_generation(tiny, unet_calls):
+    data = story_dict()
+    data["scenes"][1]["prompt"] = "a dog " + "in the park " * 30 + "and a boy"
+    with pytest.raises(StoryError, match=r"scene 2, field 'prompt': word 'boy' is at token \d+ .* first 77 tokens"):
+        generate_story(tiny, parse_story(data), "isolated", num_inference_steps=STEPS, progress=False)
+    assert unet_calls == []
+
+
+@pytest.mark.parametrize("steps", [-1, 0, "4"])
+def test_bad_step_counts_are_refused_before_generation(tiny, story, unet_calls, steps):
+    for method in METHODS:
+        with pytest.raises(ValueError, match=rf"num_inference_steps={steps!r} is not accepted"):
+            generate_story(tiny, story, method, num_inference_steps=steps, progress=False)
+    assert unet_calls == []
+
+
+def test_bad_config_is_refused_before_any_scene_runs(tiny, unet_calls):
+    data = story_dict()
+    data["scenes"].insert(0, {"prompt": "a book in the park", "characters": [], "seed": 9})  # a vanilla scene first
+    story = parse_story(data)
+    with pytest.raises(ValueError, match=r"mask_resolution=5 is not a map height"):
+        generate_story(tiny, story, "isolated", IsolationConfig(mask_resolution=5), num_inference_steps=STEPS,
+                       progress=False)
+    config = IsolationConfig()
+    config.overlap_rule = "bogus"  # changed after it was made
+    with pytest.raises(ValueError, match="overlap_rule='bogus' is unknown"):
+        generate_story(tiny, story, "isolated", config, num_inference_steps=STEPS, progress=False)
+    assert unet_calls == []
+
+
+def test_bank_holds_identities_and_a_different_character_is_refused(tiny, story, isolated, unet_calls):
+    assert isolated.bank.identities["Lily"] == {"id_prompt": "a girl with blonde hair", "word": "girl"}
+    data = story_dict()
+    data["characters"][0]["id_prompt"] = "a girl with black hair"
+    other = parse_story(data, "other Lily")
+    with pytest.raises(BankError, match="'Lily' in the reference bank was drawn as id_prompt 'a girl with blonde "
+                                        "hair', word 'girl'; the story defines id_prompt 'a girl with black hair'"):
+        generate_story(tiny, other, "isolated", bank=isolated.bank, num_inference_steps=STEPS, progress=False)
+    assert unet_calls == []
+
+
+def test_toy_story_behaves_like_its_normalised_form():
+    toy = load_backbone("toy", device="cpu")
+    plain = {"characters": [{"name": "Rosa", "word": "circle", "id_prompt": "a red circle"},
+                            {"name": "Bo", "word": "square", "id_prompt": "a blue square"}],
+             "scenes": [{"prompt": "a red circle in the meadow", "characters": ["Rosa"], "seed": 1},
+                        {"prompt": "a red circle and a blue square in the snow", "characters": ["Rosa", "Bo"],
+                         "seed": 2}]}
+    styled = yaml.safe_load(yaml.safe_dump(plain))
+    styled["characters"][0]["id_prompt"] = "A Red Circle."
+    styled["scenes"][0]["prompt"] = "A Red Circle in the Meadow"
+    styled["scenes"][1]["prompt"] = "a red circle, and a Blue Square, in the snow."
+    runs = [generate_story(toy, parse_story(d), "isolated", num_inference_steps=2, progress=False)
+            for d in (plain, styled)]
+    for ours, theirs in zip(*(r.images for r in runs)):
+        assert np.array_equal(ours, theirs)
+    assert not np.array_equal(runs[0].images[0], runs[0].images[1])
+
+
+def test_seed_offset_past_the_range_is_refused_before_generation(tiny, story, unet_calls):
+    with pytest.raises(StoryError, match=r"scene 1, seed: 18446744073709551622 is not accepted"):
+        generate_story(tiny, story.with_seed_offset(2 ** 64 - 1), "vanilla", num_inference_steps=STEPS, progress=False)
+    assert unet_calls == []

@@ -60,3 +60,11 @@ def test_grammar_errors_name_the_problem():
     assert parse_caption("a red circle", id_prompt=True)["characters"] == [{"shape": "circle", "colour": "red"}]
     with pytest.raises(ToyGrammarError, match="ID prompt"):
         parse_caption("a red circle in the snow", id_prompt=True)
+
+
+def test_normalise_prompt_reads_text_like_sdxls_tokenizer():
+    from osa_lib.toy.world import normalise_prompt
+    assert normalise_prompt("A Red Circle, in the  Snow.") == "a red circle in the snow"
+    assert parse_caption("A Red Circle, in the Snow.") == parse_caption("a red circle in the snow")
+    with pytest.raises(ToyGrammarError, match="unknown word"):
+        parse_caption("a red circle in the snow!")  # other punctuation is still refused, by name

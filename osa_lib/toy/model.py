@@ -23,7 +23,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from .world import IMAGE_SIZE, VOCABULARY, parse_caption
+from .world import IMAGE_SIZE, VOCABULARY, normalise_prompt, parse_caption
 
 __all__ = ["ToyPipeline", "build_tokenizer", "build_toy_pipeline", "images_to_latents",
            "latents_to_images", "MAX_TOKENS", "TEXT_BLOCKS", "DEFAULT_MODEL_DIR", "DEFAULT_GUIDANCE",
@@ -151,7 +151,9 @@ class ToyPipeline(DiffusionPipeline):
         return hidden[torch.from_numpy(segment_of).to(ids.device), torch.from_numpy(offset_in).to(ids.device)]  # (B, T, D)
 
     def tokenize(self, prompts: list[str], validate: bool = True) -> torch.Tensor:
-        """Token ids (B, MAX_TOKENS); every non-empty prompt is checked against the grammar."""
+        """Token ids (B, MAX_TOKENS) of the normalised prompts (``normalise_prompt``: case, commas and a
+        final full stop do not change the ids); every non-empty prompt is checked against the grammar."""
+        prompts = [normalise_prompt(p) for p in prompts]
         if validate:
             for p in prompts:
                 if p:

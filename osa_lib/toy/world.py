@@ -28,7 +28,7 @@ import numpy as np
 
 __all__ = [
     "COLOURS", "SHAPES", "SCENES", "MARKS", "RELATIONS", "VOCABULARY", "IMAGE_SIZE",
-    "Character", "Scene", "ToyGrammarError", "parse_caption", "make_caption",
+    "Character", "Scene", "ToyGrammarError", "normalise_prompt", "parse_caption", "make_caption",
     "sample_scene", "sample_pair", "render_scene", "shape_mask", "BACKGROUNDS",
 ]
 
@@ -110,6 +110,13 @@ def make_caption(scene: str, characters: list[Character], show_colour: list[bool
     return "a " + " and a ".join(parts) + f" in the {scene}"
 
 
+def normalise_prompt(prompt: str) -> str:
+    """What a toy prompt means, as SDXL's tokenizer reads text: lower case, commas as spaces, one
+    trailing full stop dropped, whitespace collapsed ("A Red Circle, in the Snow." -> "a red circle in the snow")."""
+    text = " ".join(prompt.lower().replace(",", " ").split())
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
 def parse_caption(prompt: str, id_prompt: bool = False) -> dict:
     """Parse a toy prompt into ``{"scene": str, "characters": [{"shape", "colour"|None}]}``.
 
@@ -120,7 +127,7 @@ def parse_caption(prompt: str, id_prompt: bool = False) -> dict:
         ToyGrammarError: for unknown words or a sentence the grammar does not accept; the
             message lists the accepted words.
     """
-    words = prompt.lower().replace(",", " ").split()
+    words = normalise_prompt(prompt).split()
     unknown = [w for w in words if w not in VOCABULARY]
     if unknown:
         raise ToyGrammarError(

@@ -1,0 +1,67 @@
+"""The notebook runner refuses a bad command line before any notebook runs (issue 15)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "run_notebooks.py")
+runner = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runner)
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner, "run", lambda path, parameters, out: calls.append((path.stem, parameters)) or 0.0)
+    return calls
+
+
+def refused(ran, argv, message):
+    with pytest.raises(SystemExit) as info:
+        runner.main(argv)
+    assert ran == [], "nothing may run when the command line is refused"
+    assert message in str(info.value), str(info.value)
+    return str(info.value)
+
+
+def test_an_unknown_notebook_among_known_ones_stops_everything(ran):
+    text = refused(ran, ["01", "99_nothing"], "unknown notebook name(s) ['99_nothing']")
+    assert "01_cross_attention" in text and "05_open_questions" in text
+
+
+def test_unknown_and_misspelt_parameters_list_the_accepted_ones_with_types(ran):
+    text = refused(ran, ["-p", "bogus", "1"], "unknown parameter(s) ['bogus']")
+    assert "num_steps: int = 25" in text and "lams: str" in text
+    refused(ran, ["01", "-p", "backbone", "sdxl"], "unknown parameter(s) ['backbone']")  # it is backbone_name
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("num_steps", "four", "num_steps is declared as int"),
+    ("num_steps", "2.5", "give an integer"),
+    ("quick", "maybe", "give true or false"),
+])
+def test_values_that_do_not_parse_as_the_declared_type_are_refused(ran, name, value, message):
+    refused(ran, ["01", "-p", name, value], message)
+
+
+def test_lists_are_passed_the_way_the_notebook_declares_them(ran):
+    runner.main(["05", "-p", "lams", "0,1"])
+    runner.main(["05", "-p", "lams", "[0, 1.1]"])
+    assert [params["lams"] for _, params in ran] == ["0,1", "0,1.1"]  # lams is a comma-separated str
+
+
+def test_a_parameter_goes_only_to_the_notebooks_that_declare_it(ran):
+    runner.main(["01", "03", "-p", "backbone_name", "sdxl-tiny", "-p", "seed", "4"])
+    assert ran == [("01_cross_attention", {"backbone_name": "sdxl-tiny", "seed": 4}),
+                   ("03_cv_overlap", {"seed": 4})]
+
+
+def test_quick_never_overrides_an_explicit_parameter(ran):
+    refused(ran, ["01", "--quick", "-p", "num_steps", "10"], "--quick replaces ['num_steps'] in 01_cross_attention")
+    refused(ran, ["05", "--quick", "-p", "lams", "0,1,2"], "--quick replaces ['lams'] in 05_open_questions")
+    runner.main(["01", "--quick", "-p", "seed", "4"])  # quick does not touch the seed
+    runner.main(["01", "--quick", "-p", "quick", "false"])  # the explicit -p wins
+    runner.main(["04", "--quick", "-p", "story_file", "x.yaml"])  # quick draws story_file itself
+    assert [params for _, params in ran] == [{"seed": 4, "quick": True}, {"quick": False},
+                                             {"story_file": "x.yaml", "quick": True}]
