@@ -243,3 +243,10 @@ def test_dreamsim_similarity_is_exactly_100_times_one_minus_distance():
 def _pil(image):
     from PIL import Image
     return Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
+
+
+def test_crop_margin_follows_the_box_height_and_width():
+    image = np.arange(64 * 64 * 3, dtype=np.float32).reshape(64, 64, 3)
+    mask = np.zeros((64, 64), bool)
+    mask[20:28, 10:50] = True  # 8 rows, 40 columns
+    assert np.array_equal(crop_character(image, mask, margin=0.25), image[18:30, 0:60])  # dy 2, dx 10
