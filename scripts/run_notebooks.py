@@ -5,12 +5,13 @@
     python scripts/run_notebooks.py 02_otsu_masks   # a subset, by name
     python scripts/run_notebooks.py -p backbone sdxl -p model_id /models/sdxl   # any parameter
 
-Executed copies go to build/notebooks/ (ignored by git); figures go to figures/ (or
-$OSA_FIGURES_DIR).
+Executed copies go to build/notebooks/ (ignored by git), each with a ``<name>.claims.json`` of its
+key numbers beside it (``osa_lib.figures.record_claims``); figures go to figures/ (or $OSA_FIGURES_DIR).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "notebooks")
     args = parser.parse_args()
+    os.environ.setdefault("OSA_CLAIMS_DIR", str(args.out))  # each notebook's key numbers, beside it
     parameters = {"quick": args.quick}
     for name, value in args.p:
         parameters[name] = _literal(value)
