@@ -356,3 +356,14 @@ def test_cv_rule_ranks_the_raw_maps_not_the_normalised_ones():
     assert torch.equal(out.masks[0, 0], blob)  # the lower raw CV wins the contested pixels
     assert torch.equal(out.masks[0, 1], top & ~blob)
     assert torch.equal(subject_masks(A, rule="higher_cv").masks[0, 1], top)
+
+
+def test_subject_masks_keep_pixels_strictly_above_the_threshold():
+    """M_m = Â_m > t, as skimage's ``image > threshold_otsu(image)``: a pixel at the threshold is out."""
+    A = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    A[0, 0, :4] = 1.0
+    A[0, 0, 4, 0] = 1 / 512  # exactly the centre of the first of 256 bins
+    out = subject_masks(A)
+    assert out.thresholds[0, 0].item() == threshold_otsu(A[0, 0].numpy()) == 1 / 512
+    assert not out.raw_masks[0, 0, 4, 0] and out.raw_masks[0, 0, :4].all()
+    assert out.raw_masks.sum() == 32
