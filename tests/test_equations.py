@@ -311,8 +311,9 @@ def test_csa_at_rate_zero_is_vanilla(tiny):
 
 @pytest.mark.parametrize("rate", [0.25, 0.5, 1.0])
 def test_csa_sampled_share_matches_rate(rate):
-    """With all queries zero, attention is uniform over the keys an image sees; with its own values 0
-    and the other image's values 1, the output is s / (n + s) for s sampled tokens of the other image."""
+    """With all queries zero, attention is uniform over the keys an image sees. Three images per CFG
+    half: image 0's values are 0, images 1 and 2's are 1, so image 0's output is s / (n + s) for s
+    tokens sampled from the other two images' 2n; the share s / 2n must match the rate."""
     from osa_lib.baselines import ConsistentSelfAttention
 
     n = 64
@@ -321,14 +322,12 @@ def test_csa_sampled_share_matches_rate(rate):
         attn.to_q.weight.zero_()
         attn.to_v.weight.copy_(torch.eye(C))
         attn.to_out[0].weight.copy_(torch.eye(C)), attn.to_out[0].bias.zero_()
-    hidden = torch.zeros(4, n, C)  # [negative 0, negative 1; prompt 0, prompt 1]
-    hidden[1] = 1.0
-    hidden[3] = 1.0
+    hidden = torch.ones(6, n, C)  # [negative 0, 1, 2; prompt 0, 1, 2]
+    hidden[0] = hidden[3] = 0.0
     processor = ConsistentSelfAttention(rate=rate, seed=0)
     shares = []
     with torch.no_grad():
         for _ in range(8):
-            out = processor(attn, hidden)
-            o = out[2].mean()  # prompt image 0: its own values are 0, image 1's are 1
-            shares.append(float(o / (1 - o)))  # o = s / (n + s)  =>  s / n = o / (1 - o)
+            o = processor(attn, hidden)[3].mean()  # prompt image 0
+            shares.append(float(o / (1 - o)) / 2 if o < 1 else float("inf"))  # o = s / (n + s)
     assert abs(np.mean(shares) - rate) < 0.05, shares
