@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["markdown_table", "figures_dir", "save_figure", "image_grid", "overlay", "plot_word_maps", "plot_map_grid", "plot_otsu",
+__all__ = ["markdown_table", "figures_dir", "claims_dir", "record_claims", "save_figure", "image_grid", "overlay", "plot_word_maps", "plot_map_grid", "plot_otsu",
            "comic_strip"]
 
 MASK_COLOURS = np.array([[1.0, 0.2, 0.2], [0.2, 0.5, 1.0], [0.2, 0.9, 0.3], [1.0, 0.8, 0.1]])
@@ -18,6 +18,43 @@ def figures_dir() -> Path:
     folder = Path(os.environ.get("OSA_FIGURES_DIR", Path(__file__).resolve().parents[1] / "figures"))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def claims_dir() -> Path:
+    """``$OSA_CLAIMS_DIR`` if set (tests and ``scripts/run_notebooks.py`` set it to where the executed
+    notebooks go), else ``<repo>/build/notebooks``."""
+    folder = Path(os.environ.get("OSA_CLAIMS_DIR", Path(__file__).resolve().parents[1] / "build" / "notebooks"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _plain(value):
+    """numpy / torch scalars and arrays -> JSON values; NaN -> None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy and torch scalars / arrays
+        return _plain(value.tolist())
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def record_claims(name: str, claims: dict) -> Path:
+    """Write a notebook's key numbers to ``<claims_dir>/<name>.claims.json`` (temporary file, then rename),
+    so ``tests/test_notebooks.py`` can assert what the notebook prints.
+
+    Args:
+        name: the notebook's stem, e.g. ``"02_otsu_masks"``.
+        claims: JSON-able values (numpy / torch numbers and arrays are converted; NaN becomes null).
+    """
+    import json
+    path = claims_dir() / f"{name}.claims.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_plain(claims), indent=1, allow_nan=False))
+    os.replace(tmp, path)
+    return path
 
 
 def save_figure(fig, name: str, dpi: int = 130) -> Path:

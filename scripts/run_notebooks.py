@@ -13,14 +13,15 @@ the accepted names and parameters. A parameter goes only to the notebooks that d
 ``--quick`` never overrides an explicit ``-p``: a ``-p`` of a value that a notebook's quick mode
 replaces (``steps = 6 if quick else num_steps``) is refused with what to do instead.
 
-Executed copies go to build/notebooks/ (ignored by git); figures go to figures/ (or
-$OSA_FIGURES_DIR).
+Executed copies go to build/notebooks/ (ignored by git), each with a ``<name>.claims.json`` of its
+key numbers beside it (``osa_lib.figures.record_claims``); figures go to figures/ (or $OSA_FIGURES_DIR).
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import math
+import os
 import re
 import sys
 import time
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "notebooks")
     args = parser.parse_args(argv)
+    os.environ.setdefault("OSA_CLAIMS_DIR", str(args.out))  # each notebook's key numbers, beside it
     try:
         runs = plan(args.names, args.p, args.quick)
     except RunnerError as error:

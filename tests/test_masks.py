@@ -337,3 +337,33 @@ def test_rule_verdict_counts_only_differences_beyond_noise():
     behind = {"lower_cv": base, "higher_cv": base + 0.1, "argmax": base - 0.2}
     assert rule_verdict(behind).startswith("loses (to higher_cv)")
     assert rule_verdict({"lower_cv": [0.5], "argmax": [0.4]}).startswith("cannot be judged")
+
+
+def test_cv_rule_ranks_the_raw_maps_not_the_normalised_ones():
+    """CV is not shift-invariant: a small blob on a high floor has a low raw CV and a high CV once
+    min-max normalised. The paper ranks the maps themselves, so that character wins the overlap."""
+    A = torch.zeros(1, 2, 8, 8)
+    A[0, 0] = 10.0
+    A[0, 0, :2, :2] = 11.0  # character 0: small blob on a floor of 10 (raw CV ~ 0.02, normalised ~ 3.9)
+    A[0, 1, :4] = 1.0  # character 1: top half, zero elsewhere (CV 1 either way)
+    cv = coefficient_of_variation(A)
+    assert cv[0, 0] < cv[0, 1] and coefficient_of_variation(normalize_maps(A))[0, 0] > cv[0, 1]
+    out = subject_masks(A, rule="lower_cv")
+    blob = torch.zeros(8, 8, dtype=torch.bool)
+    blob[:2, :2] = True
+    top = torch.zeros(8, 8, dtype=torch.bool)
+    top[:4] = True
+    assert torch.equal(out.masks[0, 0], blob)  # the lower raw CV wins the contested pixels
+    assert torch.equal(out.masks[0, 1], top & ~blob)
+    assert torch.equal(subject_masks(A, rule="higher_cv").masks[0, 1], top)
+
+
+def test_subject_masks_keep_pixels_strictly_above_the_threshold():
+    """M_m = Â_m > t, as skimage's ``image > threshold_otsu(image)``: a pixel at the threshold is out."""
+    A = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    A[0, 0, :4] = 1.0
+    A[0, 0, 4, 0] = 1 / 512  # exactly the centre of the first of 256 bins
+    out = subject_masks(A)
+    assert out.thresholds[0, 0].item() == threshold_otsu(A[0, 0].numpy()) == 1 / 512
+    assert not out.raw_masks[0, 0, 4, 0] and out.raw_masks[0, 0, :4].all()
+    assert out.raw_masks.sum() == 32

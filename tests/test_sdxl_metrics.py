@@ -173,3 +173,80 @@ def test_story_metrics_reports_what_it_did_not_compute(scorer, tmp_path):
     head = AestheticPredictor.from_file(tmp_path / "a.pth", scorer)
     out = story_metrics(images, ["a girl", "a boy"], {"girl": images[:1]}, scorer, aesthetic=head)
     assert set(out) == {"TIS", "AQ", "note"} and "IIS not computed" in out["note"]
+
+
+# --- each metric against its formula, written out by hand ---------------------------------------
+class _TableScorer(ClipScorer):
+    """A ClipScorer whose embeddings are a known table: image k is the image filled with k / 10,
+    prompt k is ``PROMPTS[k]``; the random tiny CLIP gives every pair a negative cosine, which the
+    CLIP score clamps to 0, so it cannot show which prompt an image was paired with."""
+
+    PROMPTS = ["a girl in the park", "a boy on the beach", "a cat in the snow", "a dog with a book"]
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.img = torch.nn.functional.normalize(torch.rand(4, PROJ, generator=g) + 0.2, dim=-1)
+        self.txt = torch.nn.functional.normalize(torch.rand(4, PROJ, generator=g) + 0.2, dim=-1)
+        self.txt[3] = -self.img[3]  # one pair with a negative cosine: its CLIP score is 0
+
+    def image_embeddings(self, images):
+        return self.img[[int(round(float(np.asarray(x)[0, 0, 0]) * 10)) for x in images]]
+
+    def text_embeddings(self, prompts):
+        return self.txt[[self.PROMPTS.index(p) for p in prompts]]
+
+
+def test_tis_pairs_each_image_with_its_own_prompt(scorer):
+    table = _TableScorer()
+    images = [np.full((8, 8, 3), k / 10, dtype=np.float32) for k in range(4)]
+    prompts = table.PROMPTS
+    expected = [100 * max(float(table.img[i] @ table.txt[i]), 0.0) for i in range(4)]  # pair i only
+    assert np.allclose(table.text_image_similarity(images, prompts), expected, atol=1e-4)
+    assert expected[3] == 0 and min(expected[:3]) > 50
+    order = [2, 0, 3, 1]
+    shuffled = table.text_image_similarity([images[k] for k in order], [prompts[k] for k in order])
+    assert np.allclose(shuffled, [expected[k] for k in order], atol=1e-4)
+    # the real (tiny) CLIP: the same formula through its own embeddings
+    real_images = _images(4, seed=3)
+    img, txt = scorer.image_embeddings(real_images), scorer.text_embeddings(prompts)
+    assert np.allclose(scorer.text_image_similarity(real_images, prompts),
+                       [100 * max(float(img[i] @ txt[i]), 0.0) for i in range(4)], atol=1e-4)
+
+
+def test_iis_uses_each_pair_of_different_crops_once(scorer):
+    from itertools import combinations
+
+    girl, boy = _images(4, seed=7), _images(2, seed=8)
+    iis = identity_similarity(scorer, {"girl": girl, "boy": boy, "cat": _images(1, seed=9)})  # cat: no pair
+    per_character = []
+    for crops in (girl, boy):
+        emb = scorer.image_embeddings(crops)
+        pairs = [100 * float(emb[i] @ emb[j]) for i, j in combinations(range(len(crops)), 2)]
+        assert len(pairs) == len(crops) * (len(crops) - 1) // 2
+        per_character.append(np.mean(pairs))
+    assert iis == pytest.approx(np.mean(per_character), abs=1e-4)  # each character weighs the same
+
+
+def test_dreamsim_similarity_is_exactly_100_times_one_minus_distance():
+    def preprocess(pil):
+        return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+    def model(x, y):
+        return (x - y).abs().mean().reshape(1)
+
+    a, b = _images(3, seed=1), _images(3, seed=2)
+    ds = dreamsim_similarity(a, b, device="cpu", model=model, preprocess=preprocess)
+    d = [float(model(preprocess(_pil(x)), preprocess(_pil(y)))) for x, y in zip(a, b)]
+    assert np.allclose(ds, [100 * (1 - v) for v in d], atol=1e-4)
+
+
+def _pil(image):
+    from PIL import Image
+    return Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
+
+
+def test_crop_margin_follows_the_box_height_and_width():
+    image = np.arange(64 * 64 * 3, dtype=np.float32).reshape(64, 64, 3)
+    mask = np.zeros((64, 64), bool)
+    mask[20:28, 10:50] = True  # 8 rows, 40 columns
+    assert np.array_equal(crop_character(image, mask, margin=0.25), image[18:30, 0:60])  # dy 2, dx 10
