@@ -255,7 +255,7 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
             latents = backbone.denoise(backbone.encode([scene.prompt]), backbone.initial_latents([seeds[i]]),
                                        callback=controller.step_callback, **kwargs)
         image = backbone.decode(latents)[0]
-        masks = controller.masks.masks[0].numpy() if controller.masks is not None else None
+        masks = controller.masks.masks[0].cpu().numpy() if controller.masks is not None else None
         results.append(SceneResult(i, scene.prompt, scene.characters, seeds[i], image,
                                    time.perf_counter() - started, masks, controller.messages))
     return StoryResult(method, results, bank if method == "isolated" else None)

@@ -247,6 +247,7 @@ def test_new_character_tokens_written_to_bank(attn):
     with torch.no_grad():
         out = IsolatedSelfAttention(LAYER, ctrl)(attn, hidden)
         assert torch.allclose(out, AttnProcessor2_0()(attn, hidden), atol=1e-6)  # new characters: no change
+        ctrl.flush_bank()  # writes stay on the device until the step ends (one copy per step)
         k_a, v_a = bank.get("A", LAYER.name, 1)
         assert torch.equal(k_a, attn.to_k(hidden[1])[IN_A])  # prompt half, tokens of M_A only
         assert torch.equal(v_a, attn.to_v(hidden[1])[IN_A])
