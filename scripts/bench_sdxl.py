@@ -13,7 +13,7 @@ vanilla and the bank size at 1024², 50 steps, fp16 estimated from the layer sha
 options. Writes the same as markdown and JSON to ``<out>/bench_sdxl_<device>[_quick].{md,json}``
 with the commit, machine and card, so numbers never need copying by hand.
 
-``--quick`` (CPU, bf16, 256², 2 steps) checks that the full-size layer structure runs end to end
+``--quick`` (CPU, bf16, 128², 2 steps, 3 scenes) checks that the full-size layer structure runs end to end
 in a few minutes; its times say nothing about a GPU. The weights are random: the images are
 noise, and masks cover whatever the random cross-attention picks.
 """
@@ -131,14 +131,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--scenes", type=int, default=4, help=f"scenes of the two-character story (<= {len(SCENES)})")
-    parser.add_argument("--quick", action="store_true", help="CPU structure check: bf16, 256², 2 steps, 3 scenes")
+    parser.add_argument("--quick", action="store_true", help="CPU structure check: bf16, 128², 2 steps, 3 scenes")
     parser.add_argument("--methods", default="vanilla,csa,isolated")
     parser.add_argument("--bank-step-stride", type=int, default=1, help="IsolationConfig.bank_step_stride")
     parser.add_argument("--out", default=str(ROOT / "results"), help="folder for the .md and .json results")
     args = parser.parse_args()
     if args.quick:
         args.device, args.dtype = args.device or "cpu", args.dtype or "bf16"
-        args.size, args.steps, args.scenes = 256, 2, 3
+        args.size, args.steps, args.scenes = 128, 2, 3
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "bf16")]
     if args.size % 64:

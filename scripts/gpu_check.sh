@@ -43,7 +43,7 @@ else  # the GPU image may lack pytest: the CUDA tests run as a script
 fi
 
 if [ "$QUICK" = "1" ]; then
-  step bench_sdxl 290 "$PY" scripts/bench_sdxl.py --quick --out "$OUT"
+  step bench_sdxl 480 "$PY" scripts/bench_sdxl.py --quick --out "$OUT"
 else
   step bench_sdxl 240 "$PY" scripts/bench_sdxl.py --device cuda --dtype fp16 --size 1024 --steps 30 --scenes 4 --out "$OUT"
 fi
