@@ -137,6 +137,25 @@ def project_context(attn, encoder_hidden_states):
     return encoder_hidden_states
 
 
+def _runs(tokens: list[int]) -> list[tuple[int, int]]:
+    """Token indices -> maximal runs of consecutive indices as (start, stop) slices."""
+    runs: list[list[int]] = []
+    for t in sorted(set(int(t) for t in tokens)):
+        if runs and t == runs[-1][1]:
+            runs[-1][1] = t + 1
+        else:
+            runs.append([t, t + 1])
+    return [(a, b) for a, b in runs]
+
+
+def _mean_over_tokens(per_token: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """(N, T) -> (N,): mean over the token columns in ``runs``, by slicing only."""
+    if len(runs) == 1:
+        return per_token[:, runs[0][0]:runs[0][1]].mean(dim=-1)
+    total = sum(per_token[:, a:b].sum(dim=-1) for a, b in runs)
+    return total / sum(b - a for a, b in runs)
+
+
 class AttentionStore:
     """Running means over denoising steps of per-character cross-attention maps, per layer.
 
@@ -158,6 +177,7 @@ class AttentionStore:
                 if not group:
                     raise ValueError(f"token group {m} of prompt {b} is empty; the word was not found in the prompt")
         self.token_groups = token_groups
+        self._token_runs = [[_runs(group) for group in groups] for groups in token_groups]
         self.latent_hw = tuple(latent_hw)
         self.keep_steps = keep_steps
         self.reset()
@@ -176,13 +196,17 @@ class AttentionStore:
         """probs (B, heads, N, T) of the prompt half -> A (B, M, h, w): mean over heads and T_m."""
         h, w = layer.resolution(self.latent_hw)
         per_token = probs.mean(dim=1)  # (B, N, T)
+        # T_m as contiguous slices, not a list index: indexing a CUDA tensor with a Python list
+        # copies the list to the device in every layer call.
         maps = torch.stack([
-            torch.stack([per_token[b, :, group].mean(dim=-1) for group in groups])
-            for b, groups in enumerate(self.token_groups)])  # (B, M, N)
+            torch.stack([_mean_over_tokens(per_token[b], runs) for runs in groups])
+            for b, groups in enumerate(self._token_runs)])  # (B, M, N)
         return maps.reshape(maps.shape[0], maps.shape[1], h, w).float()
 
     def record(self, layer: LayerInfo, probs: torch.Tensor) -> torch.Tensor:
-        maps = self.group_maps(layer, probs).detach().cpu()
+        """Fold one layer's maps into the running sums; they stay on the probabilities' device
+        (no copy to the CPU inside the denoising loop)."""
+        maps = self.group_maps(layer, probs).detach()
         if layer in self._sums:
             self._sums[layer] += maps
             self._counts[layer] += 1

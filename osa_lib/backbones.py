@@ -4,7 +4,13 @@
 ``load_backbone("sdxl", model_id=..., device=..., dtype=...)`` loads a real
 ``StableDiffusionXLPipeline`` from the Hugging Face hub or a local folder;
 ``load_backbone("sdxl-tiny")`` builds tiny, randomly initialised SDXL components from configs
-(as diffusers' own tests do) with a tokenizer made from local files, for offline tests.
+(as diffusers' own tests do) with a tokenizer made from local files, for offline tests;
+``load_backbone("sdxl-random")`` builds the full-size SDXL architecture (configs written out in
+``data/sdxl_random``) with random weights, for structure and performance checks.
+
+SDXL runs as the stock ``StableDiffusionXLPipeline`` does: an empty negative prompt becomes zero
+embeddings when the model's ``force_zeros_for_empty_prompt`` asks for it, an fp16 VAE whose
+``config.force_upcast`` is set decodes in fp32, fp16 weights are fetched as ``variant="fp16"``.
 
 Every backbone exposes the same small surface: ``encode`` (prompts -> conditioning with the
 classifier-free-guidance batch ``[uncond; cond]``), ``encode_text`` (hidden states only, for ID
@@ -25,10 +31,16 @@ import torch
 from tqdm import tqdm
 
 __all__ = ["Backbone", "Conditioning", "load_backbone", "BACKBONES", "build_tiny_sdxl_pipeline",
-           "build_tiny_clip_tokenizer", "check_steps", "check_seed", "SEED_RANGE"]
+           "build_tiny_clip_tokenizer", "build_random_sdxl_pipeline", "NonFiniteImageError", "SDXL_RANDOM_DIR",
+           "check_steps", "check_seed", "SEED_RANGE"]
 
-BACKBONES = ("toy", "sdxl", "sdxl-tiny")
+BACKBONES = ("toy", "sdxl", "sdxl-tiny", "sdxl-random")
+SDXL_RANDOM_DIR = Path(__file__).resolve().parents[1] / "data" / "sdxl_random"
 SEED_RANGE = (0, 2 ** 64)  # what torch.Generator.manual_seed takes without wrapping around
+
+
+class NonFiniteImageError(FloatingPointError):
+    """A decoded image holds NaN or inf values (the usual cause: an fp16 VAE overflowing)."""
 
 
 def check_steps(num_inference_steps, default: int) -> int:
@@ -118,9 +130,11 @@ class Backbone:
         if self.name == "toy":
             hidden = self.pipe.encode_prompt([negative_prompt] * len(prompts) + list(prompts))
             return Conditioning(hidden.to(self.dtype))
+        # as the stock pipeline: an empty negative prompt is passed as None, so models with
+        # force_zeros_for_empty_prompt (SDXL base) get zero embeddings, the others encode ""
         cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
             prompts, device=self.device, do_classifier_free_guidance=True,
-            negative_prompt=[negative_prompt] * len(prompts))
+            negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None)
         size = (self.latent_shape[1] * self.pipe.vae_scale_factor,) * 2
         projection_dim = self.pipe.text_encoder_2.config.projection_dim
         time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, dtype=self.dtype,
@@ -208,15 +222,45 @@ class Backbone:
         return latents
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents -> images (B, H, W, 3) float in [0, 1]."""
+    def decode(self, latents: torch.Tensor, check_finite: bool = True) -> np.ndarray:
+        """Latents -> images (B, H, W, 3) float in [0, 1].
+
+        SDXL as the stock pipeline decodes: an fp16 VAE with ``config.force_upcast`` decodes in
+        fp32 (SDXL's VAE overflows in fp16), then returns to fp16.
+
+        Raises:
+            NonFiniteImageError: if an image holds NaN/inf (``check_finite=False`` returns it).
+        """
         if self.name == "toy":
             from .toy.model import latents_to_images
             images = latents_to_images(latents.float())
         else:
             vae = self.pipe.vae
-            images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-            images = (images.float().clamp(-1, 1) + 1) / 2
+            upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+            if upcast:
+                vae.to(dtype=torch.float32)
+            dtype = next(iter(vae.post_quant_conv.parameters())).dtype
+            mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+                std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+                latents = latents * std / vae.config.scaling_factor + mean
+            else:
+                latents = latents / vae.config.scaling_factor
+            try:
+                images = vae.decode(latents.to(dtype)).sample
+            finally:
+                if upcast:
+                    vae.to(dtype=torch.float16)
+            images = (images.float() / 2 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize
+        if check_finite and not torch.isfinite(images).all():
+            bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise NonFiniteImageError(
+                f"decoded image(s) {bad} of {len(images)} contain NaN/inf ({self.name}, VAE dtype "
+                f"{getattr(getattr(self.pipe, 'vae', None), 'dtype', None)}, latents dtype {latents.dtype}). "
+                f"The usual cause is an fp16 VAE overflowing: load in float32, keep the VAE config's "
+                f"force_upcast=True (decodes in fp32), or use an fp16-safe VAE (madebyollin/sdxl-vae-fp16-fix). "
+                f"NaNs already in the latents come from the U-Net (fp16 overflow: try bfloat16 or float32).")
         return images.permute(0, 2, 3, 1).cpu().numpy()
 
     def generate(self, prompts: list[str], seeds: list[int], **kwargs) -> np.ndarray:
@@ -234,17 +278,32 @@ def _resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def _place(pipe, device: torch.device, cpu_offload: bool) -> None:
+    """Move an SDXL pipeline to ``device``, or offload whole models to the CPU between uses
+    (diffusers' ``enable_model_cpu_offload``: the U-Net alone is on the GPU while it runs, so
+    SDXL fits 12–16 GB cards; needs ``accelerate``)."""
+    if cpu_offload:
+        if device.type == "cpu":
+            raise ValueError("cpu_offload=True offloads to the CPU from an accelerator; give device='cuda'")
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+
+
 def load_backbone(name: str = "toy", model_id: str | None = None, device: str | None = None,
-                  dtype: torch.dtype | None = None) -> Backbone:
+                  dtype: torch.dtype | None = None, cpu_offload: bool = False) -> Backbone:
     """Load a backbone by name.
 
     Args:
-        name: "toy" (default, the shipped toy model), "sdxl" (real SDXL through diffusers) or
-            "sdxl-tiny" (random tiny SDXL for offline tests).
+        name: "toy" (default, the shipped toy model), "sdxl" (real SDXL through diffusers),
+            "sdxl-tiny" (random tiny SDXL for offline tests) or "sdxl-random" (the full-size
+            SDXL architecture with random weights, for structure and performance checks).
         model_id: toy: a pipeline folder (default ``data/toy_model``); sdxl: a hub id or a local
             folder (default ``stabilityai/stable-diffusion-xl-base-1.0``).
         device: "cpu", "cuda", ...; default: CUDA when available.
-        dtype: default float32 (float16 for sdxl on CUDA).
+        dtype: default float32 (float16 for sdxl and sdxl-random on CUDA).
+        cpu_offload: SDXL backbones: ``enable_model_cpu_offload`` instead of moving the whole
+            pipeline to ``device`` (for 12–16 GB cards; slower).
     """
     device_ = _resolve_device(device)
     if name == "toy":
@@ -268,24 +327,43 @@ def load_backbone(name: str = "toy", model_id: str | None = None, device: str | 
         model_id = model_id or "stabilityai/stable-diffusion-xl-base-1.0"
         dtype_ = dtype or (torch.float16 if device_.type == "cuda" else torch.float32)
         local = Path(model_id).exists()
-        try:
-            pipe = StableDiffusionXLPipeline.from_pretrained(
-                model_id, dtype=dtype_, use_safetensors=True, local_files_only=local)
-        except Exception as error:  # noqa: BLE001 - re-raised with what to do
-            raise RuntimeError(
-                f"could not load SDXL from {model_id!r} ({type(error).__name__}: {error}). Pass a local "
-                f"folder with the diffusers layout, or a hub id on a machine with hub access and enough "
-                f"disk (~7 GB). The toy backbone needs neither: load_backbone('toy').") from error
-        pipe.to(device_)
+        # fp16 weights as the fp16 variant (half the download); a folder without that variant
+        # falls back to its full-precision files, cast on load
+        variants = ["fp16", None] if dtype_ == torch.float16 else [None]
+        for variant in variants:
+            try:
+                pipe = StableDiffusionXLPipeline.from_pretrained(
+                    model_id, dtype=dtype_, use_safetensors=True, local_files_only=local, variant=variant)
+                break
+            except Exception as error:  # noqa: BLE001 - re-raised with what to do
+                if variant is not None and "variant" in str(error).lower():
+                    continue
+                raise RuntimeError(
+                    f"could not load SDXL from {model_id!r} ({type(error).__name__}: {error}). Pass a local "
+                    f"folder with the diffusers layout, or a hub id on a machine with hub access and enough "
+                    f"disk (~7 GB with dtype=torch.float16, the fp16 variant; ~14 GB in float32). The toy "
+                    f"backbone needs neither: load_backbone('toy').") from error
+        _place(pipe, device_, cpu_offload)
         pipe.set_progress_bar_config(disable=True)
         h = pipe.unet.config.sample_size
         return Backbone("sdxl", pipe, (pipe.unet.config.in_channels, h, h), device_, dtype_,
                         default_steps=30, default_guidance=5.0, info={"model_id": model_id})
+    if name == "sdxl-random":
+        dtype_ = dtype or (torch.float16 if device_.type == "cuda" else torch.float32)
+        pipe = build_random_sdxl_pipeline(device=device_ if not cpu_offload else "cpu", dtype=dtype_)
+        if cpu_offload:
+            _place(pipe, device_, cpu_offload)
+        pipe.set_progress_bar_config(disable=True)
+        h = pipe.unet.config.sample_size
+        return Backbone("sdxl-random", pipe, (pipe.unet.config.in_channels, h, h), device_, dtype_,
+                        default_steps=30, default_guidance=5.0, info={"random_weights": True,
+                                                                      "configs": str(SDXL_RANDOM_DIR)})
     if name == "sdxl-tiny":
         dtype_ = dtype or torch.float32
-        pipe = build_tiny_sdxl_pipeline().to(device_)
+        pipe = build_tiny_sdxl_pipeline()
         if dtype_ != torch.float32:
             pipe.to(dtype=dtype_)
+        _place(pipe, device_, cpu_offload)
         pipe.set_progress_bar_config(disable=True)
         h = pipe.unet.config.sample_size
         return Backbone("sdxl-tiny", pipe, (pipe.unet.config.in_channels, h, h), device_, dtype_,
@@ -355,3 +433,41 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+
+
+def build_random_sdxl_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                               config_dir: str | Path | None = None):
+    """The full-size SDXL architecture with random weights, from the configs in ``data/sdxl_random``.
+
+    Parameters are created directly on ``device`` in ``dtype`` (about 7 GB in fp16/bf16: U-Net
+    2.6 B, text encoders 0.8 B parameters), nothing is downloaded. The tokenizers are the tiny
+    local ones of ``sdxl-tiny``, so both text encoders take its vocabulary size and EOS id; every
+    other shape is SDXL base 1.0's (see ``data/sdxl_random/README.md``).
+    """
+    import json
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(config_dir) if config_dir else SDXL_RANDOM_DIR
+    config = {part: json.loads((folder / part / "config.json").read_text())
+              for part in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")}
+    tokenizer, tokenizer_2 = build_tiny_clip_tokenizer(), build_tiny_clip_tokenizer()
+    for part in ("text_encoder", "text_encoder_2"):
+        config[part].update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters made in dtype: no float32 copy of 3.5 B weights
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel.from_config(config["unet"])
+            vae = AutoencoderKL.from_config(config["vae"])
+            text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"]))
+    finally:
+        torch.set_default_dtype(previous)
+    scheduler = EulerDiscreteScheduler.from_config(config["scheduler"])
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    return pipe.to(device=device, dtype=dtype)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import unicodedata
 from dataclasses import dataclass, field
@@ -79,6 +80,21 @@ class ReferenceBank:
             raise BankError(f"character {name!r} in the reference bank was drawn as id_prompt {held['id_prompt']!r}, "
                             f"word {held['word']!r}; the story defines id_prompt {id_prompt!r}, word {word!r}. "
                             f"Use the story the bank was made with, rename the character, or start a new bank.")
+
+    def nearest_step(self, name: str, step: int) -> int | None:
+        """The stored step of ``name`` closest to ``step`` (the earlier one on a tie), or None.
+
+        A bank written with ``IsolationConfig(bank_step_stride=k)`` holds every k-th step only;
+        the steps in between reuse the nearest stored one."""
+        steps = {s for _, s in self.tokens.get(name, {})}
+        if not steps:
+            return None
+        return min(steps, key=lambda s: (abs(s - int(step)), s))
+
+    def at_step(self, name: str, step: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's (keys, values) of ``name`` at the stored step nearest to ``step``."""
+        nearest = self.nearest_step(name, step)
+        return {layer: kv for (layer, s), kv in self.tokens.get(name, {}).items() if s == nearest}
 
     def check_compatible(self, backbone: str, latent_hw: tuple[int, int], num_steps: int) -> None:
         """Raise ``BankError`` if this bank cannot serve a run with these settings."""
@@ -210,20 +226,22 @@ SDXL_UNET_CONFIG = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/confi
 
 
 def estimate_bank_bytes(unet, latent_hw: tuple[int, int], num_steps: int, mask_fraction: float,
-                        bytes_per_value: int, warmup: float = 0.0) -> int:
+                        bytes_per_value: int, warmup: float = 0.0, step_stride: int = 1,
+                        layer_stride: int = 1) -> int:
     """Bytes one character's references take, from the layer shapes alone.
 
     Per up-block self-attention layer and stored step: keys and values (2) of the
     ``mask_fraction · h·w`` tokens inside the mask, each ``inner_dim`` values wide. Use
     ``unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)`` built under ``torch.device("meta")``
-    to estimate SDXL at 1024² (latent 128×128) without any weights.
+    to estimate SDXL at 1024² (latent 128×128) without any weights. ``warmup``, ``step_stride``
+    and ``layer_stride`` mirror what ``IsolationConfig`` stores (warm-up steps are not stored).
     """
     from .attention import find_attention_layers
     modules = dict(unet.named_modules())
     total = 0
-    for layer in find_attention_layers(unet, kind="self", places=("up",), latent_hw=latent_hw):
+    for layer in find_attention_layers(unet, kind="self", places=("up",), latent_hw=latent_hw)[::max(1, layer_stride)]:
         attn = modules[layer.name.rsplit(".processor", 1)[0]]
         h, w = layer.resolution(latent_hw)
         total += 2 * int(round(mask_fraction * h * w)) * attn.to_k.out_features * bytes_per_value
-    stored_steps = num_steps - int(warmup * num_steps)
-    return total * stored_steps
+    stored_steps = num_steps - math.ceil(warmup * num_steps)
+    return total * len(range(0, stored_steps, max(1, step_stride)))

@@ -44,7 +44,7 @@ def generate_with_maps(backbone, prompts: list[str], words: list[list[str]], see
 
 def upsample_masks(masks: torch.Tensor, size: int) -> np.ndarray:
     """(B, M, h, w) bool -> (B, M, size, size) bool numpy, nearest neighbour."""
-    return (F.interpolate(masks.float(), size=(size, size), mode="nearest") > 0.5).numpy()
+    return (F.interpolate(masks.float(), size=(size, size), mode="nearest") > 0.5).cpu().numpy()
 
 
 def character_masks_vs_truth(image: np.ndarray, shapes: list[str], masks: np.ndarray) -> list[dict]:

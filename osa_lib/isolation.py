@@ -57,6 +57,11 @@ class IsolationConfig:
         mask_resolution: feature-map height of the up-block layers whose maps make the masks
             (None: the smallest one, ``AttentionStore.mask_resolution``).
         min_fraction / max_fraction: masks outside these pixel fractions are unreliable.
+        bank_step_stride: write a new character's references at every k-th step after warm-up
+            only; a later scene reads the nearest stored step (``ReferenceBank.nearest_step``).
+            Warm-up steps are never stored: nothing reads them. 1 (default) stores every read step.
+        bank_layer_stride: write references in every k-th up-block self-attention layer only; the
+            others run without references for that character. 1 (default): every layer.
 
     Raises:
         ValueError: when made (and again when a controller uses it) for a value outside its range,
@@ -73,6 +78,8 @@ class IsolationConfig:
     mask_resolution: int | None = None
     min_fraction: float = 0.01
     max_fraction: float = 0.9
+    bank_step_stride: int = 1
+    bank_layer_stride: int = 1
 
     def __post_init__(self):
         self.validate()
@@ -109,6 +116,11 @@ class IsolationConfig:
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0):
             raise ValueError(f"IsolationConfig.mask_resolution={r!r} must be None (the smallest up-block "
                              f"map) or a positive integer feature-map height that the backbone has")
+        for name in ("bank_step_stride", "bank_layer_stride"):
+            k = getattr(self, name)
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise ValueError(f"IsolationConfig.{name}={k!r} must be a positive integer "
+                                 f"(1, the default, keeps every {name.split('_')[1]}; k keeps every k-th)")
 
 
 @dataclass
@@ -152,6 +164,12 @@ class IsolationController:
         self.mask_history: list[torch.Tensor] = []
         self.messages: list[str] = []
         self.warmup_steps = math.ceil(self.config.warmup * self.num_steps)
+        self.bank_layers: set[str] | None = None  # layers that write references (None: all)
+        self.device: torch.device | None = None  # the queries' device and dtype, seen in the first layer call
+        self.dtype: torch.dtype | None = None
+        self._state: _StepState | None = None
+        self._pending: list[tuple[str, str, int, torch.Tensor, torch.Tensor]] = []
+        self.state_builds = 0  # how many per-step states were built (once per step, not per layer)
         returning = [c.name for c in self.characters if not c.is_new]
         if returning and self.bank is None:
             raise ValueError(f"characters {returning} are returning but no reference bank was given")
@@ -162,7 +180,10 @@ class IsolationController:
 
     # --- step bookkeeping -----------------------------------------------------------------
     def step_callback(self, step_index: int, timestep=None, latents=None) -> None:
-        """End of a denoising step: update the masks from the running mean of the maps."""
+        """End of a denoising step: move this step's bank writes to the bank (one copy), update
+        the masks from the running mean of the maps, and prepare the next step's device state
+        (masks, Â, biases, references), so that no layer call copies or synchronises."""
+        self.flush_bank()
         self.ran_layers.clear()
         self.store.step_callback(step_index)
         self.step = step_index + 1
@@ -179,6 +200,8 @@ class IsolationController:
                            f"original branch used for this character")
                     self.messages.append(msg)
                     log.info(msg)
+        if self.device is not None and self.step < self.num_steps:
+            self.step_state(self.device, self.dtype)  # built here, outside the layer calls
 
     @property
     def mask_resolution(self) -> int:
@@ -208,15 +231,129 @@ class IsolationController:
                 f"backbone.denoise(..., callback=controller.step_callback), not backbone.generate.")
         self.ran_layers.add(layer.name)
 
-    def masks_at(self, layer: LayerInfo) -> tuple[torch.Tensor, torch.Tensor]:
-        """M_m (M, N) bool and Â_m (M, N) at the layer's resolution, for prompt 0."""
-        h, w = layer.resolution(self.latent_hw)
-        masks = self.masks.masks[0].float()[None]  # (1, M, H, W)
-        a_hat = self.masks.A_hat[0][None] * self.masks.ok[0][None, :, None, None]
-        if masks.shape[-2:] != (h, w):
-            masks = F.interpolate(masks, size=(h, w), mode="area") > 0.5
-            a_hat = F.interpolate(a_hat, size=(h, w), mode="area")
-        return masks[0].flatten(1).bool(), a_hat[0].flatten(1)
+    # --- per-step device state: built once per step (and resolution), read by every layer ----
+    def step_state(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> "_StepState":
+        """The current step's state on ``device``/``dtype``; rebuilt only when the step, the
+        masks, the device or the dtype changed. The step callback builds it, so layer calls only
+        read it (a hand-driven controller builds it in its first layer call)."""
+        device = torch.device(device) if device is not None else self.masks.masks.device
+        dtype = dtype or torch.float32
+        key = (self.step, id(self.masks), device, dtype)
+        if self._state is None or self._state.key != key:
+            self._state = _StepState(self, key, device, dtype)
+            self.state_builds += 1
+        return self._state
+
+    def _see(self, q: torch.Tensor) -> "_StepState":
+        """Called by the processors: remember the queries' device and dtype, return the state."""
+        self.device, self.dtype = q.device, q.dtype
+        return self.step_state(q.device, q.dtype)
+
+    def masks_at(self, layer: LayerInfo, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """M_m (M, N) bool and Â_m (M, N) at the layer's resolution, for prompt 0, on ``device``
+        in ``dtype`` (default: the masks' device, float32); cached per step and resolution."""
+        return self.step_state(device, dtype).at(layer.resolution(self.latent_hw))[:2]
+
+    # --- bank writes: kept on the device during a step, moved in one copy at its end -------
+    def writes_bank(self, layer: LayerInfo) -> bool:
+        """Does this layer store a new character's references at the current step?"""
+        if not (self.write_bank and self.bank is not None) or self.step < self.warmup_steps:
+            return False  # warm-up steps are never read (the isolated branch starts after them)
+        if (self.step - self.warmup_steps) % max(1, self.config.bank_step_stride):
+            return False
+        return self.bank_layers is None or layer.name in self.bank_layers
+
+    def queue_reference(self, name: str, layer: str, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self._pending.append((name, layer, self.step, keys, values))
+
+    def flush_bank(self) -> None:
+        """Move the queued references to the bank in one device-to-host copy."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        flat = torch.cat([t.reshape(-1) for *_, k, v in pending for t in (k, v)]).cpu()
+        offset = 0
+        for name, layer, step, k, v in pending:
+            parts = []
+            for t in (k, v):
+                parts.append(flat[offset:offset + t.numel()].view(t.shape))
+                offset += t.numel()
+            self.bank.add(name, layer, step, *parts)
+
+
+class _StepState:
+    """Masks, Â, attention biases, bank references and ID contexts of one step, on one device.
+
+    Everything that needs a host/device copy or a synchronisation (``.tolist()``, ``nonzero``)
+    happens here, once per step and resolution; the processors only index into it.
+    """
+
+    def __init__(self, ctrl: IsolationController, key, device: torch.device, dtype: torch.dtype):
+        self.ctrl, self.key, self.device, self.dtype = ctrl, key, device, dtype
+        self._at: dict[tuple[int, int], tuple] = {}
+        self._bias: dict[tuple, torch.Tensor] = {}
+        reads = ctrl.isolating and ctrl.config.isolated_self
+        self.references = self._references() if reads else {}  # layer name -> [(m, K_R, V_R)]
+        self.id_context = [None if c.id_embedding is None else c.id_embedding[None].to(device, dtype)
+                           for c in ctrl.characters]  # (1, T, D) each
+        for hw in sorted({l.resolution(ctrl.latent_hw) for l in ctrl.store.layers if l.place == "up"}):
+            self.at(hw)  # every up-block resolution now, not in a layer call
+
+    def at(self, hw: tuple[int, int]):
+        """(M_m (M, N) bool, Â_m (M, N), present: list[bool], indices: list[(n_m,) long]) at ``hw``."""
+        if hw not in self._at:
+            sm = self.ctrl.masks
+            masks = sm.masks[0].float()[None]  # (1, M, H, W)
+            a_hat = sm.A_hat[0][None] * sm.ok[0][None, :, None, None]
+            if masks.shape[-2:] != hw:
+                masks = F.interpolate(masks, size=hw, mode="area") > 0.5
+                a_hat = F.interpolate(a_hat, size=hw, mode="area")
+            masks = masks[0].flatten(1).bool().to(self.device)  # (M, N)
+            a_hat = a_hat[0].flatten(1).to(self.device, self.dtype)  # (M, N)
+            present = masks.any(dim=1).tolist()  # one synchronisation per step and resolution
+            indices = [m.nonzero().squeeze(1) for m in masks]  # (n_m,) token indices inside M_m
+            self._at[hw] = (masks, a_hat, present, indices)
+        return self._at[hw]
+
+    def bias(self, hw: tuple[int, int], lengths: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """Additive mask (N, N + ΣR) for isolated self-attention: 0 on the image's own keys; on
+        R_m's columns ``log(1 + w·Â_m(i))`` for queries i in M_m and -inf for every other query."""
+        key = (hw, lengths)
+        if key not in self._bias:
+            masks, a_hat, _, _ = self.at(hw)
+            n = masks.shape[1]
+            columns = [torch.zeros(n, n, dtype=self.dtype, device=self.device)]
+            for m, n_r in lengths:
+                allowed = torch.where(masks[m], torch.log1p(self.ctrl.config.reweight * a_hat[m]),
+                                      torch.full_like(a_hat[m], float("-inf")))  # (N,)
+                columns.append(allowed[:, None].expand(n, n_r))
+            self._bias[key] = torch.cat(columns, dim=1)  # (N, N + ΣR)
+        return self._bias[key]
+
+    def _references(self) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+        """Every returning character's K_R, V_R of this step for every layer, moved in one copy
+        (the nearest stored step when the bank keeps every k-th step only)."""
+        ctrl, found = self.ctrl, []
+        if ctrl.bank is None:
+            return {}
+        for m, c in enumerate(ctrl.characters):
+            if c.is_new or c.name not in ctrl.bank:
+                continue
+            for layer, (k, v) in ctrl.bank.at_step(c.name, ctrl.step).items():
+                found.append((layer, m, k, v))
+        if not found:
+            return {}
+        flat = torch.cat([t.reshape(-1).to(self.dtype) for *_, k, v in found for t in (k, v)])
+        flat = flat.to(self.device)  # one host-to-device copy per step
+        refs, offset = {}, 0
+        for layer, m, k, v in found:
+            parts = []
+            for t in (k, v):
+                parts.append(flat[offset:offset + t.numel()].view(t.shape))
+                offset += t.numel()
+            refs.setdefault(layer, []).append((m, *parts))
+        return refs
 
 
 class IsolatedSelfAttention:
@@ -231,13 +368,16 @@ class IsolatedSelfAttention:
         self.ctrl.enter_layer(self.layer, q.shape[0] // 2)
         out = F.scaled_dot_product_attention(split_heads(attn, q), split_heads(attn, k), split_heads(attn, v))
         ctrl = self.ctrl
+        ctrl.device, ctrl.dtype = q.device, q.dtype  # so the step callback can prepare the next step here
         if ctrl.masks is not None:
-            masks, a_hat = ctrl.masks_at(self.layer)  # (M, N)
+            state = ctrl._see(q)
+            masks, a_hat, present, indices = state.at(self.layer.resolution(ctrl.latent_hw))  # (M, N)
             half = q.shape[0] // 2
-            if ctrl.write_bank and ctrl.bank is not None:
+            if ctrl.writes_bank(self.layer):
                 for m, c in enumerate(ctrl.characters):
-                    if c.is_new and masks[m].any():
-                        ctrl.bank.add(c.name, self.layer.name, ctrl.step, k[half, masks[m]], v[half, masks[m]])
+                    if c.is_new and present[m]:  # K, V of the prompt half's tokens inside M_m
+                        ctrl.queue_reference(c.name, self.layer.name, k[half].index_select(0, indices[m]),
+                                             v[half].index_select(0, indices[m]))
             if ctrl.isolating and ctrl.config.isolated_self:
                 f_iso = self._isolated(attn, q[half], k[half], v[half], masks, a_hat)
                 if f_iso is not None:
@@ -245,25 +385,22 @@ class IsolatedSelfAttention:
                     out[half] = lam * f_iso + (1 - lam) * out[half]  # F = λ·F_iso + (1 − λ)·F_ori
         return attention_epilogue(attn, merge_heads(out), saved)
 
-    def _isolated(self, attn, q, k, v, masks, a_hat):
-        """q, k, v (N, C) of one image -> F_iso (heads, N, d), or None without references."""
+    def _isolated(self, attn, q, k, v, masks=None, a_hat=None):
+        """q, k, v (N, C) of one image -> F_iso (heads, N, d), or None without references.
+
+        Keys/values ``[K_x ; K_R1 ; … ; K_RM]`` with the additive mask of ``_StepState.bias``;
+        references, masks and bias come from the step's state on q's device (``masks``/``a_hat``
+        are accepted for callers that pass them and must be the step state's)."""
         ctrl = self.ctrl
-        keys, values, bias_columns = [k], [v], []
-        n = q.shape[0]
-        for m, c in enumerate(ctrl.characters):
-            ref = None if c.is_new else ctrl.bank.get(c.name, self.layer.name, ctrl.step)
-            if ref is None or not masks[m].any():
-                continue
-            k_r, v_r = (t.to(q.device, q.dtype) for t in ref)  # (n_m, C)
-            # a query inside M_m may attend R_m, re-weighted by log(1 + w·Â_m(i)); others may not.
-            allowed = torch.where(masks[m], torch.log1p(ctrl.config.reweight * a_hat[m]),
-                                  torch.full_like(a_hat[m], float("-inf")))  # (N,)
-            keys.append(k_r), values.append(v_r)
-            bias_columns.append(allowed[:, None].expand(n, k_r.shape[0]).to(q.dtype))
-        if not bias_columns:
+        state = ctrl._see(q)
+        hw = self.layer.resolution(ctrl.latent_hw)
+        present = state.at(hw)[2]
+        refs = [(m, k_r, v_r) for m, k_r, v_r in state.references.get(self.layer.name, ()) if present[m]]
+        if not refs:
             return None
-        bias = torch.cat([torch.zeros(n, n, dtype=q.dtype, device=q.device)] + bias_columns, dim=1)  # (N, N + ΣR)
-        K, V = torch.cat(keys)[None], torch.cat(values)[None]  # (1, N + ΣR, C)
+        bias = state.bias(hw, tuple((m, k_r.shape[0]) for m, k_r, _ in refs))  # (N, N + ΣR)
+        K = torch.cat([k] + [k_r for _, k_r, _ in refs])[None]  # (1, N + ΣR, C)
+        V = torch.cat([v] + [v_r for _, _, v_r in refs])[None]
         f_iso = F.scaled_dot_product_attention(split_heads(attn, q[None]), split_heads(attn, K),
                                                split_heads(attn, V), attn_mask=bias[None, None])
         return f_iso[0]  # (heads, N, d)
@@ -285,13 +422,14 @@ class IsolatedCrossAttention:
         y_s = out[half:]  # (B, heads, N, d): global features Y_S
         if ctrl.isolating and ctrl.config.isolated_cross:
             y_s0 = y_s[0].clone()
-            masks, _ = ctrl.masks_at(self.layer)  # (M, N)
+            state = ctrl._see(q)
+            masks, _, present, _ = state.at(self.layer.resolution(ctrl.latent_hw))  # (M, N) on q's device
             y_blend = y_s0.clone()
             beta, lam = ctrl.config.beta, ctrl.config.lam
             for m, c in enumerate(ctrl.characters):
-                if c.id_embedding is None or not masks[m].any():
+                if state.id_context[m] is None or not present[m]:
                     continue
-                id_context = project_context(attn, c.id_embedding[None].to(q.device, q.dtype))
+                id_context = project_context(attn, state.id_context[m])
                 y_m = F.scaled_dot_product_attention(
                     q[half:half + 1], split_heads(attn, attn.to_k(id_context)),
                     split_heads(attn, attn.to_v(id_context)))[0]  # (heads, N, d)
@@ -326,8 +464,12 @@ def isolated_attention(unet, controller: IsolationController):
     layers = check_mask_resolution(unet, controller.latent_hw, controller.config)
     processors = {l.name: (IsolatedSelfAttention if l.kind == "self" else IsolatedCrossAttention)(l, controller)
                   for l in layers}
+    stride = max(1, controller.config.bank_layer_stride)
+    if stride > 1:
+        controller.bank_layers = {l.name for l in [l for l in layers if l.kind == "self"][::stride]}
     with installed_processors(unet, processors):
         yield controller
+    controller.flush_bank()
     if controller.ran_layers:
         raise RuntimeError("the U-Net ran inside isolated_attention without the controller's step callback "
                            "afterwards, so isolation never acted. Call backbone.denoise(..., "

@@ -282,7 +282,7 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
             if c.is_new:
                 bank.set_identity(c.name, story.characters[c.name].id_prompt, story.characters[c.name].word)
         image = backbone.decode(latents)[0]
-        masks = controller.masks.masks[0].numpy() if controller.masks is not None else None
+        masks = controller.masks.masks[0].cpu().numpy() if controller.masks is not None else None
         results.append(SceneResult(i, scene.prompt, scene.characters, seeds[i], image,
                                    time.perf_counter() - started, masks, controller.messages))
     return StoryResult(method, results, bank if method == "isolated" else None)

@@ -152,3 +152,86 @@ def test_toy_prompts_are_normalised_like_sdxls_tokenizer():
     images = toy.generate([plain, "A Red Circle in the Meadow", "a red circle, in the meadow."], [5, 5, 5], **kwargs)
     assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
     assert not np.array_equal(images[0], toy.generate(["a blue circle in the meadow"], [5], **kwargs)[0])
+
+
+# --- stock SDXL behaviour (issue 14, item 2) -------------------------------------------------
+def _stock(tiny):
+    """diffusers' own StableDiffusionXLPipeline over the same tiny components (no watermark)."""
+    from diffusers import StableDiffusionXLPipeline
+    components = {k: v for k, v in tiny.pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    stock = StableDiffusionXLPipeline(**components, add_watermarker=False,
+                                      force_zeros_for_empty_prompt=tiny.pipe.config.force_zeros_for_empty_prompt)
+    stock.set_progress_bar_config(disable=True)
+    return stock
+
+
+@pytest.mark.parametrize("negative_prompt", ["", "blurry"])
+def test_vanilla_equals_stock_pipeline(tiny, negative_prompt):
+    """Same seed, steps, guidance and size: this code's vanilla image is the stock pipeline's,
+    including the zero negative embeddings of force_zeros_for_empty_prompt."""
+    prompt, seed, guidance = "a girl in the park", 3, 5.0
+    latents = tiny.initial_latents([seed])
+    ours = tiny.decode(tiny.denoise(tiny.encode([prompt], negative_prompt=negative_prompt), latents,
+                                    num_inference_steps=STEPS, guidance_scale=guidance, progress=False))
+    size = tiny.latent_shape[1] * tiny.pipe.vae_scale_factor
+    stock = _stock(tiny)(prompt, negative_prompt=negative_prompt or None, num_inference_steps=STEPS,
+                         guidance_scale=guidance, latents=latents.clone(), height=size, width=size,
+                         output_type="np").images
+    assert ours.shape == stock.shape
+    assert np.abs(ours - stock).max() < 1e-6
+
+
+def test_empty_negative_prompt_is_zeros_when_the_model_asks(tiny):
+    assert tiny.pipe.config.force_zeros_for_empty_prompt
+    cond = tiny.encode(["a girl in the park"])
+    assert torch.count_nonzero(cond.hidden[0]) == 0 and torch.count_nonzero(cond.added["text_embeds"][0]) == 0
+    assert torch.count_nonzero(tiny.encode(["a girl"], negative_prompt="blurry").hidden[0]) > 0
+
+
+def test_fp16_vae_decodes_in_fp32_and_returns_to_fp16(monkeypatch):
+    tiny16 = load_backbone("sdxl-tiny", device="cpu")
+    vae = tiny16.pipe.vae.to(torch.float16)
+    assert vae.config.force_upcast
+    seen = []
+    original = type(vae).decode
+
+    def spy(self, z, *args, **kwargs):
+        seen.append((z.dtype, self.dtype))
+        return original(self, z, *args, **kwargs)
+    monkeypatch.setattr(type(vae), "decode", spy)
+    images = tiny16.decode(torch.randn(1, *tiny16.latent_shape, dtype=torch.float16))
+    assert seen == [(torch.float32, torch.float32)]
+    assert vae.dtype == torch.float16 and np.isfinite(images).all()
+
+
+def test_nan_image_raises_and_says_why(tiny):
+    latents = torch.full((1, *tiny.latent_shape), float("nan"))
+    from osa_lib.backbones import NonFiniteImageError
+    with pytest.raises(NonFiniteImageError, match="fp16 VAE overflowing") as info:
+        tiny.decode(latents)
+    assert "force_upcast" in str(info.value) and "float32" in str(info.value)
+    assert np.isnan(tiny.decode(latents, check_finite=False)).any()
+
+
+def test_cpu_offload_needs_an_accelerator():
+    with pytest.raises(ValueError, match="device='cuda'"):
+        load_backbone("sdxl-tiny", device="cpu", cpu_offload=True)
+
+
+def test_sdxl_random_configs_are_sdxl_base():
+    """The written-out configs build SDXL base's layer structure (on the meta device: no memory)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from osa_lib.attention import find_attention_layers
+    from osa_lib.backbones import SDXL_RANDOM_DIR
+    from osa_lib.bank import SDXL_UNET_CONFIG
+    config = json.loads((SDXL_RANDOM_DIR / "unet" / "config.json").read_text())
+    for key, value in SDXL_UNET_CONFIG.items():
+        assert config[key] == (list(value) if isinstance(value, tuple) else value), key
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL base U-Net
+    up_self = find_attention_layers(unet, kind="self", places=("up",))
+    assert len(up_self) == 36  # 3 x 10 blocks at 32², 3 x 2 at 64² (1024² images)

@@ -219,6 +219,7 @@ def test_bank_is_written_under_the_current_step_and_layer(self_attn):
     ctrl.write_bank = True
     with torch.no_grad():
         IsolatedSelfAttention(OTHER_SELF, ctrl)(attn, hidden)
+        ctrl.flush_bank()  # writes stay on the device until the step ends (one copy per step)
         assert set(bank.tokens["A"]) == {(OTHER_SELF.name, 3)} and set(bank.tokens["B"]) == {(OTHER_SELF.name, 3)}
         k_a, v_a = bank.get("A", OTHER_SELF.name, 3)
         assert torch.equal(k_a, attn.to_k(hidden[1])[IN_A]) and torch.equal(v_a, attn.to_v(hidden[1])[IN_A])

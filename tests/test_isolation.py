@@ -248,6 +248,7 @@ def test_new_character_tokens_written_to_bank(attn):
     with torch.no_grad():
         out = IsolatedSelfAttention(LAYER, ctrl)(attn, hidden)
         assert torch.allclose(out, AttnProcessor2_0()(attn, hidden), atol=1e-6)  # new characters: no change
+        ctrl.flush_bank()  # writes stay on the device until the step ends (one copy per step)
         k_a, v_a = bank.get("A", LAYER.name, 1)
         assert torch.equal(k_a, attn.to_k(hidden[1])[IN_A])  # prompt half, tokens of M_A only
         assert torch.equal(v_a, attn.to_v(hidden[1])[IN_A])
@@ -267,6 +268,10 @@ def test_new_character_tokens_written_to_bank(attn):
     ("beta", 1.5, r"beta=1.5 is not accepted"),
     ("mask_resolution", 0, r"mask_resolution=0 must be None"),
     ("isolated_self", "yes", r"isolated_self='yes' must be True or False"),
+    ("bank_step_stride", 0, r"bank_step_stride=0 must be a positive integer"),
+    ("bank_step_stride", 2.0, r"bank_step_stride=2.0 must be a positive integer"),
+    ("bank_layer_stride", -1, r"bank_layer_stride=-1 must be a positive integer"),
+    ("bank_layer_stride", True, r"bank_layer_stride=True must be a positive integer"),
 ])
 def test_bad_config_is_refused_where_it_is_made(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One prepared call on a lent GPU (issue 14): the CUDA tests, then bench_sdxl.py at full size.
+#
+#   bash scripts/gpu_check.sh                      # on the GPU machine; results under $OUT
+#   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh    # CPU dry run of the same steps (--quick bench)
+#
+# Everything (each step's log, summary.txt, the bench's .md/.json) goes to "$OUT" (default
+# ./gpu_out). A failing step is logged and the next one still runs; the exit status is 1 if any
+# step failed. Budget on an H100: tests ~1 min, bench ~2 min (sdxl-random, 1024², fp16, 30 steps,
+# 4 scenes x 3 methods at ~3-5 s per image, plus building 3.5 B random weights); each step has a
+# timeout so the whole stays under 5 minutes.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+QUICK="${GPU_CHECK_QUICK:-0}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+FAILED=0
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+step() {  # step NAME TIMEOUT_S COMMAND...: log to $OUT/NAME.log, never stop the script
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "== $name: $*" | tee -a "$SUMMARY"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] && echo "   (timed out after $limit s)" | tee -a "$SUMMARY"
+  echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$SUMMARY"
+  [ $rc -ne 0 ] && FAILED=1
+  tail -n 25 "$OUT/$name.log"
+  return 0
+}
+
+step environment 60 "$PY" -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__); print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+if "$PY" -c "import pytest" 2> /dev/null; then
+  step cuda_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_device.py
+else  # the GPU image may lack pytest: the CUDA tests run as a script
+  step cuda_tests 150 "$PY" tests/test_cuda.py
+fi
+
+if [ "$QUICK" = "1" ]; then
+  step bench_sdxl 480 "$PY" scripts/bench_sdxl.py --quick --out "$OUT"
+else
+  step bench_sdxl 240 "$PY" scripts/bench_sdxl.py --device cuda --dtype fp16 --size 1024 --steps 30 --scenes 4 --out "$OUT"
+fi
+
+echo "== done: $([ $FAILED -eq 0 ] && echo 'all steps passed' || echo 'some step FAILED, see the logs') (results in $OUT)" | tee -a "$SUMMARY"
+exit $FAILED

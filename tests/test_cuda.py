@@ -1,0 +1,145 @@
+"""On a CUDA device (skipped without one): every method generates a two-character story on the
+toy and on ``sdxl-tiny``; λ = 0 reproduces vanilla exactly; no isolated attention layer call
+synchronises with the host (``torch.cuda.set_sync_debug_mode("error")`` inside each call);
+vanilla equals the stock pipeline in fp16; ``cpu_offload`` gives the same image.
+
+Runs under pytest, or as ``python tests/test_cuda.py`` where pytest is not installed (the GPU
+image of scripts/gpu_check.sh may lack it).
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from osa_lib import IsolationConfig, load_backbone  # noqa: E402
+from osa_lib.isolation import IsolatedCrossAttention, IsolatedSelfAttention  # noqa: E402
+from osa_lib.story import METHODS, generate_story, parse_story  # noqa: E402
+
+try:
+    import pytest
+    pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+except ImportError:  # plain-script run
+    pytest = None
+
+STEPS = 5
+STORIES = {
+    "toy": {"characters": [{"name": "Rosa", "word": "circle", "id_prompt": "a red circle"},
+                           {"name": "Tom", "word": "square", "id_prompt": "a blue square"}],
+            "scenes": [{"prompt": "a red circle in the meadow", "characters": ["Rosa"], "seed": 1},
+                       {"prompt": "a blue square in the snow", "characters": ["Tom"], "seed": 2},
+                       {"prompt": "a red circle and a blue square in the meadow", "characters": ["Rosa", "Tom"],
+                        "seed": 3}]},
+    "sdxl-tiny": {"characters": [{"name": "Lily", "word": "girl", "id_prompt": "a girl with blonde hair"},
+                                 {"name": "Tom", "word": "boy", "id_prompt": "a boy with black hair"}],
+                  "scenes": [{"prompt": "a girl in the park", "characters": ["Lily"], "seed": 1},
+                             {"prompt": "a boy on the beach", "characters": ["Tom"], "seed": 2},
+                             {"prompt": "a girl and a boy in the snow", "characters": ["Lily", "Tom"], "seed": 3}]},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def backbone(name: str, dtype: torch.dtype = torch.float32):
+    return load_backbone(name, device="cuda", dtype=dtype)
+
+
+def _story(name):
+    return parse_story(STORIES[name], name)
+
+
+def _check_every_method(name, dtype=torch.float32):
+    bb = backbone(name, dtype)
+    results = {m: generate_story(bb, _story(name), m, num_inference_steps=STEPS, progress=False) for m in METHODS}
+    for method, result in results.items():
+        assert len(result.images) == 3, method
+        for image in result.images:
+            assert np.isfinite(image).all() and 0 <= image.min() and image.max() <= 1, method
+    assert results["isolated"].scenes[2].masks is not None
+    assert set(results["isolated"].bank.characters) == set(_story(name).characters)
+    assert np.abs(results["isolated"].images[2] - results["vanilla"].images[2]).max() > 1e-4
+    off = generate_story(bb, _story(name), "isolated", config=IsolationConfig(lam=0.0), num_inference_steps=STEPS,
+                         progress=False)
+    for a, b in zip(off.images, results["vanilla"].images):
+        assert np.array_equal(a, b), "λ = 0 must reproduce vanilla exactly"
+
+
+def test_every_method_toy():
+    _check_every_method("toy")
+
+
+def test_every_method_sdxl_tiny():
+    _check_every_method("sdxl-tiny")
+
+
+def test_every_method_sdxl_tiny_fp16():
+    _check_every_method("sdxl-tiny", torch.float16)
+
+
+def test_no_sync_inside_isolated_layer_calls():
+    """CUDA raises on any synchronising op (item, nonzero, copies to the host) inside a call."""
+    originals = {cls: cls.__call__ for cls in (IsolatedSelfAttention, IsolatedCrossAttention)}
+    counted = {"calls": 0}
+
+    def strict(cls):
+        def call(self, *args, **kwargs):
+            if self.ctrl.masks is None:
+                return originals[cls](self, *args, **kwargs)
+            counted["calls"] += 1
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return originals[cls](self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return call
+    try:
+        for cls in originals:
+            cls.__call__ = strict(cls)
+        for name in STORIES:
+            generate_story(backbone(name), _story(name), "isolated", num_inference_steps=STEPS, progress=False)
+    finally:
+        for cls, f in originals.items():
+            cls.__call__ = f
+    assert counted["calls"] > 0
+
+
+def test_vanilla_fp16_equals_stock_pipeline():
+    from diffusers import StableDiffusionXLPipeline
+    bb = backbone("sdxl-tiny", torch.float16)
+    components = {k: v for k, v in bb.pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    stock = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    stock.set_progress_bar_config(disable=True)
+    latents = bb.initial_latents([3])
+    ours = bb.decode(bb.denoise(bb.encode(["a girl in the park"]), latents, num_inference_steps=STEPS,
+                                guidance_scale=5.0, progress=False))
+    size = bb.latent_shape[1] * bb.pipe.vae_scale_factor
+    theirs = stock("a girl in the park", num_inference_steps=STEPS, guidance_scale=5.0, latents=latents.clone(),
+                   height=size, width=size, output_type="np").images
+    assert np.abs(ours - theirs).max() < 1e-3
+
+
+def test_cpu_offload_gives_the_same_image():
+    plain = load_backbone("sdxl-tiny", device="cuda")
+    offload = load_backbone("sdxl-tiny", device="cuda", cpu_offload=True)
+    kwargs = dict(num_inference_steps=STEPS, progress=False)
+    a = plain.generate(["a girl in the park"], [0], **kwargs)
+    b = offload.generate(["a girl in the park"], [0], **kwargs)
+    assert np.abs(a - b).max() < 1e-4
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        print("SKIPPED: no CUDA device")
+        sys.exit(0)
+    failed = 0
+    for name, fn in [(k, v) for k, v in dict(globals()).items() if k.startswith("test_") and callable(v)]:
+        try:
+            fn()
+            print(f"PASSED {name}", flush=True)
+        except Exception as error:  # noqa: BLE001 - report every test
+            failed += 1
+            print(f"FAILED {name}: {type(error).__name__}: {error}", flush=True)
+    sys.exit(1 if failed else 0)
