@@ -37,3 +37,17 @@ def test_notebook_executes_quickly(path, tmp_path, monkeypatch):
     papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters={"quick": True},
                                cwd=str(path.parent), kernel_name="python3", progress_bar=False)
     assert list((tmp_path / "figures").glob("*.png")), "the notebook saved its figures"
+
+
+STORY_NOTEBOOK = ROOT / "notebooks" / "04_story_generation.ipynb"
+
+
+def test_story_notebook_executes_on_sdxl_tiny(tmp_path, monkeypatch):
+    """Notebook 04 on the SDXL code path (tiny random SDXL, `load_backbone("sdxl-tiny")`), fast parameters."""
+    monkeypatch.setenv("OSA_FIGURES_DIR", str(tmp_path / "figures"))
+    sdxl_story = "../data/stories/sdxl_girl_and_boy.yaml"
+    papermill.execute_notebook(str(STORY_NOTEBOOK), str(tmp_path / STORY_NOTEBOOK.name),
+                               parameters={"quick": True, "backbone_name": "sdxl-tiny", "story_file": sdxl_story,
+                                           "attribute_story_file": sdxl_story},
+                               cwd=str(STORY_NOTEBOOK.parent), kernel_name="python3", progress_bar=False)
+    assert {p.stem for p in (tmp_path / "figures").glob("*.png")} >= {"04_comic_strip", "04_masks", "04_attribute_test"}
