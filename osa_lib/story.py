@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +30,13 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from .attention import AttentionStore, capture_attention
 from .backbones import check_seed, check_steps
 from .bank import BankError, ReferenceBank, check_name
-from .baselines import consistent_self_attention
+from .baselines import CSABank, CSAConfig, CSAController, consistent_self_attention, csa_layers, reference_scenes
 from .isolation import (IsolationConfig, IsolationController, SceneCharacter, check_mask_resolution,
                         isolated_attention)
+from .masks import subject_masks
 
 __all__ = ["StoryError", "StoryCharacter", "StoryScene", "Story", "load_story", "parse_story", "SceneResult",
            "StoryResult", "generate_story", "describe_story", "rewrite_with_llm", "METHODS"]
@@ -188,7 +191,7 @@ class SceneResult:
     seed: int
     image: np.ndarray  # (H, W, 3) float in [0, 1]
     seconds: float
-    masks: np.ndarray | None = None  # (M, h, w) bool, the masks of the last step (isolated only)
+    masks: np.ndarray | None = None  # (M, h, w) bool, the masks of the last step (vanilla/CSA: record_masks)
     messages: list[str] = field(default_factory=list)
 
 
@@ -218,17 +221,67 @@ def _check_prompts(backbone, story: Story) -> None:
             raise StoryError(f"{story.source}: character {name!r}, field 'id_prompt': {error}") from error
 
 
+def _recorded_masks(store: AttentionStore, counts: list[int], config: IsolationConfig) -> list[np.ndarray | None]:
+    """The masks isolated attention would have made from these maps: the running mean over all
+    steps at the mask resolution, Otsu, reliability and the overlap rule (``subject_masks``)."""
+    resolution = config.mask_resolution or store.mask_resolution()
+    maps = list(store.maps(places=("up",), resolution=resolution).values())  # (B, M, h, w) per layer
+    out = []
+    for b, m in enumerate(counts):
+        if m == 0:
+            out.append(None)
+            continue
+        masks = subject_masks([a[b:b + 1, :m] for a in maps], rule=config.overlap_rule,
+                              min_fraction=config.min_fraction, max_fraction=config.max_fraction)
+        out.append(masks.masks[0].cpu().numpy())  # maps stay on the U-Net's device
+    return out
+
+
+def _generate_batch(backbone, story: Story, indices: list[int], seeds: list[int], kwargs: dict,
+                    record_masks: bool, config: IsolationConfig, csa: CSAController | None = None):
+    """Images (and, with ``record_masks``, each scene's masks) of scenes generated together in one
+    batch, vanilla or under CSA. Recording the cross-attention maps does not change the images."""
+    scenes = [story.scenes[i] for i in indices]
+    groups = [[backbone.token_positions(s.prompt, story.characters[n].word) for n in s.characters] for s in scenes]
+    counts = [len(g) for g in groups]
+    record = record_masks and max(counts) > 0
+    with ExitStack() as stack:
+        callback = None
+        if record:  # scenes of a batch may name different numbers of characters: pad, then slice
+            width = max(counts)
+            padded = [g + [g[-1] if g else [0]] * (width - len(g)) for g in groups]
+            store = AttentionStore(padded, tuple(backbone.latent_shape[1:]))
+            stack.enter_context(capture_attention(backbone.unet, store, places=("up",)))
+            callback = store.step_callback
+        if csa is not None:
+            stack.enter_context(consistent_self_attention(backbone.unet, csa))
+        latents = backbone.denoise(backbone.encode([s.prompt for s in scenes]), backbone.initial_latents(seeds),
+                                   callback=callback, **kwargs)
+    images = backbone.decode(latents)
+    masks = _recorded_masks(store, counts, config) if record else [None] * len(scenes)
+    return images, masks
+
+
 def generate_story(backbone, story: Story, method: str = "isolated", config: IsolationConfig | None = None,
                    bank: ReferenceBank | None = None, num_inference_steps: int | None = None,
-                   guidance_scale: float | None = None, csa_rate: float = 0.5, progress: bool = True) -> StoryResult:
+                   guidance_scale: float | None = None, csa_rate: float | None = None,
+                   csa_config: CSAConfig | None = None, record_masks: bool = False,
+                   progress: bool = True) -> StoryResult:
     """Generate a story scene by scene.
 
     Args:
         method: "isolated" (the paper), "vanilla" (unmodified model) or "csa" (StoryDiffusion's
-            Consistent Self-Attention, all scenes in one batch).
-        config: the method's switches (``IsolationConfig()`` defaults).
+            Consistent Self-Attention: reference scenes in one batch, then the others reading
+            their bank; see ``osa_lib.baselines``).
+        config: the method's switches (``IsolationConfig()`` defaults); for vanilla and CSA its
+            mask settings make the recorded masks.
         bank: a reference bank to continue from (characters in it are "returning"); a new one
             is made when None. It is filled in place and returned in the result.
+        csa_rate: CSA's token sampling rate at every resolution (shorthand for ``csa_config``).
+        csa_config: CSA's switches (``CSAConfig()``: StoryDiffusion's defaults).
+        record_masks: vanilla and CSA: also record the up-block cross-attention maps and keep
+            each scene's masks, made as isolated attention makes them (for IIS crops). Isolated
+            scenes always keep theirs. The images are the same either way.
     """
     if method not in METHODS:
         raise StoryError(f"unknown method {method!r}; choose one of {list(METHODS)}")
@@ -240,15 +293,12 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
     for i, seed in enumerate(seeds):  # a seed offset can push a valid seed out of range
         if _seed_problem(seed):
             raise StoryError(f"{story.source}: scene {i + 1}, seed: {_seed_problem(seed)}")
-    if method == "csa":
-        started = time.perf_counter()
-        with consistent_self_attention(backbone.unet, csa_rate, seed=seeds[0]):
-            images = backbone.generate([s.prompt for s in story.scenes], seeds, **kwargs)
-        per_scene = (time.perf_counter() - started) / len(story.scenes)
-        return StoryResult("csa", [SceneResult(i, s.prompt, s.characters, seeds[i], images[i], per_scene)
-                                   for i, s in enumerate(story.scenes)])
     config = config or IsolationConfig()
     config.validate()  # a config changed after it was made
+    if method == "csa":
+        if csa_config is None:
+            csa_config = CSAConfig() if csa_rate is None else CSAConfig.with_rate(csa_rate)
+        return _generate_csa(backbone, story, seeds, kwargs, csa_config, record_masks, config, progress)
     latent_hw = tuple(backbone.latent_shape[1:])
     if method == "isolated":
         check_mask_resolution(backbone.unet, latent_hw, config)
@@ -262,9 +312,9 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
     for i, scene in enumerate(tqdm(story.scenes, desc=f"{method} story", disable=not progress)):
         started = time.perf_counter()
         if method == "vanilla" or not scene.characters:
-            image = backbone.generate([scene.prompt], [seeds[i]], **kwargs)[0]
-            results.append(SceneResult(i, scene.prompt, scene.characters, seeds[i], image,
-                                       time.perf_counter() - started))
+            images, masks = _generate_batch(backbone, story, [i], [seeds[i]], kwargs, record_masks, config)
+            results.append(SceneResult(i, scene.prompt, scene.characters, seeds[i], images[0],
+                                       time.perf_counter() - started, masks[0]))
             continue
         characters = [SceneCharacter(name, backbone.token_positions(scene.prompt, story.characters[name].word),
                                      backbone.encode_text([story.characters[name].id_prompt])[0],
@@ -286,6 +336,39 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
         results.append(SceneResult(i, scene.prompt, scene.characters, seeds[i], image,
                                    time.perf_counter() - started, masks, controller.messages))
     return StoryResult(method, results, bank if method == "isolated" else None)
+
+
+def _generate_csa(backbone, story: Story, seeds: list[int], kwargs: dict, csa: CSAConfig, record_masks: bool,
+                  config: IsolationConfig, progress: bool) -> StoryResult:
+    """StoryDiffusion's order: each character's reference scenes together in one batch (write
+    mode, filling the bank), then every other scene on its own, reading the bank entries of its
+    characters' references (``process_generation`` in its SDXL app)."""
+    refs = reference_scenes(story, csa.id_length)
+    layers = csa_layers(backbone.unet)
+    latent_hw = tuple(backbone.latent_shape[1:])
+    bank, results = CSABank(), {}
+    batches = []
+    for name in story.characters:  # one write batch per character, scenes not drawn yet
+        batch = [i for i in refs[name] if all(i not in b for b in batches)]
+        if batch:
+            batches.append(batch)
+    written = {i for b in batches for i in b}
+    batches += [[i] for i in range(len(story.scenes)) if i not in written]
+    for batch in tqdm(batches, desc="csa story", disable=not progress):
+        started = time.perf_counter()
+        if batch[0] in written:
+            controller = CSAController(layers, latent_hw, csa, seeds[batch[0]], write_keys=batch, bank=bank)
+        else:
+            scene = story.scenes[batch[0]]
+            keys = list(dict.fromkeys(k for n in scene.characters for k in refs[n]))
+            controller = CSAController(layers, latent_hw, csa, seeds[batch[0]], read_keys=keys, bank=bank)
+        images, masks = _generate_batch(backbone, story, batch, [seeds[i] for i in batch], kwargs, record_masks,
+                                        config, csa=controller)
+        per_scene = (time.perf_counter() - started) / len(batch)
+        for i, image, mask in zip(batch, images, masks):
+            s = story.scenes[i]
+            results[i] = SceneResult(i, s.prompt, s.characters, seeds[i], image, per_scene, mask)
+    return StoryResult("csa", [results[i] for i in range(len(story.scenes))])
 
 
 def describe_story(backbone, story: Story) -> list[dict]:

@@ -37,11 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: The fast tests: together well under a minute on one CPU thread.
 FAST_TESTS = ["tests/test_equations.py", "tests/test_masks.py", "tests/test_sdxl_metrics.py",
-              "tests/test_attention.py", "tests/test_isolation.py", "tests/test_story.py", "tests/test_bank.py"]
+              "tests/test_attention.py", "tests/test_isolation.py", "tests/test_story.py", "tests/test_bank.py",
+              "tests/test_baselines.py"]
 
 #: Which fast test file runs first for a mutated module (the others follow; -x stops at the first failure).
 FIRST = {"osa_lib/masks.py": "tests/test_masks.py", "osa_lib/sdxl_metrics.py": "tests/test_sdxl_metrics.py",
-         "osa_lib/bank.py": "tests/test_bank.py", "osa_lib/story.py": "tests/test_story.py"}
+         "osa_lib/bank.py": "tests/test_bank.py", "osa_lib/story.py": "tests/test_story.py",
+         "osa_lib/baselines.py": "tests/test_baselines.py"}
 
 
 class Mutation(NamedTuple):
@@ -131,18 +133,28 @@ MUTATIONS = [
     Mutation(ATT, "size = size or max((m.shape[-2:] for m in maps), key=lambda s: s[0])",
              "size = size or min((m.shape[-2:] for m in maps), key=lambda s: s[0])",
              "aggregate resamples to the smallest resolution"),
-    # --- CSA baseline ----------------------------------------------------------------------------
-    Mutation(CSA, "n_keep = int(round(self.rate * pool_k.shape[0]))", "n_keep = pool_k.shape[0]",
-             "CSA: rate ignored (all tokens shared)"),
-    Mutation(CSA, "n_keep = int(round(self.rate * pool_k.shape[0]))", "n_keep = int(round(self.rate * k.shape[1]))",
-             "CSA: rate taken of one image's tokens, not of the pool"),
-    Mutation(CSA, "others = [i for i in range(start, start + half) if i != b]",
-             "others = [i for i in range(batch) if i != b]", "CSA: negative and prompt halves share tokens"),
-    Mutation(CSA, "others = [i for i in range(start, start + half) if i != b]",
-             "others = [i for i in range(start, start + half)]", "CSA: an image samples its own tokens too"),
-    Mutation(CSA, "        K, V = torch.cat(keys)[None], torch.cat(values)[None]",
-             "        K, V = torch.cat(keys)[None], torch.cat(values[:1] + keys[1:])[None]",
-             "CSA: sampled keys used as values"),
+    # --- CSA baseline (StoryDiffusion's) ---------------------------------------------------------
+    Mutation(CSA, "generator=self.generator) < rate", "generator=self.generator) <= 1.0",
+             "CSA: rate ignored (every token shared)"),
+    Mutation(CSA, "(config.sa32 if hw == sizes[0] else config.sa64)", "(config.sa64 if hw == sizes[0] else config.sa32)",
+             "CSA: sa32 and sa64 swapped between resolutions"),
+    Mutation(CSA, "if self.calls == 0 and not self.indices:", "if True:",
+             "CSA: token sample redrawn in every layer instead of once per step"),
+    Mutation(CSA, "p = self.config.skip_early if self.step < self.config.skip_switch_step else self.config.skip_late",
+             "p = self.config.skip_late if self.step < self.config.skip_switch_step else self.config.skip_early",
+             "CSA: early and late skip probabilities swapped"),
+    Mutation(CSA, "use = bool(torch.rand((), generator=self.generator) >= p)",
+             "use = bool(torch.rand((), generator=self.generator) < p)",
+             "CSA: skip probability used as the pairing probability"),
+    Mutation(CSA, "        if self.step < 1:\n            use = False", "        if self.step < 0:\n            use = False",
+             "CSA: step 0 pairs too"),
+    Mutation(CSA, 'return find_attention_layers(unet, kind="self", places=("up",))',
+             'return find_attention_layers(unet, kind="self")', "CSA: down- and mid-block layers replaced too"),
+    Mutation(CSA, "extra = [[sampled[j] for j in range(n_img) if j != b] for b in range(n_img)]",
+             "extra = [[sampled[j] for j in range(n_img)] for b in range(n_img)]",
+             "CSA: an image samples its own tokens too"),
+    Mutation(CSA, "values = torch.cat([attn.to_v(extra[b]), values], dim=1)",
+             "values = torch.cat([attn.to_k(extra[b]), values], dim=1)", "CSA: sampled keys used as values"),
     # --- masks: Otsu, coefficient-of-variation rule, reliability ---------------------------------
     Mutation(MASKS, "return var12.argmax(dim=1, keepdim=True)", "return var12.argmin(dim=1, keepdim=True)",
              "Otsu: minimum instead of maximum between-class variance"),

@@ -312,10 +312,11 @@ def test_csa_at_rate_zero_is_vanilla(tiny):
 
 @pytest.mark.parametrize("rate", [0.25, 0.5, 1.0])
 def test_csa_sampled_share_matches_rate(rate):
-    """With all queries zero, attention is uniform over the keys an image sees. Three images per CFG
-    half: image 0's values are 0, images 1 and 2's are 1, so image 0's output is s / (n + s) for s
-    tokens sampled from the other two images' 2n; the share s / 2n must match the rate."""
-    from osa_lib.baselines import ConsistentSelfAttention
+    """With all queries zero, attention is uniform over the keys an image sees. A reference batch of
+    three images: image 0's values are 0, images 1 and 2's are 1, so image 0's output is s / (n + s)
+    for s tokens sampled from the other two images' 2n; the share s / 2n must match the rate.
+    Skips off, so every step after step 0 (plain self-attention) pairs."""
+    from osa_lib.baselines import ConsistentSelfAttention, CSAConfig, CSAController
 
     n = 64
     attn = Attention(query_dim=C, heads=HEADS, dim_head=C // HEADS).eval()
@@ -325,10 +326,16 @@ def test_csa_sampled_share_matches_rate(rate):
         attn.to_out[0].weight.copy_(torch.eye(C)), attn.to_out[0].bias.zero_()
     hidden = torch.ones(6, n, C)  # [negative 0, 1, 2; prompt 0, 1, 2]
     hidden[0] = hidden[3] = 0.0
-    processor = ConsistentSelfAttention(rate=rate, seed=0)
+    layer = LayerInfo("up_blocks.0.attentions.0.transformer_blocks.0.attn1.processor", "up", 0, "self", 1)
+    config = CSAConfig.with_rate(rate, skip_early=0.0, skip_late=0.0)
+    controller = CSAController([layer], (8, 8), config, seed=0, write_keys=[0, 1, 2])
+    processor = ConsistentSelfAttention(layer, controller)
     shares = []
     with torch.no_grad():
-        for _ in range(8):
+        for step in range(9):  # one layer: every call is a step
             o = processor(attn, hidden)[3].mean()  # prompt image 0
+            if step == 0:
+                assert o == 0, "step 0 is plain self-attention: image 0 sees only its own zeros"
+                continue
             shares.append(float(o / (1 - o)) / 2 if o < 1 else float("inf"))  # o = s / (n + s)
     assert abs(np.mean(shares) - rate) < 0.05, shares

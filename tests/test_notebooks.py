@@ -125,3 +125,22 @@ CHECKS = {"01_cross_attention": check_01, "02_otsu_masks": check_02, "03_cv_over
 
 def test_every_notebook_has_claim_checks():
     assert sorted(CHECKS) == [p.stem for p in NOTEBOOKS]
+
+
+STORY_NOTEBOOK = ROOT / "notebooks" / "04_story_generation.ipynb"
+
+
+def test_story_notebook_executes_on_sdxl_tiny(tmp_path, monkeypatch):
+    """Notebook 04 on the SDXL code path (tiny random SDXL, `load_backbone("sdxl-tiny")`), fast parameters."""
+    monkeypatch.setenv("OSA_FIGURES_DIR", str(tmp_path / "figures"))
+    monkeypatch.setenv("OSA_CLAIMS_DIR", str(tmp_path))  # not into build/notebooks of the checkout
+    sdxl_story = "../data/stories/sdxl_girl_and_boy.yaml"
+    papermill.execute_notebook(str(STORY_NOTEBOOK), str(tmp_path / STORY_NOTEBOOK.name),
+                               parameters={"quick": True, "backbone_name": "sdxl-tiny", "story_file": sdxl_story,
+                                           "attribute_story_file": sdxl_story},
+                               cwd=str(STORY_NOTEBOOK.parent), kernel_name="python3", progress_bar=False)
+    assert {p.stem for p in (tmp_path / "figures").glob("*.png")} >= {"04_comic_strip", "04_masks", "04_attribute_test"}
+    claims = json.loads((tmp_path / f"{STORY_NOTEBOOK.stem}.claims.json").read_text())
+    assert claims["backbone"] == "sdxl-tiny" and claims["metrics"] == {}  # toy metrics are for toy images only
+    assert len(set(claims["scenes"].values())) == 1 and set(claims["scenes"]) == {"vanilla", "csa", "isolated"}
+    assert claims["bank_characters"] == claims["story_characters"]

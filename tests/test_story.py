@@ -237,13 +237,17 @@ def test_prompt_problems_are_story_errors_before_generation(tiny):
 
 
 def test_csa_one_image_per_scene_and_differs_from_vanilla(tiny, story, vanilla):
+    """Lily's and Tom's first scenes are each its character's only reference image: a batch of
+    one, which has no other image to share tokens with (StoryDiffusion's own behaviour), so they
+    equal vanilla up to rounding; the two-character scene reads both references and differs."""
     result = generate_story(tiny, story, "csa", num_inference_steps=STEPS, progress=False)
     assert result.method == "csa" and result.bank is None
     assert len(result.images) == len(story.scenes)
     assert [s.seed for s in result.scenes] == [s.seed for s in vanilla.scenes]
     for ours, theirs in zip(result.images, vanilla.images):
         assert ours.shape == theirs.shape
-        assert np.abs(ours - theirs).max() > 1e-4
+    assert np.allclose(result.images[0], vanilla.images[0], atol=1e-5)
+    assert np.abs(result.images[2] - vanilla.images[2]).max() > 1e-4
 
 
 def test_vanilla_story_matches_backbone_generate(tiny, story, vanilla):
