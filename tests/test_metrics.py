@@ -86,3 +86,43 @@ def test_mixing_and_neglect_rows_and_lambda_zero():
         assert np.array_equal(r["vanilla image"], r["isolated image"])
         assert r["vanilla mixed"] == r["isolated mixed"]
         assert set(r["vanilla left out"]) <= set(r["names"])
+
+
+UNCOLOURED = parse_story({
+    "characters": [{"name": "Box", "word": "square", "id_prompt": "a square"},
+                   {"name": "Tri", "word": "triangle", "id_prompt": "a triangle"}],
+    "scenes": [{"prompt": f"a square and a triangle in the {scene}", "characters": ["Box", "Tri"], "seed": k}
+               for k, scene in enumerate(("meadow", "snow", "beach"))],
+}, "uncoloured test story")
+
+
+def rendered_uncoloured(characters_per_scene) -> StoryResult:
+    rng = np.random.default_rng(0)
+    scenes = []
+    for k, (scene, characters) in enumerate(zip(UNCOLOURED.scenes, characters_per_scene)):
+        placed = [dataclasses.replace(c, center=corner) for c, corner in zip(characters, [(8.0, 8.0), (24.0, 24.0)])]
+        image = world.render_scene(scene.prompt.split()[-1], placed, rng).image / 255.0
+        scenes.append(SceneResult(k, scene.prompt, scene.characters, scene.seed, image, 0.1))
+    return StoryResult("rendered", scenes)
+
+
+def test_colour_kept_counts_later_appearances_in_the_first_ones_family():
+    rng = np.random.default_rng(3)
+    box = {c: world.sample_character(rng, "square", c) for c in ("red", "green")}
+    tri = world.sample_character(rng, "triangle", "blue")
+    # Box: red, green, green -> 0 of 2 later appearances in its first family (a comparison with
+    # the previous scene would count 1); Tri: blue throughout -> 2 of 2
+    result = rendered_uncoloured([(box["red"], tri), (box["green"], tri), (box["green"], tri)])
+    metrics = toy_story_metrics(UNCOLOURED, result)
+    assert metrics["colour kept"] == pytest.approx(100 * 2 / 4), metrics
+    assert metrics["attribute accuracy"] == 100, metrics  # no colour named: any colour is right
+    assert metrics["mixing rate"] == 0, metrics
+
+
+def test_uncoloured_characters_drawn_in_one_colour_count_as_mixed():
+    rng = np.random.default_rng(4)
+    box, tri = world.sample_character(rng, "square", "red"), world.sample_character(rng, "triangle", "blue")
+    red_tri = dataclasses.replace(tri, colour="red", hue=box.hue)
+    metrics = toy_story_metrics(UNCOLOURED, rendered_uncoloured([(box, tri), (box, red_tri), (box, tri)]), details=True)
+    assert metrics["mixed scenes"] == 1 and metrics["multi-character scenes"] == 3, metrics
+    assert metrics["colour kept"] == pytest.approx(100 * 3 / 4), metrics  # Tri lost its blue once

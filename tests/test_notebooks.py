@@ -52,6 +52,11 @@ def test_notebook_executes_quickly(path, tmp_path, monkeypatch):
     CHECKS[path.stem](claims)
 
 
+def missing(value):
+    """A number that could not be measured (NaN, written to JSON as null)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def in_range(value, lo, hi):
     return value is not None and math.isfinite(value) and lo <= value <= hi
 
@@ -117,6 +122,15 @@ def check_05(c):
     for label, gain in c["iis_gain"].items():
         assert math.isclose(gain, by[(label, "isolated")] - by[(label, "vanilla")], abs_tol=1e-9)
     assert 0 <= c["trio"]["isolated_mixed"] <= c["trio"]["three_character_scenes"]
+    assert [r["setting"] for r in c["probe"]] == ["none", "up, all steps", "up, after a 20 % warm-up"]
+    for r in c["probe"]:
+        assert in_range(r["drawn"], 0, 1) and r["n"] > 0, r
+        assert all(in_range(r[k], 0, 1) or (r["drawn"] == 0 and math.isnan(r[k])) for k in ("colour", "mark", "size")), r
+    assert {r["method"] for r in c["uncoloured"]} == {"vanilla", "csa", "isolated"}
+    for r in c["uncoloured"]:
+        # NaN only where nothing can be counted: a character drawn once, no multi-character scene
+        assert all(in_range(r[k], 0, 100) or missing(r[k]) for k in ("colour kept", "IIS-toy", "mixing rate")), r
+        assert r["story"] != "single" or missing(r["mixing rate"]), r
 
 
 CHECKS = {"01_cross_attention": check_01, "02_otsu_masks": check_02, "03_cv_overlap": check_03,

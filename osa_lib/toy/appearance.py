@@ -30,7 +30,7 @@ from .evaluate import MIN_SCORE
 from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline, images_to_latents, latents_to_images
 from .reference import reference_attention
 
-__all__ = ["PROBE_SETTINGS", "probe_references", "sample_with_reference", "appearance_scores", "main"]
+__all__ = ["PROBE_SETTINGS", "probe_references", "sample_with_reference", "appearance_scores", "format_table", "main"]
 
 # (name, up-block resolutions that see the reference (None: all, (): none), share of steps (from, to))
 PROBE_SETTINGS = (

@@ -1,0 +1,81 @@
+"""Reference self-attention (how the toy model is taught to copy appearance, and what the
+appearance probe switches on), the reference pairs it trains on, and the probe itself."""
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from osa_lib.attention import LayerInfo
+from osa_lib.toy import world
+from osa_lib.toy.appearance import appearance_scores
+from osa_lib.toy.model import ToyPipeline
+from osa_lib.toy.reference import ReferenceSelfAttention, ReferenceState
+
+HW, N, C, HEADS = (4, 4), 16, 8, 2
+LAYER = LayerInfo("up_blocks.0.attentions.0.transformer_blocks.0.attn1.processor", "up", 0, "self", 1)
+
+
+@pytest.fixture(scope="module")
+def attn():
+    torch.manual_seed(0)
+    return Attention(query_dim=C, heads=HEADS, dim_head=C // HEADS).eval()
+
+
+def by_hand(attn, x, keys_from, allowed):
+    """Row b's output: softmax over its own tokens and the partner's (columns where allowed)."""
+    q = attn.to_q(x).view(3, N, HEADS, -1).transpose(1, 2)  # (B, heads, N, d)
+    k = attn.to_k(x).view(3, N, HEADS, -1).transpose(1, 2)
+    v = attn.to_v(x).view(3, N, HEADS, -1).transpose(1, 2)
+    rows = []
+    for b in range(3):
+        keys = torch.cat([k[b], k[keys_from[b]]], dim=1)  # (heads, 2N, d)
+        values = torch.cat([v[b], v[keys_from[b]]], dim=1)
+        logits = q[b] @ keys.transpose(-1, -2) / (C // HEADS) ** 0.5  # (heads, N, 2N)
+        logits = logits.masked_fill(~allowed[b], float("-inf"))
+        rows.append((logits.softmax(-1) @ values).transpose(0, 1).reshape(N, C))
+    return attn.to_out[0](torch.stack(rows))
+
+
+def test_without_partners_it_is_the_stock_processor(attn):
+    x = torch.randn(3, N, C, generator=torch.Generator().manual_seed(1))
+    state = ReferenceState(partner=torch.tensor([-1, -1, -1]), ref_mask=torch.ones(3, 4, 4))
+    assert torch.equal(ReferenceSelfAttention(LAYER, state, HW)(attn, x), AttnProcessor2_0()(attn, x))
+
+
+def test_partner_tokens_inside_the_masks_only(attn):
+    x = torch.randn(3, N, C, generator=torch.Generator().manual_seed(2))
+    ref_mask = torch.zeros(3, 4, 4)
+    ref_mask[1, :2] = 1.0  # row 1 sees the top half of row 2's tokens
+    query_mask = torch.zeros(3, 4, 4)
+    query_mask[1, :, :2] = 1.0  # from its left half only
+    state = ReferenceState(partner=torch.tensor([-1, 2, -1]), ref_mask=ref_mask, query_mask=query_mask)
+    out = ReferenceSelfAttention(LAYER, state, HW)(attn, x)
+    allowed = torch.zeros(3, N, 2 * N, dtype=torch.bool)
+    allowed[:, :, :N] = True
+    seen = ref_mask[1].flatten().bool()  # (N,)
+    asking = query_mask[1].flatten().bool()
+    allowed[1, :, N:] = asking[:, None] & seen[None, :]
+    expected = by_hand(attn, x, [0, 2, 2], allowed)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[1], AttnProcessor2_0()(attn, x)[1])  # the partner changed row 1
+
+
+def test_a_pair_shares_one_character_in_every_detail_but_its_place():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        reference, target, i_ref, i_tgt = world.sample_pair(rng, exclude=world.HELD_OUT_TRIPLES)
+        a, b = reference.characters[i_ref], target.characters[i_tgt]
+        assert a.identity() == b.identity() and (a.shape, a.colour) == (b.shape, b.colour)
+        others = [c for k, c in enumerate(target.characters) if k != i_tgt]
+        assert all(c.shape != a.shape and c.colour != a.colour for c in others)
+        assert target.masks[i_tgt].any()
+
+
+def test_probe_rows_are_shares_and_no_reference_is_the_paired_baseline():
+    pipe = ToyPipeline.from_pretrained(world.__file__.rsplit("/osa_lib/", 1)[0] + "/data/toy_model")
+    settings = (("none", (), (0.0, 1.0)), ("up, all steps", None, (0.0, 1.0)))
+    rows = appearance_scores(pipe, n_samples=4, settings=settings, steps=3)
+    assert [r["setting"] for r in rows] == ["none", "up, all steps"]
+    for r in rows:
+        assert r["n"] == 4 and 0 <= r["drawn"] <= 1
+        assert all(np.isnan(r[k]) or 0 <= r[k] <= 1 for k in ("colour", "mark", "size"))
