@@ -324,3 +324,19 @@ def test_unet_run_without_the_step_callback_is_an_error(tiny, steps):
         with isolated_attention(tiny.unet, controller):
             tiny.generate(["a girl in the park"], [0], num_inference_steps=steps, progress=False)
     assert not any(type(p).__name__.startswith("Isolated") for p in tiny.unet.attn_processors.values())
+
+
+# --- what the bank stores: no warm-up steps, every k-th step, every k-th layer (issue 14) ----------
+@pytest.mark.parametrize("step_stride, layer_stride", [(1, 1), (2, 1), (1, 2), (3, 2)])
+def test_bank_stores_the_read_steps_and_layers_its_strides_keep(tiny, step_stride, layer_stride):
+    from osa_lib.attention import find_attention_layers
+    steps = 6  # warm-up ceil(0.2 * 6) = 2 steps: never read, so never stored
+    one_scene = parse_story({**STORY, "scenes": STORY["scenes"][:1]}, "bank-strides")
+    config = IsolationConfig(bank_step_stride=step_stride, bank_layer_stride=layer_stride)
+    bank = generate_story(tiny, one_scene, "isolated", config, num_inference_steps=steps, progress=False).bank
+    up_self = [l.name for l in find_attention_layers(tiny.unet, kind="self", places=("up",))]
+    assert len(up_self) > 2
+    stored = bank.tokens["Lily"]
+    assert {s for _, s in stored} == set(range(2, steps, step_stride))
+    assert {l for l, _ in stored} == set(up_self[::layer_stride])
+    assert len(stored) == len(range(2, steps, step_stride)) * len(up_self[::layer_stride])
