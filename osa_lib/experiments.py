@@ -11,9 +11,13 @@ import torch.nn.functional as F
 from .attention import AttentionStore, capture_attention
 from .masks import OVERLAP_RULES, subject_masks
 
-__all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_masks_vs_truth",
+__all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "detections", "character_masks_vs_truth",
            "mask_iou_records", "overlap_rule_table", "rule_verdict", "layer_table", "iou_over_steps",
-           "mixing_and_neglect"]
+           "mixing_and_neglect", "content_words", "mask_layer_iou", "mask_iou_summary", "lowest_iou",
+           "BINDING_OWN_SHARE", "binding_table", "binding_verdict", "overlap_rule_runs", "pooled_rule_scores",
+           "rule_rows", "first_overlapping", "rule_masks", "uncoloured_scene_prompts", "mean_and_sem", "StoryScorer",
+           "summary_rows", "summary_means", "lambda_sweep", "ablation_rows", "prompts_vs_attention", "iis_gain",
+           "carry_over", "detail_gains", "colour_kept_rows", "trio_summary"]
 
 
 @dataclass
@@ -47,15 +51,26 @@ def upsample_masks(masks: torch.Tensor, size: int) -> np.ndarray:
     return (F.interpolate(masks.float(), size=(size, size), mode="nearest") > 0.5).cpu().numpy()
 
 
-def character_masks_vs_truth(image: np.ndarray, shapes: list[str], masks: np.ndarray) -> list[dict]:
+def detections(image: np.ndarray) -> list:
+    """The analyzer's confident detections in one toy image (score >= ``MIN_SCORE``). Read once
+    per image and pass to ``character_masks_vs_truth``: the analyzer is the slow part of scoring."""
+    from .toy.analyzer import analyze_image
+    from .toy.evaluate import MIN_SCORE
+    return [d for d in analyze_image(image) if d.score >= MIN_SCORE]
+
+
+def character_masks_vs_truth(image: np.ndarray, shapes: list[str], masks: np.ndarray,
+                             detected: list | None = None) -> list[dict]:
     """IoU of each character's mask (M, H, W) with the analyzer's mask of the same shape.
 
     A character the analyzer cannot find in the image gets ``iou=None`` (not 0): the mask
     cannot be judged when the model did not draw the character.
+
+    Args:
+        detected: ``detections(image)`` when already read (scoring many masks of one image).
     """
-    from .toy.analyzer import analyze_image, mask_iou
-    from .toy.evaluate import MIN_SCORE
-    detected = [d for d in analyze_image(image) if d.score >= MIN_SCORE]
+    from .toy.analyzer import mask_iou
+    detected = detections(image) if detected is None else detected
     rows = []
     for m, shape in enumerate(shapes):
         candidates = [d for d in detected if d.shape == shape]
@@ -91,11 +106,12 @@ def overlap_rule_table(run: CapturedRun, rules=OVERLAP_RULES, only_overlapping: 
     overlapping = (base.raw_masks.sum(1) > 1).flatten(1).any(1)  # (B,)
     chosen = [b for b in range(len(run.prompts)) if overlapping[b] or not only_overlapping]
     table = {"n_images": len(chosen), "images": chosen, "rules": {}}
+    found = {b: detections(run.images[b]) for b in chosen}  # the analyzer once per image, for every rule
     for rule in rules:
         masks = upsample_masks(subject_masks(A, rule=rule).masks, run.images.shape[1])
         per_image = []
         for b in chosen:
-            ious = [r["iou"] for r in character_masks_vs_truth(run.images[b], run.words[b], masks[b])]
+            ious = [r["iou"] for r in character_masks_vs_truth(run.images[b], run.words[b], masks[b], found[b])]
             if all(i is not None for i in ious):  # both characters drawn: the rule can be judged
                 per_image.append(float(np.mean(ious)))
             else:
@@ -132,12 +148,13 @@ def layer_table(run: CapturedRun, image_index: int = 0) -> list[dict]:
     """Per recorded layer: place, block, resolution and (toy) each word's Otsu-mask IoU vs the analyzer."""
     rows = []
     size = run.images.shape[1]
+    found = detections(run.images[image_index])  # the analyzer once, for every layer
     for layer, maps in run.store.average_maps().items():
         result = subject_masks(maps[image_index:image_index + 1])
         masks = upsample_masks(result.masks, size)[0]
         row = {"layer": layer.name.replace(".processor", ""), "place": layer.place, "block": layer.block,
                "resolution": layer.resolution(run.store.latent_hw)[0]}
-        for m, r in enumerate(character_masks_vs_truth(run.images[image_index], run.words[image_index], masks)):
+        for m, r in enumerate(character_masks_vs_truth(run.images[image_index], run.words[image_index], masks, found)):
             row[f"IoU {r['shape']!r}"] = None if r["iou"] is None else round(r["iou"], 2)
         rows.append(row)
     return rows
@@ -147,6 +164,7 @@ def iou_over_steps(run: CapturedRun, rule: str = "lower_cv") -> dict:
     """Mean IoU vs the analyzer at every step, for masks from that step's maps alone and from the
     running mean of maps over steps 0..t (the method's choice). Needs ``keep_steps=True``."""
     steps = sorted(run.store.per_step)
+    found = [detections(image) for image in run.images]  # the analyzer once per image, not once per step
     single, running, total = [], [], None
     for t in steps:
         A_t = run.store.mask_maps(step=t)  # (B, M, h, w)
@@ -154,7 +172,8 @@ def iou_over_steps(run: CapturedRun, rule: str = "lower_cv") -> dict:
         for series, A in ((single, A_t), (running, total / (t + 1))):
             masks = upsample_masks(subject_masks(A, rule=rule).masks, run.images.shape[1])
             ious = [r["iou"] for b in range(len(run.prompts))
-                    for r in character_masks_vs_truth(run.images[b], run.words[b], masks[b]) if r["iou"] is not None]
+                    for r in character_masks_vs_truth(run.images[b], run.words[b], masks[b], found[b])
+                    if r["iou"] is not None]
             series.append(float(np.mean(ious)) if ious else float("nan"))
     return {"steps": steps, "single_step": single, "running_mean": running}
 
@@ -187,3 +206,268 @@ def mixing_and_neglect(backbone, story, n_seeds: int, config=None, seed_stride: 
                          "isolated image": results["isolated"].scenes[index].image,
                          "isolated masks": results["isolated"].scenes[index].masks})
     return rows
+
+
+# --- What the notebooks tabulate (issue 16: notebooks hold no logic) -------------------------------
+
+def content_words(prompt: str, function_words=("a", "and", "in", "the")) -> list[str]:
+    """The words of a prompt whose maps are worth drawing: all but the toy grammar's function words."""
+    return [w for w in prompt.split() if w.lower() not in function_words]
+
+
+def mask_layer_iou(run: CapturedRun, words: list[str]) -> dict[str, list[float | None]]:
+    """Per word, the Otsu-mask IoU of every layer at the mask resolution (``layer_table``'s rows at
+    ``store.mask_resolution()``); None where the analyzer found no such shape."""
+    resolution = run.store.mask_resolution()
+    rows = [r for r in layer_table(run) if r["resolution"] == resolution]
+    return {w: [r[f"IoU {w!r}"] for r in rows] for w in words}
+
+
+def mask_iou_summary(records: list[dict], target: float = 0.5) -> dict:
+    """Mean and median IoU of the drawn characters of ``mask_iou_records`` and the share at or over
+    ``target``. A character the model did not draw (``iou`` None) is counted, never scored."""
+    ious = np.array([r["iou"] for r in records if r["iou"] is not None], float)  # (drawn,)
+    nan = float("nan")
+    return {"characters": len(records), "drawn (scored)": len(ious),
+            "mean IoU": float(ious.mean()) if len(ious) else nan,
+            "median IoU": float(np.median(ious)) if len(ious) else nan,
+            f"IoU >= {target}": float((ious >= target).mean()) if len(ious) else nan, "target mean": target}
+
+
+def lowest_iou(records: list[dict], k: int = 4) -> list[dict]:
+    """The ``k`` worst records of ``mask_iou_records``, characters the model did not draw first."""
+    return sorted(records, key=lambda r: -1.0 if r["iou"] is None else r["iou"])[:k]
+
+
+BINDING_OWN_SHARE = 0.6
+"""Own share under which a word's maps do not tell two characters apart (``toy.binding``). With own
+share s the other character receives (1 - s) / s of the mass the word's own one does: under 0.6
+that is more than two thirds, so no threshold over the map keeps one character and drops the
+other. 0.5 is no binding at all; the shipped model's up-block shape words sit near it."""
+
+
+def binding_table(probe: list[dict]) -> list[dict]:
+    """``toy.binding.binding_scores`` rows averaged over timesteps: one row per (layers, word kind)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in probe:
+        groups.setdefault((r["place"], r["resolution"], r["word"]), []).append(r)
+    return [{"layers": f"{place} {res}×{res}", "word": word,
+             "own share": float(np.mean([r["own_share"] for r in rows])), "Otsu IoU": float(np.mean([r["iou"] for r in rows]))}
+            for (place, res, word), rows in sorted(groups.items())]
+
+
+def binding_verdict(probe: list[dict], threshold: float = BINDING_OWN_SHARE) -> tuple[float, str]:
+    """Own share of shape words in the up-block layers the masks come from (the smallest up
+    resolution), and whether the maps tell the characters apart (``BINDING_OWN_SHARE``)."""
+    smallest = min(r["resolution"] for r in probe if r["place"] == "up")
+    share = float(np.mean([r["own_share"] for r in probe
+                           if r["place"] == "up" and r["word"] == "shape" and r["resolution"] == smallest]))
+    if share < threshold:
+        return share, "so the mask maps do not tell the two characters apart: the overlap rule has nothing to split them by"
+    return share, "so the mask maps do tell the characters apart"
+
+
+def overlap_rule_runs(backbone, prompts: list[str], words: list[list[str]], first_seed: int, batch_size: int = 32,
+                      **kwargs) -> tuple[list[CapturedRun], list[dict]]:
+    """``generate_with_maps`` in batches of ``batch_size`` (seeds ``first_seed + i``) and each batch's
+    ``overlap_rule_table``; a batch's maps are dropped from memory only with its run."""
+    runs, tables = [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk = slice(i, i + batch_size)
+        run = generate_with_maps(backbone, prompts[chunk], words[chunk],
+                                 list(range(first_seed + i, first_seed + i + len(prompts[chunk]))), **kwargs)
+        runs.append(run)
+        tables.append(overlap_rule_table(run))
+    return runs, tables
+
+
+def pooled_rule_scores(tables: list[dict], rules=OVERLAP_RULES) -> dict[str, list[float]]:
+    """Per rule, the per-scene IoUs of all ``overlap_rule_table``s, scenes where a character was not
+    drawn left out (the same scenes for every rule, in the same order: paired)."""
+    return {rule: [v for t in tables for v in t["rules"][rule]["per_image"] if v is not None] for rule in rules}
+
+
+def rule_rows(per_rule: dict[str, list[float]]) -> list[dict]:
+    """One row per overlap rule: scenes scored, mean and standard deviation of the IoU."""
+    nan = float("nan")
+    return [{"rule": rule, "scenes scored": len(v), "mean IoU": float(np.mean(v)) if v else nan,
+             "std": float(np.std(v)) if v else nan} for rule, v in per_rule.items()]
+
+
+def first_overlapping(runs: list[CapturedRun], tables: list[dict]) -> tuple[CapturedRun, int]:
+    """The run and image index of the first scene with overlapping masks (else the first scene)."""
+    for run, table in zip(runs, tables):
+        if table["images"]:
+            return run, table["images"][0]
+    return runs[0], 0
+
+
+def rule_masks(run: CapturedRun, index: int, rules=OVERLAP_RULES) -> dict[str, np.ndarray]:
+    """Image ``index``'s masks (M, H, W) under each overlap rule, at image size."""
+    A = run.store.mask_maps()[index:index + 1]  # (1, M, h, w)
+    return {rule: upsample_masks(subject_masks(A, rule=rule).masks, run.images.shape[1])[0] for rule in rules}
+
+
+# --- Stories over seeds, each generation made once -------------------------------------------------
+
+def uncoloured_scene_prompts(story):
+    """The toy story with every colour word taken out of its scene prompts, read through the toy
+    grammar ("a red circle and a blue square in the snow" -> "a circle and a square in the snow");
+    ID prompts keep theirs. Works for any toy story; a prompt outside the grammar raises
+    ``ToyGrammarError`` naming it."""
+    import dataclasses
+    from .toy.world import parse_caption
+    scenes = []
+    for scene in story.scenes:
+        parsed = parse_caption(scene.prompt)
+        prompt = "a " + " and a ".join(c["shape"] for c in parsed["characters"]) + f" in the {parsed['scene']}"
+        scenes.append(dataclasses.replace(scene, prompt=prompt))
+    return dataclasses.replace(story, scenes=scenes)
+
+
+def mean_and_sem(rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """Per key of per-seed metric dicts: (mean, standard error) over the seeds where it is a number."""
+    out = {}
+    for key in rows[0]:
+        values = np.array([r[key] for r in rows], float)
+        values = values[~np.isnan(values)]
+        sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+        out[key] = (float(values.mean()) if len(values) else float("nan"), sem)
+    return out
+
+
+class StoryScorer:
+    """Stories generated over seeds (the story shifted by k·``seed_stride``, as ``compare_methods``)
+    and scored with the toy metrics, each (story, method, config, seed) generated and read by the
+    analyzer once, however many tables ask for it.
+
+    Vanilla and CSA images do not depend on ``IsolationConfig`` (it only makes recorded masks,
+    which the scorer does not ask for), so they are shared between configs; isolated runs are
+    keyed by their config. ``generations`` counts the stories actually generated.
+    """
+
+    BASIC = ("IIS-toy", "colour kept", "attribute accuracy", "mixing rate", "TIS-toy", "seconds per scene")
+
+    def __init__(self, backbone, n_seeds: int, seed_stride: int = 1000, **generate_kwargs):
+        self.backbone, self.n_seeds, self.seed_stride = backbone, n_seeds, seed_stride
+        self.generate_kwargs = generate_kwargs
+        self._results: dict[tuple, object] = {}
+        self._metrics: dict[tuple, dict] = {}
+        self.generations = 0
+
+    def _key(self, story, method: str, config, k: int) -> tuple:
+        from .isolation import IsolationConfig
+        return (repr(story), method, repr(config or IsolationConfig()) if method == "isolated" else None, k)
+
+    def result(self, story, method: str, config=None, k: int = 0):
+        """The ``StoryResult`` of ``method`` on the story shifted by ``k`` seed strides."""
+        from .story import generate_story
+        key = self._key(story, method, config, k)
+        if key not in self._results:
+            self._results[key] = generate_story(self.backbone, story.with_seed_offset(k * self.seed_stride), method,
+                                                config=config, progress=False, **self.generate_kwargs)
+            self.generations += 1
+        return self._results[key]
+
+    def seed_metrics(self, story, method: str, config=None, k: int = 0) -> dict:
+        """``toy_story_metrics`` (with details) of one seed."""
+        from .metrics import toy_story_metrics
+        key = self._key(story, method, config, k)
+        if key not in self._metrics:
+            shifted = story.with_seed_offset(k * self.seed_stride)
+            self._metrics[key] = toy_story_metrics(shifted, self.result(story, method, config, k), details=True)
+        return self._metrics[key]
+
+    def summary(self, story, methods=("vanilla", "csa", "isolated"), config=None, details: bool = False) -> dict:
+        """``{method: {metric: (mean, standard error)}}`` over the seeds (``compare_methods``'s shape)."""
+        out = {}
+        for method in methods:
+            rows = [self.seed_metrics(story, method, config, k) for k in range(self.n_seeds)]
+            if not details:
+                rows = [{key: r[key] for key in self.BASIC} for r in rows]
+            out[method] = mean_and_sem(rows)
+        return out
+
+    def score(self, story, config=None, methods=("isolated",), details: bool = False) -> dict[str, dict[str, float]]:
+        """``{method: {metric: mean over seeds}}``."""
+        return {m: {k: v[0] for k, v in s.items()} for m, s in self.summary(story, methods, config, details).items()}
+
+
+def summary_rows(summaries: dict[str, dict], methods=("vanilla", "csa", "isolated")) -> list[dict]:
+    """One row per (story, method) of ``{story: summary}``: each metric as "mean ± standard error"."""
+    from pathlib import Path
+    return [{"story": Path(story).stem, "method": m, **{k: f"{v[0]:.1f} ± {v[1]:.1f}" for k, v in summary[m].items()}}
+            for story, summary in summaries.items() for m in methods]
+
+
+def summary_means(summaries: dict[str, dict], methods=("vanilla", "csa", "isolated")) -> dict[str, dict[str, float]]:
+    """``{"<story> / <method>": {metric: mean}}``: the numbers behind ``summary_rows``."""
+    from pathlib import Path
+    return {f"{Path(story).stem} / {m}": {k: v[0] for k, v in summary[m].items()}
+            for story, summary in summaries.items() for m in methods}
+
+
+def _pick(metrics: dict, keys, suffix: str) -> dict:
+    return {f"{k} ({suffix})": metrics[k] for k in keys}
+
+
+def lambda_sweep(scorer: StoryScorer, single, pair, lams) -> list[dict]:
+    """Isolated attention at each λ: identity and text fidelity on ``single``, mixing and attributes on ``pair``."""
+    from .isolation import IsolationConfig
+    return [{"λ": lam, **_pick(scorer.score(single, IsolationConfig(lam=lam))["isolated"], ("IIS-toy", "TIS-toy"), "single"),
+             **_pick(scorer.score(pair, IsolationConfig(lam=lam))["isolated"], ("mixing rate", "attribute accuracy"), "pair")}
+            for lam in lams]
+
+
+def ablation_rows(scorer: StoryScorer, single, pair, variants: dict) -> list[dict]:
+    """Per named ``IsolationConfig``: identity on ``single``, identity and mixing on ``pair``."""
+    return [{"variant": name, **_pick(scorer.score(single, cfg)["isolated"], ("IIS-toy",), "single"),
+             **_pick(scorer.score(pair, cfg)["isolated"], ("IIS-toy", "mixing rate"), "pair")}
+            for name, cfg in variants.items()]
+
+
+def prompts_vs_attention(scorer: StoryScorer, story) -> list[dict]:
+    """Vanilla and isolated on the story as written ("refined prompts") and with the colour words
+    taken out of its scene prompts ("raw prompts", ``uncoloured_scene_prompts``)."""
+    rows = []
+    for label, variant in (("refined prompts", story), ("raw prompts", uncoloured_scene_prompts(story))):
+        for method, metrics in scorer.score(variant, methods=("vanilla", "isolated")).items():
+            rows.append({"prompts": label, "method": method, **{k: v for k, v in metrics.items() if k != "mixing rate"}})
+    return rows
+
+
+def iis_gain(rows: list[dict]) -> dict[str, float]:
+    """Per prompt variant of ``prompts_vs_attention``: isolated's IIS-toy minus vanilla's."""
+    by = {(r["prompts"], r["method"]): r["IIS-toy"] for r in rows}
+    return {label: by[(label, "isolated")] - by[(label, "vanilla")] for label in dict.fromkeys(r["prompts"] for r in rows)}
+
+
+def carry_over(scorer: StoryScorer, stories: dict, methods=("vanilla", "csa", "isolated")) -> list[dict]:
+    """IIS-toy per identity detail (hue, brightness, size, mark) per story and method."""
+    from .metrics import IDENTITY_DETAILS
+    return [{"story": label, "method": method, **{d: metrics[f"IIS-toy {d}"] for d in IDENTITY_DETAILS}}
+            for label, story in stories.items()
+            for method, metrics in scorer.score(story, methods=methods, details=True).items()]
+
+
+def detail_gains(carry: list[dict]) -> dict[str, dict[str, float]]:
+    """Per story of ``carry_over``: isolated minus vanilla per identity detail."""
+    from .metrics import IDENTITY_DETAILS
+    by = {(r["story"], r["method"]): r for r in carry}
+    return {story: {d: by[(story, "isolated")][d] - by[(story, "vanilla")][d] for d in IDENTITY_DETAILS}
+            for story in dict.fromkeys(r["story"] for r in carry)}
+
+
+def colour_kept_rows(scorer: StoryScorer, stories: dict, methods=("vanilla", "csa", "isolated")) -> list[dict]:
+    """Colour kept, IIS-toy and mixing rate per story and method."""
+    return [{"story": label, "method": method, **{k: metrics[k] for k in ("colour kept", "IIS-toy", "mixing rate")}}
+            for label, story in stories.items() for method, metrics in scorer.score(story, methods=methods).items()]
+
+
+def trio_summary(scenes: list[dict]) -> dict:
+    """Counts over ``mixing_and_neglect``'s three-character scenes."""
+    three = [r for r in scenes if r["characters"] == 3]
+    mixed = [r for r in three if r["isolated mixed"]]
+    return {"three-character scenes": len(three), "vanilla leaves one out": sum(bool(r["vanilla left out"]) for r in three),
+            "vanilla mixed": sum(r["vanilla mixed"] for r in three), "isolated mixed": len(mixed),
+            "isolated mixed where vanilla left one out": sum(bool(r["vanilla left out"]) for r in mixed)}

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["markdown_table", "figures_dir", "claims_dir", "record_claims", "save_figure", "image_grid", "overlay", "plot_word_maps", "plot_map_grid", "plot_otsu",
-           "comic_strip"]
+           "comic_strip", "wrap_caption", "plot_iou_over_steps", "plot_iou_histogram", "failure_grid", "plot_binding",
+           "rule_boxplot", "rule_example", "plot_lambda_sweep", "plot_identity_details", "mixing_grid", "show_layer_map",
+           "map_explorer", "results_header", "write_results"]
 
 MASK_COLOURS = np.array([[1.0, 0.2, 0.2], [0.2, 0.5, 1.0], [0.2, 0.9, 0.3], [1.0, 0.8, 0.1]])
 
@@ -158,19 +160,29 @@ def plot_otsu(a_hat: np.ndarray, threshold: float, mask: np.ndarray, truth: np.n
     return fig
 
 
+def wrap_caption(text: str, width_inches: float, fontsize: float = 6) -> str:
+    """``text`` broken into lines that fit a column ``width_inches`` wide at ``fontsize`` points
+    (an average character is about 0.55 em wide), so neighbouring titles do not overlap."""
+    import textwrap
+    chars = max(8, int(width_inches * 72 / (0.55 * fontsize)))
+    return textwrap.fill(text, width=chars)
+
+
 def comic_strip(rows: dict[str, list[np.ndarray]], captions: list[str], size: float = 1.6, title: str = ""):
     """Rows of scene images (method name -> images), scene prompts as column titles."""
     import matplotlib.pyplot as plt
     names = list(rows)
     cols = len(captions)
-    fig, axes = plt.subplots(len(names), cols, figsize=(size * cols + 0.8, size * len(names) + 0.6), squeeze=False)
+    lines = max(wrap_caption(c, size).count("\n") + 1 for c in captions)
+    fig, axes = plt.subplots(len(names), cols, figsize=(size * cols + 0.8, size * len(names) + 0.4 + 0.12 * lines),
+                             squeeze=False)
     for r, name in enumerate(names):
         for c in range(cols):
             ax = axes[r, c]
             ax.imshow(rows[name][c], interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
-            if r == 0:
-                ax.set_title(captions[c], fontsize=6, wrap=True)
+            if r == 0:  # wrapped to the column: matplotlib's wrap=True wraps at the figure's edge only
+                ax.set_title(wrap_caption(captions[c], size), fontsize=6)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
     if title:
@@ -191,3 +203,149 @@ def markdown_table(rows: list[dict], digits: int = 2) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# --- Figures the notebooks draw (issue 16: notebooks hold no logic) --------------------------------
+
+def plot_iou_over_steps(curve: dict):
+    """``experiments.iou_over_steps``: mean IoU per step, one step's map vs the running mean."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    steps = np.array(curve["steps"]) + 1
+    ax.plot(steps, curve["single_step"], "o-", label="this step's map only")
+    ax.plot(steps, curve["running_mean"], "s-", label="running mean over steps (method)")
+    ax.set_xlabel("denoising step"), ax.set_ylabel("mean mask IoU vs analyzer"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_iou_histogram(records: list[dict], target: float = 0.5):
+    """Histogram of the drawn characters' mask IoUs with the target line."""
+    import matplotlib.pyplot as plt
+    ious = [r["iou"] for r in records if r["iou"] is not None]
+    fig, ax = plt.subplots(figsize=(4.5, 2.5))
+    ax.hist(ious, bins=np.linspace(0, 1, 21), color="steelblue")
+    ax.axvline(target, color="crimson", ls="--", label=f"target {target}")
+    ax.set_xlabel("mask IoU"), ax.set_ylabel("characters"), ax.legend(fontsize=8)
+    return fig
+
+
+def failure_grid(images: np.ndarray, records: list[dict]):
+    """Each record's image with the method's mask over it, titled with its IoU and reason."""
+    panels = [overlay(images[r["image"]], r["mask"][None]) for r in records]
+    titles = [f"{r['word']}: IoU {'n/a (not drawn)' if r['iou'] is None else format(r['iou'], '.2f')}"
+              + (f"\n{r['reason']}" if r["reason"] else "") for r in records]
+    return image_grid(panels, titles, suptitle="lowest IoU (red: the mask)", size=2.0)
+
+
+def plot_binding(table: list[dict]):
+    """``experiments.binding_table``: own share per layer group, shape and colour words side by side."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 2.6))
+    labels = sorted({row["layers"] for row in table})
+    for k, word in enumerate(("shape", "colour")):
+        share = {row["layers"]: row["own share"] for row in table if row["word"] == word}
+        ax.bar(np.arange(len(labels)) + 0.38 * k, [share[l] for l in labels], width=0.38, label=f"{word} word")
+    ax.axhline(0.5, color="k", ls=":", lw=1, label="no binding (0.5)")
+    ax.set_xticks(np.arange(len(labels)) + 0.19, labels, fontsize=8), ax.set_ylim(0, 1), ax.set_ylabel("own share")
+    ax.legend(fontsize=7, loc="upper right")
+    return fig
+
+
+def rule_boxplot(per_rule: dict[str, list[float]]):
+    """Per-scene IoU of each overlap rule."""
+    import matplotlib.pyplot as plt
+    names = {"lower_cv": "lower CV\n(paper)", "higher_cv": "higher CV", "argmax": "argmax Â"}
+    fig, ax = plt.subplots(figsize=(4.5, 2.6))
+    ax.boxplot(list(per_rule.values()), showmeans=True)
+    ax.set_xticks(range(1, len(per_rule) + 1), [names.get(r, r) for r in per_rule])
+    ax.set_ylabel("mean IoU of the two masks"), ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def rule_example(image: np.ndarray, prompt: str, masks: dict[str, np.ndarray]):
+    """One scene, then its masks under each overlap rule (``experiments.rule_masks``)."""
+    panels = [image] + [overlay(image, m) for m in masks.values()]
+    return image_grid(panels, [prompt.replace(" and ", "\nand ")] + list(masks), size=2.0)
+
+
+def plot_lambda_sweep(sweep: list[dict], paper_lam: float = 1.1):
+    """``experiments.lambda_sweep``: every metric against λ, the paper's choice dotted."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    for key in sweep[0]:
+        if key != "λ":
+            ax.plot([r["λ"] for r in sweep], [r[key] for r in sweep], "o-", label=key)
+    ax.axvline(paper_lam, color="0.6", ls=":"), ax.set_xlabel("λ"), ax.set_ylabel("%"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_identity_details(carry: list[dict], details=("hue", "brightness", "size", "mark")):
+    """``experiments.carry_over``: IIS-toy per detail, one panel per story, one bar per method."""
+    import matplotlib.pyplot as plt
+    stories = list(dict.fromkeys(r["story"] for r in carry))
+    fig, axes = plt.subplots(1, len(stories), figsize=(4 * len(stories), 2.8), sharey=True, squeeze=False)
+    for ax, label in zip(axes[0], stories):
+        rows = [r for r in carry if r["story"] == label]
+        for k, r in enumerate(rows):
+            ax.bar(np.arange(len(details)) + 0.27 * (k - 1), [r[d] for d in details], 0.27, label=r["method"])
+        ax.set_xticks(range(len(details)), details), ax.set_title(f"{label} story"), ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_ylabel("IIS-toy per detail (%)"), axes[0, -1].legend(fontsize=7)
+    return fig
+
+
+def mixing_grid(rows: list[dict], colours=("red", "blue", "green")):
+    """Per mixed scene of ``experiments.mixing_and_neglect``: vanilla's image, isolated's, its masks."""
+    panels = [p for r in rows for p in (r["vanilla image"], r["isolated image"], overlay(r["isolated image"], r["isolated masks"]))]
+    titles = [t for r in rows for t in (f"vanilla (left out: {', '.join(r['vanilla left out']) or 'none'})", "isolated: mixed",
+                                       "masks: " + ", ".join(f"{n} {c}" for n, c in zip(r["names"], colours)))]
+    return image_grid(panels, titles, ncols=3, size=2.2)
+
+
+def show_layer_map(store, labels: list[str], words: list[str], layer_index: int = 0, step: int = 0, word: str | None = None):
+    """One layer's map of one word at one step (``store`` kept per step), drawn inline."""
+    import matplotlib.pyplot as plt
+    word = word or words[0]
+    layer = list(store.average_maps())[layer_index]
+    amap = store.per_step[step][layer][0, words.index(word)].numpy()  # (h, w)
+    plt.figure(figsize=(2.4, 2.4)), plt.imshow(amap, cmap="magma"), plt.axis("off")
+    plt.title(f"{labels[layer_index]}, step {step + 1}, {word!r}", fontsize=8), plt.show()
+
+
+def map_explorer(store, labels: list[str], words: list[str], steps: int):
+    """Sliders for layer, step and word over ``show_layer_map`` (draws its first state headless)."""
+    import ipywidgets as widgets
+
+    def show(layer_index=0, step=0, word=words[0]):  # interact needs a named function, not a partial
+        show_layer_map(store, labels, words, layer_index, step, word)
+    return widgets.interact(show,
+                            layer_index=widgets.IntSlider(0, 0, len(labels) - 1),
+                            step=widgets.IntSlider(0, 0, steps - 1), word=words)
+
+
+def results_header(command: str) -> str:
+    """The provenance line of a results file: the command, the commit and the machine it ran on."""
+    import platform
+    import subprocess
+    import torch
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()
+        commit += " (with uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    return (f"Written by `{command}` at commit {commit} on {platform.node() or 'an unnamed machine'} "
+            f"({device}, {platform.system()}, torch {torch.__version__}). Do not edit by hand: re-run the command.")
+
+
+def write_results(path, title: str, body: str, command: str) -> Path:
+    """Write a Markdown results file: title, provenance (``results_header``), then ``body``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"# {title}\n\n{results_header(command)}\n\n{body.rstrip()}\n")
+    os.replace(tmp, path)
+    return path
