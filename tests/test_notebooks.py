@@ -83,8 +83,10 @@ def check_02(c):
     assert curve[-1] == c["mean_iou"] and curve[-1] > curve[0] + 0.05
     share = c["binding_own_share_up_shape"]
     assert in_range(share, 0, 1)
+    from osa_lib.experiments import BINDING_OWN_SHARE
     assert c["binding_verdict"] == ("so the mask maps do not tell the two characters apart: the overlap rule has "
-                                    "nothing to split them by" if share < 0.6 else "so the mask maps do tell the characters apart")
+                                    "nothing to split them by" if share < BINDING_OWN_SHARE
+                                    else "so the mask maps do tell the characters apart")
 
 
 def check_03(c):
@@ -101,6 +103,8 @@ def check_04(c):
     assert c["first_scene_isolated_equals_vanilla"]
     assert c["bank_characters"] == c["story_characters"]
     assert c["fallbacks"] >= 0
+    # the comic strip and the attribute test are seed 0 of the metrics table: shared, not generated again
+    assert c["generations"] == 3 * c["seeds"], c["generations"]
     assert {key.split(" / ")[1] for key in c["metrics"]} == {"vanilla", "csa", "isolated"}
     for key, metrics in c["metrics"].items():
         for name, value in metrics.items():
@@ -127,6 +131,14 @@ def check_05(c):
         assert in_range(r["drawn"], 0, 1) and r["n"] > 0, r
         assert all(in_range(r[k], 0, 1) or (r["drawn"] == 0 and math.isnan(r[k])) for k in ("colour", "mark", "size")), r
     assert {r["method"] for r in c["uncoloured"]} == {"vanilla", "csa", "isolated"}
+    if len(sweep) == 2 and len(c["ablation"]) == 2:  # the quick run: λ in (0, 0.5), two ablation variants
+        # sections share generations: λ sweep 2×2, ablation 2×2 (λ = 1.1 is not in the quick sweep),
+        # raw prompts 2, vanilla single, carry-over 3 new (CSA single, vanilla and CSA pair), uncoloured
+        # single 3 = 17 story runs per seed (21 when every section generated its own)
+        assert c["generations"] == 17 * c["seeds"], c["generations"]
+    for story, gains in c["detail_gains"].items():
+        by = {r["method"]: r for r in c["carry_over"] if r["story"] == story}
+        assert all(math.isclose(g, by["isolated"][d] - by["vanilla"][d], abs_tol=1e-9) for d, g in gains.items())
     for r in c["uncoloured"]:
         # NaN only where nothing can be counted: a character drawn once, no multi-character scene
         assert all(in_range(r[k], 0, 100) or missing(r[k]) for k in ("colour kept", "IIS-toy", "mixing rate")), r
