@@ -30,7 +30,7 @@ from pathlib import Path
 import nbformat
 import papermill
 
-__all__ = ["RunnerError", "notebooks", "declared_parameters", "quick_replaces", "parse_value", "plan", "main"]
+__all__ = ["RunnerError", "notebooks", "declared_parameters", "quick_replaces", "parse_value", "plan", "timing_table", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -165,12 +165,23 @@ def main(argv: list[str] | None = None) -> None:
         runs = plan(args.names, args.p, args.quick)
     except RunnerError as error:
         sys.exit(f"run_notebooks: {error}")
+    times = {}
     for path, parameters in runs:
         print(f"running {path.name} with {parameters} ...", flush=True)
         missing = sorted({n for n, _ in args.p} - set(parameters))
         if missing:
             print(f"  note: {path.stem} declares no {missing}; it runs without them", flush=True)
-        print(f"  done in {run(path, parameters, args.out):.0f} s -> {args.out / path.name}", flush=True)
+        times[path.stem] = run(path, parameters, args.out)
+        print(f"  done in {times[path.stem]:.0f} s -> {args.out / path.name}", flush=True)
+    print(timing_table(times), flush=True)
+
+
+def timing_table(times: dict[str, float]) -> str:
+    """Per-notebook wall-clock seconds and their total, as printed at the end of the main job."""
+    width = max([len(n) for n in times] + [len("total")])
+    lines = ["notebook times:"] + [f"  {n:<{width}}  {s:6.0f} s" for n, s in times.items()]
+    total = sum(times.values())
+    return "\n".join(lines + [f"  {'total':<{width}}  {total:6.0f} s ({total / 60:.1f} min)"])
 
 
 if __name__ == "__main__":

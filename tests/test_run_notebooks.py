@@ -65,3 +65,11 @@ def test_quick_never_overrides_an_explicit_parameter(ran):
     runner.main(["04", "--quick", "-p", "story_file", "x.yaml"])  # quick draws story_file itself
     assert [params for _, params in ran] == [{"seed": 4, "quick": True}, {"quick": False},
                                              {"story_file": "x.yaml", "quick": True}]
+
+
+def test_the_main_job_ends_with_per_notebook_times_and_their_total():
+    table = runner.timing_table({"01_cross_attention": 40.2, "05_open_questions": 219.6})
+    lines = table.splitlines()
+    assert lines[0] == "notebook times:"
+    assert lines[1].split() == ["01_cross_attention", "40", "s"] and lines[2].split() == ["05_open_questions", "220", "s"]
+    assert lines[3].split() == ["total", "260", "s", "(4.3", "min)"]
