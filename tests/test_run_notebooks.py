@@ -53,8 +53,8 @@ def test_lists_are_passed_the_way_the_notebook_declares_them(ran):
 
 def test_a_parameter_goes_only_to_the_notebooks_that_declare_it(ran):
     runner.main(["01", "03", "-p", "backbone_name", "sdxl-tiny", "-p", "seed", "4"])
-    assert ran == [("01_cross_attention", {"backbone_name": "sdxl-tiny", "seed": 4}),
-                   ("03_cv_overlap", {"seed": 4})]
+    assert sorted(ran) == [("01_cross_attention", {"backbone_name": "sdxl-tiny", "seed": 4}),
+                           ("03_cv_overlap", {"seed": 4})]
 
 
 def test_quick_never_overrides_an_explicit_parameter(ran):
@@ -73,3 +73,14 @@ def test_the_main_job_ends_with_per_notebook_times_and_their_total():
     assert lines[0] == "notebook times:"
     assert lines[1].split() == ["01_cross_attention", "40", "s"] and lines[2].split() == ["05_open_questions", "220", "s"]
     assert lines[3].split() == ["total", "260", "s", "(4.3", "min)"]
+
+
+def test_every_notebook_runs_once_whether_one_or_two_at_a_time(ran, capsys):
+    runner.main(["--jobs", "1"])
+    in_order = list(ran)
+    assert [stem for stem, _ in in_order] == [p.stem for p in runner.notebooks([])]  # reading order
+    ran.clear()
+    runner.main(["--jobs", "2"])
+    assert sorted(ran) == sorted(in_order)
+    out = capsys.readouterr().out
+    assert out.count("notebook times:") == 2 and "elapsed" in out
