@@ -33,6 +33,8 @@ computed are, the others are left empty (the script stops if none can be).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import sys
@@ -190,6 +192,8 @@ def parse_args(argv=None):
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the backbone's)")
     parser.add_argument("--json", default=None, metavar="OUT", help="write the rows (one per story, seed, method) here")
+    parser.add_argument("--md", default=None, metavar="OUT",
+                        help="also write the report as Markdown with the command, commit and machine (results/...)")
     parser.add_argument("--clip", default=None, help="SDXL metrics: local folder of CLIP ViT-L/14")
     parser.add_argument("--aesthetic-weights", default=None, help="SDXL metrics: the LAION aesthetic head (.pth)")
     parser.add_argument("--dreamsim-cache", default=None, help="SDXL metrics: DreamSim's cache folder")
@@ -240,10 +244,20 @@ def main(argv=None) -> list[dict] | None:
     rows = [_json_ready(r) for r in rows]
     say(f"{len(jobs)} story seeds x {len(args.methods)} methods on {args.backbone}, "
         f"{state.num_processes} process(es), {time.perf_counter() - started:.0f} s\n")
-    if models is None:
-        report_toy(rows, args, backbone, config)
-    else:
-        report_sdxl(rows, args)
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        if models is None:
+            report_toy(rows, args, backbone, config)
+        else:
+            report_sdxl(rows, args)
+    print(report.getvalue(), end="")
+    if args.md:
+        from osa_lib.figures import write_results
+        command = "python scripts/evaluate_stories.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_results(args.md, f"Story metrics on the {args.backbone} backbone",
+                      f"{len(jobs)} story seeds x {len(args.methods)} methods, {state.num_processes} process(es), "
+                      f"{time.perf_counter() - started:.0f} s.\n\n" + report.getvalue(), command)
+        say(f"\nreport written to {args.md}")
     if args.json:
         Path(args.json).write_text(json.dumps({"backbone": args.backbone, "methods": args.methods,
                                                "seeds": args.seeds, "rows": rows}, indent=1))

@@ -39,14 +39,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the backbone's)")
     parser.add_argument("--seed", type=int, default=77)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--md", default=None, help="also write the table here, with the command, commit and machine")
     args = parser.parse_args()
+    lines = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
     torch.set_num_threads(args.threads)
     backbone = load_backbone("toy", model_id=args.model)
     prompts = {n: validation_prompts(n, args.prompts, args.seed + n) for n in (1, 2)}
-    print(f"{args.prompts} validation prompts per character count, one seed each, "
+    say(f"{args.prompts} validation prompts per character count, one seed each, "
           f"{args.steps or backbone.default_steps} steps; rates are all-named-facts-right (shape, colour, scene)")
-    print("| guidance | one character | two characters | mean |")
-    print("|---|---|---|---|")
+    say("\n| guidance | one character | two characters | mean |")
+    say("|---|---|---|---|")
     best = None
     for scale in args.scales:
         rates = []
@@ -56,11 +63,15 @@ def main() -> None:
                                        num_inference_steps=args.steps, progress=False)
             rates.append(float(np.mean([check_prompt(im, p)["all_ok"] for im, p in zip(images, batch)])))
         mean = float(np.mean(rates))
-        print(f"| {scale:g} | {100 * rates[0]:.1f} % | {100 * rates[1]:.1f} % | {100 * mean:.1f} % |", flush=True)
+        say(f"| {scale:g} | {100 * rates[0]:.1f} % | {100 * rates[1]:.1f} % | {100 * mean:.1f} % |")
         if best is None or mean > best[1]:
             best = (scale, mean)
-    print(f"best guidance scale on validation prompts: {best[0]:g} (the toy backbone uses "
-          f"{backbone.default_guidance:g})")
+    say(f"\nbest guidance scale on validation prompts: {best[0]:g} (the toy backbone uses "
+        f"{backbone.default_guidance:g})")
+    if args.md:
+        from osa_lib.figures import write_results
+        write_results(args.md, "Toy guidance scale on validation prompts", "\n".join(lines),
+                      "python scripts/tune_guidance.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ visible, per timestep. A model that copies through self-attention has a lower lo
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -171,17 +172,23 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--benefit", action="store_true", help="also the loss with and without the reference")
+    parser.add_argument("--md", default=None, help="also write the tables here, with the command, commit and machine")
     args = parser.parse_args(argv)
     from .model import DEFAULT_MODEL_DIR
     pipe = ToyPipeline.from_pretrained(args.model or DEFAULT_MODEL_DIR).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     started = time.time()
-    print(format_table(appearance_scores(pipe, args.samples, args.seed)))
+    lines = [format_table(appearance_scores(pipe, args.samples, args.seed))]
     if args.benefit:
-        print("\n| t | loss without reference | loss with reference |\n|---|---|---|")
-        for r in reference_benefit(pipe, seed=args.seed):
-            print(f"| {r['t']} | {r['loss without reference']:.4f} | {r['loss with reference']:.4f} |")
-    print(f"({time.time() - started:.0f} s)")
+        lines.append("\n| t | loss without reference | loss with reference |\n|---|---|---|")
+        lines += [f"| {r['t']} | {r['loss without reference']:.4f} | {r['loss with reference']:.4f} |"
+                  for r in reference_benefit(pipe, seed=args.seed)]
+    lines.append(f"\n({args.samples} samples per setting, {time.time() - started:.0f} s)")
+    print("\n".join(lines))
+    if args.md:
+        from ..figures import write_results
+        command = "python -m osa_lib.toy.appearance " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_results(args.md, "Does appearance travel through self-attention? (toy probe)", "\n".join(lines), command)
 
 
 if __name__ == "__main__":

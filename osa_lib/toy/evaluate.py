@@ -17,6 +17,7 @@ Four measurements (targets from the foundation issue):
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 
 import numpy as np
@@ -172,11 +173,16 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=None, help="toy pipeline folder (default data/toy_model)")
     parser.add_argument("--seeds", type=int, default=8, help="seeds per held-out prompt")
     parser.add_argument("--json", default=None, help="also write the raw numbers here")
+    parser.add_argument("--md", default=None, help="also write the table here, with the command, commit and machine")
     args = parser.parse_args(argv)
     from ..backbones import load_backbone
     backbone = load_backbone("toy", model_id=args.model)
     result = evaluate_model(backbone, seeds_per_prompt=args.seeds)
     print(format_report(result))
+    if args.md:
+        from ..figures import write_results
+        command = "python -m osa_lib.toy.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_results(args.md, "Toy model quality on held-out prompts", format_report(result), command)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
