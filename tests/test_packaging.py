@@ -37,3 +37,22 @@ def test_readme_names_the_two_commands_and_ci_runs_the_test_one():
 def test_required_layout_exists():
     for name in ("notebooks", "osa_lib", "data", "figures", "tests", "environment.yml", "README.md"):
         assert (ROOT / name).exists(), name
+
+
+def test_readme_is_a_front_page_whose_links_exist():
+    """Issue 16: at most 250 lines; every local file it links (results, figures, model card) is there,
+    and every results file it links names the command, commit and machine that wrote it (or, for
+    files from before issue 16, a commit in a settings table)."""
+    import re
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    links = set(re.findall(r"\]\(((?:results|figures|data)/[^)#]+)\)", readme))
+    assert any(link.startswith("results/") for link in links) and "data/toy_model/README.md" in links
+    for link in links:
+        path = ROOT / link
+        if link.startswith("figures/"):
+            continue  # written by the main job, not committed
+        assert path.is_file(), f"README links {link}, which does not exist"
+        if link.endswith(".md") and link.startswith("results/"):
+            text = path.read_text()
+            assert "commit" in text, f"{link} does not say which commit it was measured on"
