@@ -15,7 +15,7 @@ __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "detections", 
            "mask_iou_records", "overlap_rule_table", "rule_verdict", "layer_table", "iou_over_steps",
            "mixing_and_neglect", "content_words", "mask_layer_iou", "mask_iou_summary", "lowest_iou",
            "BINDING_OWN_SHARE", "binding_table", "binding_verdict", "overlap_rule_runs", "pooled_rule_scores",
-           "rule_rows", "first_overlapping", "rule_masks", "uncoloured_scene_prompts", "mean_and_sem", "StoryScorer",
+           "rule_rows", "first_overlapping", "rule_masks", "uncoloured_scene_prompts", "mean_and_sem", "StoryScorer", "default_cache_dir",
            "summary_rows", "summary_means", "lambda_sweep", "ablation_rows", "prompts_vs_attention", "iis_gain",
            "carry_over", "detail_gains", "colour_kept_rows", "trio_summary"]
 
@@ -348,12 +348,35 @@ class StoryScorer:
 
     BASIC = ("IIS-toy", "colour kept", "attribute accuracy", "mixing rate", "TIS-toy", "seconds per scene")
 
-    def __init__(self, backbone, n_seeds: int, seed_stride: int = 1000, **generate_kwargs):
+    def __init__(self, backbone, n_seeds: int, seed_stride: int = 1000, cache_dir=None, **generate_kwargs):
+        """Args:
+            cache_dir: also keep each seed's metrics on disk here, so a second notebook (or run)
+                asking for the same story, method, config and seed reads them instead of generating.
+                Entries are keyed by the U-Net's weights and the library's source as well, so a
+                changed model or code never reads an old entry. None (default): memory only.
+        """
         self.backbone, self.n_seeds, self.seed_stride = backbone, n_seeds, seed_stride
         self.generate_kwargs = generate_kwargs
+        self.cache_dir = None if cache_dir is None else __import__("pathlib").Path(cache_dir)
         self._results: dict[tuple, object] = {}
         self._metrics: dict[tuple, dict] = {}
+        self._fingerprint: str | None = None
         self.generations = 0
+
+    def _cache_file(self, key: tuple):
+        """Where seed metrics of ``key`` live on disk: a hash of the key, the weights and the source."""
+        import hashlib
+        from pathlib import Path
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for p in self.backbone.unet.parameters():  # the weights (SDXL: a few seconds, once)
+                digest.update(p.detach().cpu().numpy().tobytes())
+            for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):  # the code that generates and scores
+                digest.update(path.read_bytes())
+            self._fingerprint = digest.hexdigest()
+        name = hashlib.sha256(repr((self._fingerprint, self.backbone.name, key, self.seed_stride,
+                                    sorted(self.generate_kwargs.items()))).encode()).hexdigest()[:32]
+        return self.cache_dir / f"{name}.json"
 
     def _key(self, story, method: str, config, k: int) -> tuple:
         from .isolation import IsolationConfig
@@ -372,10 +395,22 @@ class StoryScorer:
     def seed_metrics(self, story, method: str, config=None, k: int = 0) -> dict:
         """``toy_story_metrics`` (with details) of one seed."""
         from .metrics import toy_story_metrics
+        import json
         key = self._key(story, method, config, k)
-        if key not in self._metrics:
-            shifted = story.with_seed_offset(k * self.seed_stride)
-            self._metrics[key] = toy_story_metrics(shifted, self.result(story, method, config, k), details=True)
+        if key in self._metrics:
+            return self._metrics[key]
+        path = None if self.cache_dir is None else self._cache_file(key)
+        if path is not None and path.is_file():
+            self._metrics[key] = {k_: float("nan") if v is None else v for k_, v in json.loads(path.read_text()).items()}
+            return self._metrics[key]
+        shifted = story.with_seed_offset(k * self.seed_stride)
+        self._metrics[key] = toy_story_metrics(shifted, self.result(story, method, config, k), details=True)
+        if path is not None:
+            import os
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")  # two notebooks may write at once
+            tmp.write_text(json.dumps({k_: None if v != v else v for k_, v in self._metrics[key].items()}))
+            os.replace(tmp, path)
         return self._metrics[key]
 
     def summary(self, story, methods=("vanilla", "csa", "isolated"), config=None, details: bool = False) -> dict:
@@ -391,6 +426,13 @@ class StoryScorer:
     def score(self, story, config=None, methods=("isolated",), details: bool = False) -> dict[str, dict[str, float]]:
         """``{method: {metric: mean over seeds}}``."""
         return {m: {k: v[0] for k, v in s.items()} for m, s in self.summary(story, methods, config, details).items()}
+
+
+def default_cache_dir():
+    """``$OSA_CACHE_DIR`` when set (the main job sets it: notebooks 04 and 05 score the same stories),
+    else None: no disk cache, as in the tests."""
+    import os
+    return os.environ.get("OSA_CACHE_DIR") or None
 
 
 def summary_rows(summaries: dict[str, dict], methods=("vanilla", "csa", "isolated")) -> list[dict]:

@@ -201,3 +201,23 @@ def test_results_files_name_their_command_commit_and_machine(tmp_path):
     assert text.startswith("# Toy model quality\n")
     assert "`python -m osa_lib.toy.evaluate --md r.md`" in text and "at commit " in text and "torch " in text
     assert "| 1 |" in text
+
+
+def test_story_scorer_disk_cache_is_shared_between_scorers_and_keyed_by_the_weights(fake_generation, tmp_path):
+    import torch
+    from types import SimpleNamespace
+    story = load_story(STORIES / "toy_single_journey.yaml")
+    backbone = SimpleNamespace(name="toy", unet=torch.nn.Linear(2, 2))
+    first = StoryScorer(backbone, n_seeds=2, cache_dir=tmp_path, num_inference_steps=4)
+    scores = first.score(story, methods=("vanilla", "isolated"))
+    assert first.generations == 4 and len(list(tmp_path.glob("*.json"))) == 4
+    second = StoryScorer(backbone, n_seeds=2, cache_dir=tmp_path, num_inference_steps=4)  # another notebook
+    assert second.score(story, methods=("vanilla", "isolated")) == scores and second.generations == 0
+    other_steps = StoryScorer(backbone, n_seeds=2, cache_dir=tmp_path, num_inference_steps=5)
+    other_steps.score(story, methods=("vanilla",))
+    assert other_steps.generations == 2, "other generation settings must not read the cache"
+    with torch.no_grad():
+        backbone.unet.weight.add_(1.0)
+    retrained = StoryScorer(backbone, n_seeds=2, cache_dir=tmp_path, num_inference_steps=4)
+    retrained.score(story, methods=("vanilla",))
+    assert retrained.generations == 2, "changed weights must not read the cache"
