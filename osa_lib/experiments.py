@@ -1,5 +1,7 @@
 """Runs that the notebooks and scripts share: generate with captured maps, score masks against
-the toy analyzer, compare overlap rules. Notebooks call these and draw; nothing here plots."""
+the toy analyzer, compare overlap rules, compare methods on a story. Notebooks call these and
+draw; nothing here plots. Metric definitions live in ``osa_lib.toy.metrics`` (toy world) and
+``osa_lib.sdxl_metrics`` (SDXL)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,13 +9,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .attention import AttentionStore, capture_attention
+from .generation import generate_story
 from .masks import OVERLAP_RULES, subject_masks
+from .toy.analyzer import analyze_image, largest_detection, mask_iou
+from .toy.metrics import id_colours, is_mixed, read_scene, toy_story_metrics
 
 __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_masks_vs_truth",
            "mask_iou_records", "overlap_rule_table", "rule_verdict", "layer_table", "iou_over_steps",
-           "mixing_and_neglect"]
+           "mixing_and_neglect", "compare_methods"]
 
 
 @dataclass
@@ -53,13 +59,10 @@ def character_masks_vs_truth(image: np.ndarray, shapes: list[str], masks: np.nda
     A character the analyzer cannot find in the image gets ``iou=None`` (not 0): the mask
     cannot be judged when the model did not draw the character.
     """
-    from .toy.analyzer import analyze_image, mask_iou
-    from .toy.evaluate import MIN_SCORE
-    detected = [d for d in analyze_image(image) if d.score >= MIN_SCORE]
+    detected = analyze_image(image)
     rows = []
     for m, shape in enumerate(shapes):
-        candidates = [d for d in detected if d.shape == shape]
-        truth = max(candidates, key=lambda d: d.mask.sum()) if candidates else None
+        truth = largest_detection(detected, shape)
         rows.append({"shape": shape, "iou": None if truth is None else mask_iou(masks[m], truth.mask),
                      "truth_mask": None if truth is None else truth.mask})
     return rows
@@ -166,8 +169,6 @@ def mixing_and_neglect(backbone, story, n_seeds: int, config=None, seed_stride: 
     Both methods start each scene from the same noise, so vanilla's image shows what the model
     draws there without the method. Rows carry both images and isolated attention's masks.
     """
-    from .metrics import id_colours, is_mixed, read_scene
-    from .story import generate_story
     id_colour = id_colours(story)
     rows = []
     for k in range(n_seeds):
@@ -187,3 +188,29 @@ def mixing_and_neglect(backbone, story, n_seeds: int, config=None, seed_stride: 
                          "isolated image": results["isolated"].scenes[index].image,
                          "isolated masks": results["isolated"].scenes[index].masks})
     return rows
+
+
+def compare_methods(backbone, story, methods=("vanilla", "csa", "isolated"), n_seeds: int = 20,
+                    config=None, seed_stride: int = 1000, progress: bool = True, details: bool = False,
+                    **kwargs) -> dict:
+    """Every method on the same backbone and the same seeds (the story shifted by k·stride).
+
+    Returns ``{method: {metric: (mean, standard error), ...}}`` and, under ``"runs"``, the raw
+    per-seed metrics. ``details`` adds IIS-toy per identity detail (see ``toy_story_metrics``).
+    """
+    runs = {m: [] for m in methods}
+    for k in tqdm(range(n_seeds), desc="seeds", disable=not progress):
+        shifted = story.with_seed_offset(k * seed_stride)
+        for method in methods:
+            result = generate_story(backbone, shifted, method, config=config, progress=False, **kwargs)
+            runs[method].append(toy_story_metrics(shifted, result, details))
+    summary = {}
+    for method, rows in runs.items():
+        summary[method] = {}
+        for key in rows[0]:
+            values = np.array([r[key] for r in rows], float)
+            values = values[~np.isnan(values)]
+            sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+            summary[method][key] = (float(values.mean()) if len(values) else float("nan"), sem)
+    summary["runs"] = runs
+    return summary

@@ -43,6 +43,7 @@ FAST_TESTS = ["tests/test_equations.py", "tests/test_masks.py", "tests/test_sdxl
 #: Which fast test file runs first for a mutated module (the others follow; -x stops at the first failure).
 FIRST = {"osa_lib/masks.py": "tests/test_masks.py", "osa_lib/sdxl_metrics.py": "tests/test_sdxl_metrics.py",
          "osa_lib/bank.py": "tests/test_bank.py", "osa_lib/story.py": "tests/test_story.py",
+         "osa_lib/generation.py": "tests/test_story.py",
          "osa_lib/baselines.py": "tests/test_baselines.py"}
 
 
@@ -185,7 +186,7 @@ MUTATIONS = [
              "dy, dx = int(round(margin * (x1 - x0))), int(round(margin * (y1 - y0)))",
              "crop margin: height and width swapped"),
     # --- story loop --------------------------------------------------------------------------------
-    Mutation("osa_lib/story.py", "is_new=name not in bank)", "is_new=True)",
+    Mutation("osa_lib/generation.py", "is_new=name not in bank)", "is_new=True)",
              "returning characters treated as new (no references)"),
 ]
 

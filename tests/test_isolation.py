@@ -11,7 +11,8 @@ from osa_lib.bank import ReferenceBank
 from osa_lib.isolation import (IsolatedSelfAttention, IsolationConfig, IsolationController, SceneCharacter,
                                 isolated_attention)
 from osa_lib.masks import SubjectMasks
-from osa_lib.story import generate_story, parse_story
+from osa_lib.generation import generate_story
+from osa_lib.story import parse_story
 
 STEPS = 3  # warm-up ceil(0.2 * 3) = 1 step, then two isolated steps
 
