@@ -342,7 +342,8 @@ def report_toy(rows, args, backbone, config) -> None:
 
 def report_bank(args, backbone, config) -> None:
     from diffusers import UNet2DConditionModel
-    from osa_lib.bank import SDXL_UNET_CONFIG, estimate_bank_bytes
+    from osa_lib.backbones import SDXL_UNET_CONFIG
+    from osa_lib.bank import estimate_bank_bytes
     story = load_story(args.stories[0])
     result = generate_story(backbone, story, "isolated", config=config, num_inference_steps=args.steps, progress=False)
     print("\n## Reference bank\n")
