@@ -8,12 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .attention import AttentionStore, capture_attention
 from .generation import generate_story
-from .masks import OVERLAP_RULES, subject_masks
+from .masks import OVERLAP_RULES, resize_masks, subject_masks
 from .toy.analyzer import analyze_image, largest_detection, mask_iou
 from .toy.metrics import id_colours, is_mixed, read_scene, toy_story_metrics
 
@@ -49,8 +48,8 @@ def generate_with_maps(backbone, prompts: list[str], words: list[list[str]], see
 
 
 def upsample_masks(masks: torch.Tensor, size: int) -> np.ndarray:
-    """(B, M, h, w) bool -> (B, M, size, size) bool numpy, nearest neighbour."""
-    return (F.interpolate(masks.float(), size=(size, size), mode="nearest") > 0.5).cpu().numpy()
+    """(B, M, h, w) bool -> (B, M, size, size) bool numpy at image size (``masks.resize_masks``)."""
+    return resize_masks(masks, (size, size)).cpu().numpy()
 
 
 def character_masks_vs_truth(image: np.ndarray, shapes: list[str], masks: np.ndarray) -> list[dict]:

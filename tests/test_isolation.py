@@ -146,8 +146,7 @@ def qkv():
 
 def isolated_output(attn, ctrl, q, k, v) -> torch.Tensor:
     """F_iso (heads, N, d) through the processor's own code path."""
-    masks, a_hat = ctrl.masks_at(LAYER)  # (M, N)
-    return IsolatedSelfAttention(LAYER, ctrl)._isolated(attn, q, k, v, masks, a_hat)
+    return IsolatedSelfAttention(LAYER, ctrl)._isolated(attn, q, k, v)
 
 
 def reference_rows(attn, q, k, v, rows, k_r=None, v_r=None, bias=None) -> torch.Tensor:
