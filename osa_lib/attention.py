@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .masks import aggregate_maps
+
 __all__ = ["LayerInfo", "find_attention_layers", "installed_processors", "AttentionStore",
            "CrossAttentionRecorder", "capture_attention", "attention_prologue", "attention_epilogue",
            "split_heads", "merge_heads", "recorded_cross_attention"]
@@ -256,12 +258,10 @@ class AttentionStore:
         return self.aggregate(places, self.mask_resolution(places), step)
 
     def aggregate(self, places: tuple[str, ...] = ("up",), resolution: int | None = None,
-                  step: int | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """A_m averaged over the chosen layers, each upsampled to the largest: (B, M, H, W)."""
-        maps = list(self.maps(places, resolution, step).values())
-        size = size or max((m.shape[-2:] for m in maps), key=lambda s: s[0])
-        return torch.stack([F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                            if m.shape[-2:] != torch.Size(size) else m for m in maps]).mean(0)
+                  step: int | None = None) -> torch.Tensor:
+        """A_m averaged over the chosen layers, each upsampled to the largest: (B, M, H, W)
+        (``masks.aggregate_maps``)."""
+        return aggregate_maps(list(self.maps(places, resolution, step).values()))
 
 
 class CrossAttentionRecorder:

@@ -12,7 +12,9 @@ SDXL runs as the stock ``StableDiffusionXLPipeline`` does: an empty negative pro
 embeddings when the model's ``force_zeros_for_empty_prompt`` asks for it, an fp16 VAE whose
 ``config.force_upcast`` is set decodes in fp32, fp16 weights are fetched as ``variant="fp16"``.
 
-Every backbone exposes the same small surface: ``encode`` (prompts -> conditioning with the
+One small class per kind of model: ``ToyBackbone`` and ``SDXLBackbone`` (real, tiny and random
+SDXL share it) differ only in how they read prompts and decode latents; ``load_backbone`` looks the
+name up in a registry of loaders (``_LOADERS``). Every backbone exposes the same small surface: ``encode`` (prompts -> conditioning with the
 classifier-free-guidance batch ``[uncond; cond]``), ``encode_text`` (hidden states only, for ID
 prompts), ``token_positions`` (where a word sits in a prompt), ``unet``, ``scheduler``,
 ``initial_latents`` (one seed per image), ``denoise`` (the loop, with a per-step callback and
@@ -30,11 +32,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-__all__ = ["Backbone", "Conditioning", "load_backbone", "BACKBONES", "build_tiny_sdxl_pipeline",
-           "build_tiny_clip_tokenizer", "build_random_sdxl_pipeline", "NonFiniteImageError", "SDXL_RANDOM_DIR",
+from .toy.model import DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline
+from .toy.model import latents_to_images as toy_latents_to_images
+from .toy.world import normalise_prompt, parse_caption
+
+__all__ = ["Backbone", "ToyBackbone", "SDXLBackbone", "Conditioning", "load_backbone", "BACKBONES", "build_tiny_sdxl_pipeline",
+           "build_tiny_clip_tokenizer", "build_random_sdxl_pipeline", "NonFiniteImageError", "SDXL_RANDOM_DIR", "SDXL_UNET_CONFIG",
            "check_steps", "check_seed", "SEED_RANGE"]
 
-BACKBONES = ("toy", "sdxl", "sdxl-tiny", "sdxl-random")
+SDXL_UNET_CONFIG = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (shape-relevant keys)
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816)
 SDXL_RANDOM_DIR = Path(__file__).resolve().parents[1] / "data" / "sdxl_random"
 SEED_RANGE = (0, 2 ** 64)  # what torch.Generator.manual_seed takes without wrapping around
 
@@ -104,44 +116,28 @@ class Backbone:
     def tokenizer(self):
         return self.pipe.tokenizer
 
-    # --- text -------------------------------------------------------------------------
+    # --- text: what differs between kinds (ToyBackbone, SDXLBackbone) ---------------------
     def validate_prompt(self, prompt: str, id_prompt: bool = False) -> None:
-        """Raise a clear error for a prompt this backbone cannot read (the toy grammar).
+        """Raise a clear error for a prompt this backbone cannot read (default: every prompt is read).
 
         ID prompts ("a red circle") name one character and no scene.
         """
-        if self.name == "toy":
-            from .toy.world import parse_caption
-            parse_caption(prompt, id_prompt=id_prompt)
 
-    @torch.no_grad()
+    def tokenizer_text(self, text: str) -> str:
+        """``text`` as the pipeline's tokenizer sees it (default: unchanged)."""
+        return text
+
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Hidden states (B, T, D) of prompts, as the U-Net's cross-attention sees them."""
-        if self.name == "toy":
-            return self.pipe.encode_prompt(prompts).to(self.dtype)
-        embeds, *_ = self.pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
-        return embeds.to(self.dtype)
+        raise NotImplementedError
 
-    @torch.no_grad()
     def encode(self, prompts: list[str], negative_prompt: str = "") -> Conditioning:
         """Conditioning for the CFG batch ``[negative; prompts]``."""
-        for p in prompts:
-            self.validate_prompt(p)
-        if self.name == "toy":
-            hidden = self.pipe.encode_prompt([negative_prompt] * len(prompts) + list(prompts))
-            return Conditioning(hidden.to(self.dtype))
-        # as the stock pipeline: an empty negative prompt is passed as None, so models with
-        # force_zeros_for_empty_prompt (SDXL base) get zero embeddings, the others encode ""
-        cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
-            prompts, device=self.device, do_classifier_free_guidance=True,
-            negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None)
-        size = (self.latent_shape[1] * self.pipe.vae_scale_factor,) * 2
-        projection_dim = self.pipe.text_encoder_2.config.projection_dim
-        time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, dtype=self.dtype,
-                                               text_encoder_projection_dim=projection_dim)
-        added = {"text_embeds": torch.cat([uncond_pooled, pooled]).to(self.dtype),
-                 "time_ids": time_ids.to(self.device).repeat(2 * len(prompts), 1)}
-        return Conditioning(torch.cat([uncond, cond]).to(self.dtype), added)
+        raise NotImplementedError
+
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> images (B, 3, H, W) float in [0, 1], not yet checked for NaN."""
+        raise NotImplementedError
 
     def token_positions(self, prompt: str, word: str) -> list[int]:
         """Indices of the token(s) of ``word`` in the tokenised ``prompt`` (all occurrences).
@@ -150,9 +146,7 @@ class Backbone:
             ValueError: if the word is not in the prompt, naming the prompt's words.
         """
         tokenizer = self.tokenizer
-        if self.name == "toy":  # the toy pipeline reads prompts normalised (lower case, no commas)
-            from .toy.world import normalise_prompt
-            prompt, word = normalise_prompt(prompt), normalise_prompt(word)
+        prompt, word = self.tokenizer_text(prompt), self.tokenizer_text(word)
         encoding = tokenizer(prompt)
         prompt_ids = encoding.input_ids
         word_ids = tokenizer(word.strip(), add_special_tokens=False).input_ids
@@ -225,34 +219,10 @@ class Backbone:
     def decode(self, latents: torch.Tensor, check_finite: bool = True) -> np.ndarray:
         """Latents -> images (B, H, W, 3) float in [0, 1].
 
-        SDXL as the stock pipeline decodes: an fp16 VAE with ``config.force_upcast`` decodes in
-        fp32 (SDXL's VAE overflows in fp16), then returns to fp16.
-
         Raises:
             NonFiniteImageError: if an image holds NaN/inf (``check_finite=False`` returns it).
         """
-        if self.name == "toy":
-            from .toy.model import latents_to_images
-            images = latents_to_images(latents.float())
-        else:
-            vae = self.pipe.vae
-            upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-            if upcast:
-                vae.to(dtype=torch.float32)
-            dtype = next(iter(vae.post_quant_conv.parameters())).dtype
-            mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-            if mean is not None and std is not None:
-                mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-                std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-                latents = latents * std / vae.config.scaling_factor + mean
-            else:
-                latents = latents / vae.config.scaling_factor
-            try:
-                images = vae.decode(latents.to(dtype)).sample
-            finally:
-                if upcast:
-                    vae.to(dtype=torch.float16)
-            images = (images.float() / 2 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize
+        images = self.decode_pixels(latents)
         if check_finite and not torch.isfinite(images).all():
             bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
             raise NonFiniteImageError(
@@ -270,6 +240,78 @@ class Backbone:
         check_steps(kwargs.get("num_inference_steps"), self.default_steps)  # before encoding anything
         latents = self.denoise(self.encode(list(prompts)), self.initial_latents(seeds), **kwargs)
         return self.decode(latents)
+
+
+@dataclass
+class ToyBackbone(Backbone):
+    """The project's toy model (``osa_lib.toy.model.ToyPipeline``): a small grammar, one text encoder."""
+
+    def validate_prompt(self, prompt: str, id_prompt: bool = False) -> None:
+        parse_caption(prompt, id_prompt=id_prompt)  # raises ValueError naming what the grammar expects
+
+    def tokenizer_text(self, text: str) -> str:
+        return normalise_prompt(text)  # the toy pipeline reads prompts lower case, without commas
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        return self.pipe.encode_prompt(prompts).to(self.dtype)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], negative_prompt: str = "") -> Conditioning:
+        for p in prompts:
+            self.validate_prompt(p)
+        hidden = self.pipe.encode_prompt([negative_prompt] * len(prompts) + list(prompts))
+        return Conditioning(hidden.to(self.dtype))
+
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        return toy_latents_to_images(latents.float())
+
+
+@dataclass
+class SDXLBackbone(Backbone):
+    """A ``StableDiffusionXLPipeline`` (real, tiny or random weights), run as the stock pipeline runs."""
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        embeds, *_ = self.pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
+        return embeds.to(self.dtype)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], negative_prompt: str = "") -> Conditioning:
+        # as the stock pipeline: an empty negative prompt is passed as None, so models with
+        # force_zeros_for_empty_prompt (SDXL base) get zero embeddings, the others encode ""
+        cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
+            prompts, device=self.device, do_classifier_free_guidance=True,
+            negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None)
+        size = (self.latent_shape[1] * self.pipe.vae_scale_factor,) * 2
+        projection_dim = self.pipe.text_encoder_2.config.projection_dim
+        time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, dtype=self.dtype,
+                                               text_encoder_projection_dim=projection_dim)
+        added = {"text_embeds": torch.cat([uncond_pooled, pooled]).to(self.dtype),
+                 "time_ids": time_ids.to(self.device).repeat(2 * len(prompts), 1)}
+        return Conditioning(torch.cat([uncond, cond]).to(self.dtype), added)
+
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """As the stock pipeline decodes: an fp16 VAE with ``config.force_upcast`` decodes in fp32
+        (SDXL's VAE overflows in fp16), then returns to fp16."""
+        vae = self.pipe.vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(dtype=torch.float32)
+        dtype = next(iter(vae.post_quant_conv.parameters())).dtype
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        try:
+            images = vae.decode(latents.to(dtype)).sample
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
+        return (images.float() / 2 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize
 
 
 def _resolve_device(device: str | None) -> torch.device:
@@ -290,6 +332,76 @@ def _place(pipe, device: torch.device, cpu_offload: bool) -> None:
         pipe.to(device)
 
 
+def _load_toy(model_id, device, dtype, cpu_offload) -> Backbone:
+    folder = Path(model_id) if model_id else DEFAULT_MODEL_DIR
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"no toy model at {folder} (model_index.json missing). The trained model ships in "
+            f"data/toy_model; retrain it with `python -m osa_lib.toy.train` or pass model_id=<folder>.")
+    pipe = ToyPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    dtype = dtype or torch.float32
+    pipe.to(device)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    return ToyBackbone("toy", pipe, (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), device, dtype,
+                       default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE, info={"model_dir": str(folder)})
+
+
+def _sdxl_backbone(name: str, pipe, device, dtype, default_steps: int = 30, **info) -> SDXLBackbone:
+    pipe.set_progress_bar_config(disable=True)
+    h = pipe.unet.config.sample_size
+    return SDXLBackbone(name, pipe, (pipe.unet.config.in_channels, h, h), device, dtype,
+                        default_steps=default_steps, default_guidance=5.0, info=info)
+
+
+def _load_sdxl(model_id, device, dtype, cpu_offload) -> Backbone:
+    from diffusers import StableDiffusionXLPipeline
+    model_id = model_id or "stabilityai/stable-diffusion-xl-base-1.0"
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    local = Path(model_id).exists()
+    # fp16 weights as the fp16 variant (half the download); a folder without that variant
+    # falls back to its full-precision files, cast on load
+    variants = ["fp16", None] if dtype == torch.float16 else [None]
+    for variant in variants:
+        try:
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                model_id, dtype=dtype, use_safetensors=True, local_files_only=local, variant=variant)
+            break
+        except Exception as error:  # noqa: BLE001 - re-raised with what to do
+            if variant is not None and "variant" in str(error).lower():
+                continue
+            raise RuntimeError(
+                f"could not load SDXL from {model_id!r} ({type(error).__name__}: {error}). Pass a local "
+                f"folder with the diffusers layout, or a hub id on a machine with hub access and enough "
+                f"disk (~7 GB with dtype=torch.float16, the fp16 variant; ~14 GB in float32). The toy "
+                f"backbone needs neither: load_backbone('toy').") from error
+    _place(pipe, device, cpu_offload)
+    return _sdxl_backbone("sdxl", pipe, device, dtype, model_id=model_id)
+
+
+def _load_sdxl_random(model_id, device, dtype, cpu_offload) -> Backbone:
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    pipe = build_random_sdxl_pipeline(device=device if not cpu_offload else "cpu", dtype=dtype)
+    if cpu_offload:
+        _place(pipe, device, cpu_offload)
+    return _sdxl_backbone("sdxl-random", pipe, device, dtype, random_weights=True, configs=str(SDXL_RANDOM_DIR))
+
+
+def _load_sdxl_tiny(model_id, device, dtype, cpu_offload) -> Backbone:
+    dtype = dtype or torch.float32
+    pipe = build_tiny_sdxl_pipeline()
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    _place(pipe, device, cpu_offload)
+    return _sdxl_backbone("sdxl-tiny", pipe, device, dtype, default_steps=4, random_weights=True)
+
+
+#: name -> loader(model_id, device, dtype, cpu_offload); one entry per kind of backbone
+_LOADERS = {"toy": _load_toy, "sdxl": _load_sdxl, "sdxl-tiny": _load_sdxl_tiny, "sdxl-random": _load_sdxl_random}
+BACKBONES = tuple(_LOADERS)
+
+
 def load_backbone(name: str = "toy", model_id: str | None = None, device: str | None = None,
                   dtype: torch.dtype | None = None, cpu_offload: bool = False) -> Backbone:
     """Load a backbone by name.
@@ -305,70 +417,9 @@ def load_backbone(name: str = "toy", model_id: str | None = None, device: str | 
         cpu_offload: SDXL backbones: ``enable_model_cpu_offload`` instead of moving the whole
             pipeline to ``device`` (for 12–16 GB cards; slower).
     """
-    device_ = _resolve_device(device)
-    if name == "toy":
-        from .toy.model import (DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE,
-                                ToyPipeline)
-        folder = Path(model_id) if model_id else DEFAULT_MODEL_DIR
-        if not (folder / "model_index.json").exists():
-            raise FileNotFoundError(
-                f"no toy model at {folder} (model_index.json missing). The trained model ships in "
-                f"data/toy_model; retrain it with `python -m osa_lib.toy.train` or pass model_id=<folder>.")
-        pipe = ToyPipeline.from_pretrained(folder)
-        pipe.set_progress_bar_config(disable=True)
-        dtype_ = dtype or torch.float32
-        pipe.to(device_)
-        if dtype_ != torch.float32:
-            pipe.to(dtype=dtype_)
-        return Backbone("toy", pipe, (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), device_, dtype_,
-                        default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE, info={"model_dir": str(folder)})
-    if name == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
-        model_id = model_id or "stabilityai/stable-diffusion-xl-base-1.0"
-        dtype_ = dtype or (torch.float16 if device_.type == "cuda" else torch.float32)
-        local = Path(model_id).exists()
-        # fp16 weights as the fp16 variant (half the download); a folder without that variant
-        # falls back to its full-precision files, cast on load
-        variants = ["fp16", None] if dtype_ == torch.float16 else [None]
-        for variant in variants:
-            try:
-                pipe = StableDiffusionXLPipeline.from_pretrained(
-                    model_id, dtype=dtype_, use_safetensors=True, local_files_only=local, variant=variant)
-                break
-            except Exception as error:  # noqa: BLE001 - re-raised with what to do
-                if variant is not None and "variant" in str(error).lower():
-                    continue
-                raise RuntimeError(
-                    f"could not load SDXL from {model_id!r} ({type(error).__name__}: {error}). Pass a local "
-                    f"folder with the diffusers layout, or a hub id on a machine with hub access and enough "
-                    f"disk (~7 GB with dtype=torch.float16, the fp16 variant; ~14 GB in float32). The toy "
-                    f"backbone needs neither: load_backbone('toy').") from error
-        _place(pipe, device_, cpu_offload)
-        pipe.set_progress_bar_config(disable=True)
-        h = pipe.unet.config.sample_size
-        return Backbone("sdxl", pipe, (pipe.unet.config.in_channels, h, h), device_, dtype_,
-                        default_steps=30, default_guidance=5.0, info={"model_id": model_id})
-    if name == "sdxl-random":
-        dtype_ = dtype or (torch.float16 if device_.type == "cuda" else torch.float32)
-        pipe = build_random_sdxl_pipeline(device=device_ if not cpu_offload else "cpu", dtype=dtype_)
-        if cpu_offload:
-            _place(pipe, device_, cpu_offload)
-        pipe.set_progress_bar_config(disable=True)
-        h = pipe.unet.config.sample_size
-        return Backbone("sdxl-random", pipe, (pipe.unet.config.in_channels, h, h), device_, dtype_,
-                        default_steps=30, default_guidance=5.0, info={"random_weights": True,
-                                                                      "configs": str(SDXL_RANDOM_DIR)})
-    if name == "sdxl-tiny":
-        dtype_ = dtype or torch.float32
-        pipe = build_tiny_sdxl_pipeline()
-        if dtype_ != torch.float32:
-            pipe.to(dtype=dtype_)
-        _place(pipe, device_, cpu_offload)
-        pipe.set_progress_bar_config(disable=True)
-        h = pipe.unet.config.sample_size
-        return Backbone("sdxl-tiny", pipe, (pipe.unet.config.in_channels, h, h), device_, dtype_,
-                        default_steps=4, default_guidance=5.0, info={"random_weights": True})
-    raise ValueError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
+    if name not in _LOADERS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
+    return _LOADERS[name](model_id, _resolve_device(device), dtype, cpu_offload)
 
 
 # --- tiny SDXL, for offline tests -----------------------------------------------------------

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ReferenceBank", "BankError", "BANK_FORMAT_VERSION", "check_name", "estimate_bank_bytes", "SDXL_UNET_CONFIG"]
+from .attention import find_attention_layers
+
+__all__ = ["ReferenceBank", "BankError", "BANK_FORMAT_VERSION", "check_name", "estimate_bank_bytes"]
 
 BANK_FORMAT_VERSION = 2  # 2: sha256 of the tensor data and each character's ID prompt and word
 
@@ -216,15 +218,6 @@ def _check_header(header, tensors: dict[str, torch.Tensor], path: Path) -> None:
         fail("its tensor data does not match the sha256 checksum in its header")
 
 
-SDXL_UNET_CONFIG = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (shape-relevant keys)
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816)
-
-
 def estimate_bank_bytes(unet, latent_hw: tuple[int, int], num_steps: int, mask_fraction: float,
                         bytes_per_value: int, warmup: float = 0.0, step_stride: int = 1,
                         layer_stride: int = 1) -> int:
@@ -232,11 +225,10 @@ def estimate_bank_bytes(unet, latent_hw: tuple[int, int], num_steps: int, mask_f
 
     Per up-block self-attention layer and stored step: keys and values (2) of the
     ``mask_fraction · h·w`` tokens inside the mask, each ``inner_dim`` values wide. Use
-    ``unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)`` built under ``torch.device("meta")``
+    ``unet = UNet2DConditionModel(**backbones.SDXL_UNET_CONFIG)`` built under ``torch.device("meta")``
     to estimate SDXL at 1024² (latent 128×128) without any weights. ``warmup``, ``step_stride``
     and ``layer_stride`` mirror what ``IsolationConfig`` stores (warm-up steps are not stored).
     """
-    from .attention import find_attention_layers
     modules = dict(unet.named_modules())
     total = 0
     for layer in find_attention_layers(unet, kind="self", places=("up",), latent_hw=latent_hw)[::max(1, layer_stride)]:

@@ -1,23 +1,35 @@
 """Runs that the notebooks and scripts share: generate with captured maps, score masks against
-the toy analyzer, compare overlap rules. Notebooks call these and draw; nothing here plots."""
+the toy analyzer, compare overlap rules, compare methods on a story. Notebooks call these and
+draw; nothing here plots. Metric definitions live in ``osa_lib.toy.metrics`` (toy world) and
+``osa_lib.sdxl_metrics`` (SDXL)."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
 from .attention import AttentionStore, capture_attention
-from .masks import OVERLAP_RULES, subject_masks
+from .generation import generate_story
+from .isolation import IsolationConfig
+from .masks import OVERLAP_RULES, resize_masks, subject_masks
+from .toy.analyzer import analyze_image, largest_detection, mask_iou
+from .toy.metrics import IDENTITY_DETAILS, id_colours, is_mixed, read_scene, toy_story_metrics
+from .toy.world import parse_caption
 
-__all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "detections", "character_masks_vs_truth",
+__all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_masks_vs_truth",
            "mask_iou_records", "overlap_rule_table", "rule_verdict", "layer_table", "iou_over_steps",
            "mixing_and_neglect", "content_words", "mask_layer_iou", "mask_iou_summary", "lowest_iou",
            "BINDING_OWN_SHARE", "binding_table", "binding_verdict", "overlap_rule_runs", "pooled_rule_scores",
            "rule_rows", "first_overlapping", "rule_masks", "uncoloured_scene_prompts", "mean_and_sem", "StoryScorer", "default_cache_dir",
            "summary_rows", "summary_means", "lambda_sweep", "ablation_rows", "prompts_vs_attention", "iis_gain",
-           "carry_over", "detail_gains", "colour_kept_rows", "trio_summary"]
+           "carry_over", "detail_gains", "colour_kept_rows", "trio_summary", "compare_methods"]
 
 
 @dataclass
@@ -47,16 +59,8 @@ def generate_with_maps(backbone, prompts: list[str], words: list[list[str]], see
 
 
 def upsample_masks(masks: torch.Tensor, size: int) -> np.ndarray:
-    """(B, M, h, w) bool -> (B, M, size, size) bool numpy, nearest neighbour."""
-    return (F.interpolate(masks.float(), size=(size, size), mode="nearest") > 0.5).cpu().numpy()
-
-
-def detections(image: np.ndarray) -> list:
-    """The analyzer's confident detections in one toy image (score >= ``MIN_SCORE``). Read once
-    per image and pass to ``character_masks_vs_truth``: the analyzer is the slow part of scoring."""
-    from .toy.analyzer import analyze_image
-    from .toy.evaluate import MIN_SCORE
-    return [d for d in analyze_image(image) if d.score >= MIN_SCORE]
+    """(B, M, h, w) bool -> (B, M, size, size) bool numpy at image size (``masks.resize_masks``)."""
+    return resize_masks(masks, (size, size)).cpu().numpy()
 
 
 def character_masks_vs_truth(image: np.ndarray, shapes: list[str], masks: np.ndarray,
@@ -67,14 +71,12 @@ def character_masks_vs_truth(image: np.ndarray, shapes: list[str], masks: np.nda
     cannot be judged when the model did not draw the character.
 
     Args:
-        detected: ``detections(image)`` when already read (scoring many masks of one image).
+        detected: ``analyze_image(image)`` when already read (scoring many masks of one image).
     """
-    from .toy.analyzer import mask_iou
-    detected = detections(image) if detected is None else detected
+    detected = analyze_image(image) if detected is None else detected
     rows = []
     for m, shape in enumerate(shapes):
-        candidates = [d for d in detected if d.shape == shape]
-        truth = max(candidates, key=lambda d: d.mask.sum()) if candidates else None
+        truth = largest_detection(detected, shape)
         rows.append({"shape": shape, "iou": None if truth is None else mask_iou(masks[m], truth.mask),
                      "truth_mask": None if truth is None else truth.mask})
     return rows
@@ -106,7 +108,7 @@ def overlap_rule_table(run: CapturedRun, rules=OVERLAP_RULES, only_overlapping: 
     overlapping = (base.raw_masks.sum(1) > 1).flatten(1).any(1)  # (B,)
     chosen = [b for b in range(len(run.prompts)) if overlapping[b] or not only_overlapping]
     table = {"n_images": len(chosen), "images": chosen, "rules": {}}
-    found = {b: detections(run.images[b]) for b in chosen}  # the analyzer once per image, for every rule
+    found = {b: analyze_image(run.images[b]) for b in chosen}  # the analyzer once per image, for every rule
     for rule in rules:
         masks = upsample_masks(subject_masks(A, rule=rule).masks, run.images.shape[1])
         per_image = []
@@ -148,7 +150,7 @@ def layer_table(run: CapturedRun, image_index: int = 0) -> list[dict]:
     """Per recorded layer: place, block, resolution and (toy) each word's Otsu-mask IoU vs the analyzer."""
     rows = []
     size = run.images.shape[1]
-    found = detections(run.images[image_index])  # the analyzer once, for every layer
+    found = analyze_image(run.images[image_index])  # the analyzer once, for every layer
     for layer, maps in run.store.average_maps().items():
         result = subject_masks(maps[image_index:image_index + 1])
         masks = upsample_masks(result.masks, size)[0]
@@ -164,7 +166,7 @@ def iou_over_steps(run: CapturedRun, rule: str = "lower_cv") -> dict:
     """Mean IoU vs the analyzer at every step, for masks from that step's maps alone and from the
     running mean of maps over steps 0..t (the method's choice). Needs ``keep_steps=True``."""
     steps = sorted(run.store.per_step)
-    found = [detections(image) for image in run.images]  # the analyzer once per image, not once per step
+    found = [analyze_image(image) for image in run.images]  # the analyzer once per image, not once per step
     single, running, total = [], [], None
     for t in steps:
         A_t = run.store.mask_maps(step=t)  # (B, M, h, w)
@@ -185,8 +187,6 @@ def mixing_and_neglect(backbone, story, n_seeds: int, config=None, seed_stride: 
     Both methods start each scene from the same noise, so vanilla's image shows what the model
     draws there without the method. Rows carry both images and isolated attention's masks.
     """
-    from .metrics import id_colours, is_mixed, read_scene
-    from .story import generate_story
     id_colour = id_colours(story)
     rows = []
     for k in range(n_seeds):
@@ -315,8 +315,6 @@ def uncoloured_scene_prompts(story):
     grammar ("a red circle and a blue square in the snow" -> "a circle and a square in the snow");
     ID prompts keep theirs. Works for any toy story; a prompt outside the grammar raises
     ``ToyGrammarError`` naming it."""
-    import dataclasses
-    from .toy.world import parse_caption
     scenes = []
     for scene in story.scenes:
         parsed = parse_caption(scene.prompt)
@@ -357,7 +355,7 @@ class StoryScorer:
         """
         self.backbone, self.n_seeds, self.seed_stride = backbone, n_seeds, seed_stride
         self.generate_kwargs = generate_kwargs
-        self.cache_dir = None if cache_dir is None else __import__("pathlib").Path(cache_dir)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self._results: dict[tuple, object] = {}
         self._metrics: dict[tuple, dict] = {}
         self._fingerprint: str | None = None
@@ -365,8 +363,6 @@ class StoryScorer:
 
     def _cache_file(self, key: tuple):
         """Where seed metrics of ``key`` live on disk: a hash of the key, the weights and the source."""
-        import hashlib
-        from pathlib import Path
         if self._fingerprint is None:
             digest = hashlib.sha256()
             for p in self.backbone.unet.parameters():  # the weights (SDXL: a few seconds, once)
@@ -379,12 +375,10 @@ class StoryScorer:
         return self.cache_dir / f"{name}.json"
 
     def _key(self, story, method: str, config, k: int) -> tuple:
-        from .isolation import IsolationConfig
         return (repr(story), method, repr(config or IsolationConfig()) if method == "isolated" else None, k)
 
     def result(self, story, method: str, config=None, k: int = 0):
         """The ``StoryResult`` of ``method`` on the story shifted by ``k`` seed strides."""
-        from .story import generate_story
         key = self._key(story, method, config, k)
         if key not in self._results:
             self._results[key] = generate_story(self.backbone, story.with_seed_offset(k * self.seed_stride), method,
@@ -394,8 +388,6 @@ class StoryScorer:
 
     def seed_metrics(self, story, method: str, config=None, k: int = 0) -> dict:
         """``toy_story_metrics`` (with details) of one seed."""
-        from .metrics import toy_story_metrics
-        import json
         key = self._key(story, method, config, k)
         if key in self._metrics:
             return self._metrics[key]
@@ -406,7 +398,6 @@ class StoryScorer:
         shifted = story.with_seed_offset(k * self.seed_stride)
         self._metrics[key] = toy_story_metrics(shifted, self.result(story, method, config, k), details=True)
         if path is not None:
-            import os
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".{os.getpid()}.tmp")  # two notebooks may write at once
             tmp.write_text(json.dumps({k_: None if v != v else v for k_, v in self._metrics[key].items()}))
@@ -431,20 +422,17 @@ class StoryScorer:
 def default_cache_dir():
     """``$OSA_CACHE_DIR`` when set (the main job sets it: notebooks 04 and 05 score the same stories),
     else None: no disk cache, as in the tests."""
-    import os
     return os.environ.get("OSA_CACHE_DIR") or None
 
 
 def summary_rows(summaries: dict[str, dict], methods=("vanilla", "csa", "isolated")) -> list[dict]:
     """One row per (story, method) of ``{story: summary}``: each metric as "mean ± standard error"."""
-    from pathlib import Path
     return [{"story": Path(story).stem, "method": m, **{k: f"{v[0]:.1f} ± {v[1]:.1f}" for k, v in summary[m].items()}}
             for story, summary in summaries.items() for m in methods]
 
 
 def summary_means(summaries: dict[str, dict], methods=("vanilla", "csa", "isolated")) -> dict[str, dict[str, float]]:
     """``{"<story> / <method>": {metric: mean}}``: the numbers behind ``summary_rows``."""
-    from pathlib import Path
     return {f"{Path(story).stem} / {m}": {k: v[0] for k, v in summary[m].items()}
             for story, summary in summaries.items() for m in methods}
 
@@ -455,7 +443,6 @@ def _pick(metrics: dict, keys, suffix: str) -> dict:
 
 def lambda_sweep(scorer: StoryScorer, single, pair, lams) -> list[dict]:
     """Isolated attention at each λ: identity and text fidelity on ``single``, mixing and attributes on ``pair``."""
-    from .isolation import IsolationConfig
     return [{"λ": lam, **_pick(scorer.score(single, IsolationConfig(lam=lam))["isolated"], ("IIS-toy", "TIS-toy"), "single"),
              **_pick(scorer.score(pair, IsolationConfig(lam=lam))["isolated"], ("mixing rate", "attribute accuracy"), "pair")}
             for lam in lams]
@@ -486,7 +473,6 @@ def iis_gain(rows: list[dict]) -> dict[str, float]:
 
 def carry_over(scorer: StoryScorer, stories: dict, methods=("vanilla", "csa", "isolated")) -> list[dict]:
     """IIS-toy per identity detail (hue, brightness, size, mark) per story and method."""
-    from .metrics import IDENTITY_DETAILS
     return [{"story": label, "method": method, **{d: metrics[f"IIS-toy {d}"] for d in IDENTITY_DETAILS}}
             for label, story in stories.items()
             for method, metrics in scorer.score(story, methods=methods, details=True).items()]
@@ -494,7 +480,6 @@ def carry_over(scorer: StoryScorer, stories: dict, methods=("vanilla", "csa", "i
 
 def detail_gains(carry: list[dict]) -> dict[str, dict[str, float]]:
     """Per story of ``carry_over``: isolated minus vanilla per identity detail."""
-    from .metrics import IDENTITY_DETAILS
     by = {(r["story"], r["method"]): r for r in carry}
     return {story: {d: by[(story, "isolated")][d] - by[(story, "vanilla")][d] for d in IDENTITY_DETAILS}
             for story in dict.fromkeys(r["story"] for r in carry)}
@@ -513,3 +498,22 @@ def trio_summary(scenes: list[dict]) -> dict:
     return {"three-character scenes": len(three), "vanilla leaves one out": sum(bool(r["vanilla left out"]) for r in three),
             "vanilla mixed": sum(r["vanilla mixed"] for r in three), "isolated mixed": len(mixed),
             "isolated mixed where vanilla left one out": sum(bool(r["vanilla left out"]) for r in mixed)}
+
+
+def compare_methods(backbone, story, methods=("vanilla", "csa", "isolated"), n_seeds: int = 20,
+                    config=None, seed_stride: int = 1000, progress: bool = True, details: bool = False,
+                    **kwargs) -> dict:
+    """Every method on the same backbone and the same seeds (the story shifted by k·stride).
+
+    Returns ``{method: {metric: (mean, standard error), ...}}`` and, under ``"runs"``, the raw
+    per-seed metrics. ``details`` adds IIS-toy per identity detail (see ``toy_story_metrics``).
+    """
+    runs = {m: [] for m in methods}
+    for k in tqdm(range(n_seeds), desc="seeds", disable=not progress):
+        shifted = story.with_seed_offset(k * seed_stride)
+        for method in methods:
+            result = generate_story(backbone, shifted, method, config=config, progress=False, **kwargs)
+            runs[method].append(toy_story_metrics(shifted, result, details))
+    summary = {method: mean_and_sem(rows) for method, rows in runs.items()}
+    summary["runs"] = runs
+    return summary

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .attention import (AttentionStore, LayerInfo, attention_epilogue, attention_prologue, find_attention_layers,
                         installed_processors, merge_heads, project_context, recorded_cross_attention, split_heads)
 from .bank import ReferenceBank
-from .masks import OVERLAP_RULES, subject_masks
+from .masks import OVERLAP_RULES, resize_masks, subject_masks
 
 __all__ = ["IsolationConfig", "LAM_RANGE", "SceneCharacter", "IsolationController", "IsolatedSelfAttention",
            "IsolatedCrossAttention", "isolated_attention", "check_mask_resolution"]
@@ -140,36 +140,47 @@ class SceneCharacter:
     is_new: bool = True
 
 
-@dataclass
 class IsolationController:
-    """Shared state of one scene's run: maps, masks, bank, step; read by the processors."""
+    """Shared state of one scene's run: maps, masks, bank, step; read by the processors.
 
-    characters: list[SceneCharacter]
-    latent_hw: tuple[int, int]
-    num_steps: int
-    config: IsolationConfig = field(default_factory=IsolationConfig)
-    bank: ReferenceBank | None = None
-    write_bank: bool = True
+    Args:
+        characters: the scene's characters (at least one).
+        latent_hw: latent height and width.
+        num_steps: denoising steps of the run (warm-up is a fraction of them).
+        config: the method's switches (``IsolationConfig()``).
+        bank: references of returning characters; new characters' references are written to it.
+        write_bank: False to read the bank without writing (tests, ablations).
+    """
 
-    def __post_init__(self):
+    def __init__(self, characters: list[SceneCharacter], latent_hw: tuple[int, int], num_steps: int,
+                 config: IsolationConfig | None = None, bank: ReferenceBank | None = None, write_bank: bool = True):
+        self.characters, self.latent_hw, self.num_steps = characters, tuple(latent_hw), num_steps
+        self.config = config if config is not None else IsolationConfig()
+        self.bank, self.write_bank = bank, write_bank
+        self._check()
+        # maps and masks: the store averages A_m over steps and counts the steps (``step``)
+        self.store = AttentionStore([[c.tokens for c in self.characters]], self.latent_hw)
+        self.masks = None  # SubjectMasks of the previous step
+        self.mask_history: list[torch.Tensor] = []
+        self.messages: list[str] = []
+        self.warmup_steps = math.ceil(self.config.warmup * self.num_steps)
+        # layer calls: which ran this step, and the device state they read
+        self.ran_layers: set[str] = set()  # layers run since the last step_callback
+        self.device: torch.device | None = None  # the queries' device and dtype, seen in the first layer call
+        self.dtype: torch.dtype | None = None
+        self._state: _StepState | None = None
+        self.state_builds = 0  # how many per-step states were built (once per step, not per layer)
+        # bank writes: queued on the device during a step, moved at its end
+        self.bank_layers: set[str] | None = None  # layers that write references (None: all)
+        self._pending: list[tuple[str, str, int, torch.Tensor, torch.Tensor]] = []
+
+    def _check(self) -> None:
+        """Refuse a controller that could only run the unmodified model or fail halfway."""
         if not self.characters:
             raise ValueError("a scene needs at least one character for isolated attention")
         self.config.validate()  # a config changed after it was made
         if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 1:
             raise ValueError(f"num_steps={self.num_steps!r} must be a positive integer")
-        self.ran_layers: set[str] = set()  # layers run since the last step_callback
-        self.store = AttentionStore([[c.tokens for c in self.characters]], self.latent_hw)
-        self.step = 0
-        self.masks = None  # SubjectMasks of the previous step
-        self.mask_history: list[torch.Tensor] = []
-        self.messages: list[str] = []
-        self.warmup_steps = math.ceil(self.config.warmup * self.num_steps)
-        self.bank_layers: set[str] | None = None  # layers that write references (None: all)
-        self.device: torch.device | None = None  # the queries' device and dtype, seen in the first layer call
-        self.dtype: torch.dtype | None = None
-        self._state: _StepState | None = None
-        self._pending: list[tuple[str, str, int, torch.Tensor, torch.Tensor]] = []
-        self.state_builds = 0  # how many per-step states were built (once per step, not per layer)
         returning = [c.name for c in self.characters if not c.is_new]
         if returning and self.bank is None:
             raise ValueError(f"characters {returning} are returning but no reference bank was given")
@@ -178,6 +189,15 @@ class IsolationController:
                 raise ValueError(f"character {name!r} is not in the reference bank (it has {self.bank.characters}); "
                                  f"generate its first scene first or load the bank that holds it")
 
+    @property
+    def step(self) -> int:
+        """Denoising steps finished so far (the store's counter: one step counter per run)."""
+        return self.store.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.store.step = value
+
     # --- step bookkeeping -----------------------------------------------------------------
     def step_callback(self, step_index: int, timestep=None, latents=None) -> None:
         """End of a denoising step: move this step's bank writes to the bank (one copy), update
@@ -185,8 +205,7 @@ class IsolationController:
         (masks, Â, biases, references), so that no layer call copies or synchronises."""
         self.flush_bank()
         self.ran_layers.clear()
-        self.store.step_callback(step_index)
-        self.step = step_index + 1
+        self.store.step_callback(step_index)  # advances self.step to step_index + 1
         if not self.store.layers:
             return
         maps = self.store.maps(places=("up",), resolution=self.mask_resolution)
@@ -304,12 +323,11 @@ class _StepState:
         """(M_m (M, N) bool, Â_m (M, N), present: list[bool], indices: list[(n_m,) long]) at ``hw``."""
         if hw not in self._at:
             sm = self.ctrl.masks
-            masks = sm.masks[0].float()[None]  # (1, M, H, W)
+            masks = resize_masks(sm.masks[0][None], hw)  # (1, M, h, w) at this layer's resolution
             a_hat = sm.A_hat[0][None] * sm.ok[0][None, :, None, None]
-            if masks.shape[-2:] != hw:
-                masks = F.interpolate(masks, size=hw, mode="area") > 0.5
+            if a_hat.shape[-2:] != hw:
                 a_hat = F.interpolate(a_hat, size=hw, mode="area")
-            masks = masks[0].flatten(1).bool().to(self.device)  # (M, N)
+            masks = masks[0].flatten(1).to(self.device)  # (M, N)
             a_hat = a_hat[0].flatten(1).to(self.device, self.dtype)  # (M, N)
             present = masks.any(dim=1).tolist()  # one synchronisation per step and resolution
             indices = [m.nonzero().squeeze(1) for m in masks]  # (n_m,) token indices inside M_m
@@ -369,28 +387,32 @@ class IsolatedSelfAttention:
         out = F.scaled_dot_product_attention(split_heads(attn, q), split_heads(attn, k), split_heads(attn, v))
         ctrl = self.ctrl
         ctrl.device, ctrl.dtype = q.device, q.dtype  # so the step callback can prepare the next step here
+        half = q.shape[0] // 2  # [negative; prompt]
         if ctrl.masks is not None:
-            state = ctrl._see(q)
-            masks, a_hat, present, indices = state.at(self.layer.resolution(ctrl.latent_hw))  # (M, N)
-            half = q.shape[0] // 2
+            state = ctrl._see(q)  # this step's masks and references on q's device (built once per step)
             if ctrl.writes_bank(self.layer):
-                for m, c in enumerate(ctrl.characters):
-                    if c.is_new and present[m]:  # K, V of the prompt half's tokens inside M_m
-                        ctrl.queue_reference(c.name, self.layer.name, k[half].index_select(0, indices[m]),
-                                             v[half].index_select(0, indices[m]))
+                self._write_references(state, k[half], v[half])
             if ctrl.isolating and ctrl.config.isolated_self:
-                f_iso = self._isolated(attn, q[half], k[half], v[half], masks, a_hat)
+                f_iso = self._isolated(attn, q[half], k[half], v[half])
                 if f_iso is not None:
                     lam = ctrl.config.lam
                     out[half] = lam * f_iso + (1 - lam) * out[half]  # F = λ·F_iso + (1 − λ)·F_ori
         return attention_epilogue(attn, merge_heads(out), saved)
 
-    def _isolated(self, attn, q, k, v, masks=None, a_hat=None):
+    def _write_references(self, state: "_StepState", k, v) -> None:
+        """Queue for the bank the keys and values (N, C) of the tokens inside each new character's M_m."""
+        ctrl = self.ctrl
+        _, _, present, indices = state.at(self.layer.resolution(ctrl.latent_hw))
+        for m, c in enumerate(ctrl.characters):
+            if c.is_new and present[m]:
+                ctrl.queue_reference(c.name, self.layer.name, k.index_select(0, indices[m]),
+                                     v.index_select(0, indices[m]))
+
+    def _isolated(self, attn, q, k, v):
         """q, k, v (N, C) of one image -> F_iso (heads, N, d), or None without references.
 
         Keys/values ``[K_x ; K_R1 ; … ; K_RM]`` with the additive mask of ``_StepState.bias``;
-        references, masks and bias come from the step's state on q's device (``masks``/``a_hat``
-        are accepted for callers that pass them and must be the step state's)."""
+        references, masks and bias come from the step's state on q's device."""
         ctrl = self.ctrl
         state = ctrl._see(q)
         hw = self.layer.resolution(ctrl.latent_hw)

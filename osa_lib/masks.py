@@ -6,7 +6,8 @@ used to re-weight attention to its reference tokens. Both come from the original
 cross-attention probabilities, so no segmentation model is involved:
 
 1. ``aggregate_maps``  - average ``A_m`` over the up-block layers, upsampled to the largest one.
-2. ``RunningMean``     - average it over the denoising steps taken so far (early steps are noisy).
+2. (``attention.AttentionStore`` averages the maps over the denoising steps taken so far, since
+   early steps are noisy; this module receives that running mean.)
 3. ``normalize_maps``  - min-max each map to [0, 1]: this is ``Â_m``.
 4. ``otsu_threshold``  - Otsu's threshold per map, batched; agrees with
    ``skimage.filters.threshold_otsu`` (the reference named in METHOD.md).
@@ -30,7 +31,6 @@ from torch import Tensor
 
 __all__ = [
     "OVERLAP_RULES",
-    "RunningMean",
     "SubjectMasks",
     "aggregate_maps",
     "coefficient_of_variation",
@@ -38,6 +38,7 @@ __all__ = [
     "otsu_masks",
     "otsu_threshold",
     "reliability",
+    "resize_masks",
     "resolve_overlaps",
     "subject_masks",
 ]
@@ -59,7 +60,7 @@ def _check_maps(A: Tensor, name: str = "A") -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Aggregation over layers and over denoising steps
+# 1. Aggregation over layers, and changing a mask's resolution
 # ---------------------------------------------------------------------------------------------
 
 
@@ -110,58 +111,13 @@ def aggregate_maps(maps: list[Tensor]) -> Tensor:
     return total / len(maps)  # (B, M, H, W)
 
 
-class RunningMean:
-    """Running mean of ``A_m`` over denoising steps; memory does not grow with the step count.
-
-    Early denoising steps give noisy, diffuse maps; METHOD.md averages the maps over the steps
-    taken so far. The update ``mean += (A - mean) / count`` keeps one tensor, not a history.
-
-    Example::
-
-        rm = RunningMean()
-        for step in steps:
-            rm.update(aggregate_maps(layer_maps))   # (B, M, H, W)
-        A = rm.mean                                 # (B, M, H, W)
-    """
-
-    def __init__(self) -> None:
-        self._mean: Tensor | None = None
-        self.count: int = 0
-
-    def update(self, A: Tensor) -> Tensor:
-        """Fold in the maps of one more step.
-
-        Args:
-            A (Tensor): maps of this step, any shape, the same shape at every step.
-
-        Returns:
-            Tensor: the updated mean (same shape as ``A``).
-        """
-        A = _as_float(A.detach())
-        if self._mean is None:
-            self._mean = A.clone()
-            self.count = 1
-            return self._mean
-        if A.shape != self._mean.shape:
-            raise ValueError(
-                f"RunningMean.update got shape {tuple(A.shape)} but earlier steps had "
-                f"{tuple(self._mean.shape)}; call reset() before starting a new scene."
-            )
-        self.count += 1
-        self._mean = self._mean + (A.to(self._mean.dtype) - self._mean) / self.count
-        return self._mean
-
-    @property
-    def mean(self) -> Tensor:
-        """The mean of all maps passed to :meth:`update` since the last reset."""
-        if self._mean is None:
-            raise RuntimeError("RunningMean is empty: call update(A) at least once before reading .mean")
-        return self._mean
-
-    def reset(self) -> None:
-        """Forget all steps (start of a new scene)."""
-        self._mean = None
-        self.count = 0
+def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Binary masks ``(B, M, h, w)`` -> ``(B, M, *size)`` bool, each output pixel set when most of
+    the input pixels under it are: nearest neighbour when enlarging by an integer factor, a
+    majority vote when shrinking. The one way masks change resolution in this library."""
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks.bool()
+    return F.interpolate(masks.float(), size=tuple(size), mode="area") > 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,7 +451,7 @@ def subject_masks(
 
     Args:
         layer_maps (list[Tensor] | Tensor): per-layer ``(B, M, h_l, w_l)`` maps, or an already
-            aggregated ``(B, M, H, W)`` tensor (e.g. ``RunningMean.mean`` over steps).
+            aggregated ``(B, M, H, W)`` tensor (e.g. ``AttentionStore.mask_maps()``).
         rule (str): overlap rule, one of :data:`OVERLAP_RULES`; ``"lower_cv"`` is the paper's.
         nbins (int): Otsu histogram bins.
         min_fraction (float): see :func:`reliability`.

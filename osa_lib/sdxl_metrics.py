@@ -11,7 +11,7 @@
 
 Nothing is downloaded here. Weights come from a local folder or the Hugging Face cache; when they
 are absent a ``MissingWeightsError`` says which weights, where it looked and how to get them.
-The toy-world stand-ins of these metrics live in ``osa_lib.metrics``.
+The toy-world stand-ins of these metrics live in ``osa_lib.toy.metrics``.
 """
 from __future__ import annotations
 

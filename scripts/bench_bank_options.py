@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from osa_lib import IsolationConfig, generate_story, load_backbone, load_story  # noqa: E402
-from osa_lib.bank import SDXL_UNET_CONFIG, estimate_bank_bytes  # noqa: E402
+from osa_lib.backbones import SDXL_UNET_CONFIG  # noqa: E402
+from osa_lib.bank import estimate_bank_bytes  # noqa: E402
 from osa_lib.figures import markdown_table  # noqa: E402
-from osa_lib.metrics import toy_story_metrics  # noqa: E402
+from osa_lib.toy.metrics import toy_story_metrics  # noqa: E402
 
 OPTIONS = {"default (warm-up not stored)": {}, "every 2nd step": {"bank_step_stride": 2},
            "every 3rd step": {"bank_step_stride": 3}, "every 2nd layer": {"bank_layer_stride": 2}}

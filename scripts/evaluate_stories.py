@@ -17,7 +17,7 @@ one process. The rows do not depend on how the jobs were split. Note: accelerate
 (its simple launcher); several CPU processes come from ``--multi_gpu`` (torchrun) on a machine
 without a visible GPU, where this script asks for the CPU backend (gloo).
 
-Toy backbone (exact metrics read by the toy analyzer, ``osa_lib.metrics``): IIS-toy (higher is
+Toy backbone (exact metrics read by the toy analyzer, ``osa_lib.toy.metrics``): IIS-toy (higher is
 better), attribute accuracy (higher), mixing rate (lower), TIS-toy (higher), seconds per scene
 (lower); then the issue's targets, IIS-toy per identity detail, mixed-scene counts and the
 reference-bank size.
@@ -49,8 +49,8 @@ sys.path.insert(0, str(ROOT))
 
 from osa_lib import IsolationConfig, generate_story, load_backbone, load_story  # noqa: E402
 from osa_lib.figures import markdown_table  # noqa: E402
-from osa_lib.metrics import IDENTITY_DETAILS, METRIC_NAMES, toy_story_metrics  # noqa: E402
-from osa_lib.story import METHODS  # noqa: E402
+from osa_lib.generation import METHODS  # noqa: E402
+from osa_lib.toy.metrics import IDENTITY_DETAILS, METRIC_NAMES, toy_story_metrics  # noqa: E402
 
 SEED_STRIDE = 1000
 SDXL_METRICS = {"TIS": "higher is better", "IIS": "higher is better", "AQ": "higher is better",
@@ -356,7 +356,8 @@ def report_toy(rows, args, backbone, config) -> None:
 
 def report_bank(args, backbone, config) -> None:
     from diffusers import UNet2DConditionModel
-    from osa_lib.bank import SDXL_UNET_CONFIG, estimate_bank_bytes
+    from osa_lib.backbones import SDXL_UNET_CONFIG
+    from osa_lib.bank import estimate_bank_bytes
     story = load_story(args.stories[0])
     result = generate_story(backbone, story, "isolated", config=config, num_inference_steps=args.steps, progress=False)
     print("\n## Reference bank\n")

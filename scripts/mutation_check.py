@@ -43,6 +43,7 @@ FAST_TESTS = ["tests/test_equations.py", "tests/test_masks.py", "tests/test_sdxl
 #: Which fast test file runs first for a mutated module (the others follow; -x stops at the first failure).
 FIRST = {"osa_lib/masks.py": "tests/test_masks.py", "osa_lib/sdxl_metrics.py": "tests/test_sdxl_metrics.py",
          "osa_lib/bank.py": "tests/test_bank.py", "osa_lib/story.py": "tests/test_story.py",
+         "osa_lib/generation.py": "tests/test_story.py",
          "osa_lib/baselines.py": "tests/test_baselines.py"}
 
 
@@ -95,10 +96,10 @@ MUTATIONS = [
              "queries outside M_m may attend R_m"),
     Mutation(ISO, "out[half] = lam * f_iso + (1 - lam) * out[half]", "out[half] = f_iso",
              "self-attention merge ignores λ"),
-    Mutation(ISO, "self._isolated(attn, q[half], k[half], v[half], masks, a_hat)",
-             "self._isolated(attn, q[half], k[0], v[0], masks, a_hat)", "F_iso uses the negative half's keys/values"),
-    Mutation(ISO, "k[half].index_select(0, indices[m]),\n                                             v[half].index_select(0, indices[m])",
-             "k[0].index_select(0, indices[m]),\n                                             v[0].index_select(0, indices[m])",
+    Mutation(ISO, "self._isolated(attn, q[half], k[half], v[half])",
+             "self._isolated(attn, q[half], k[0], v[0])", "F_iso uses the negative half's keys/values"),
+    Mutation(ISO, "self._write_references(state, k[half], v[half])",
+             "self._write_references(state, k[0], v[0])",
              "bank stores the negative half's tokens"),
     Mutation(ISO, "self._pending.append((name, layer, self.step, keys, values))",
              "self._pending.append((name, layer, self.step + 1, keys, values))",
@@ -113,8 +114,7 @@ MUTATIONS = [
              "self.masks is not None and self.config.lam != 0", "warm-up ignored"),
     Mutation(ISO, "math.ceil(self.config.warmup * self.num_steps)", "int(self.config.warmup * self.num_steps)",
              "warm-up rounded down"),
-    Mutation(ISO, "        self.store.step_callback(step_index)\n        self.step = step_index + 1",
-             "        self.store.step_callback(step_index)\n        self.step = step_index",
+    Mutation(ATT, "        self.step = step_index + 1", "        self.step = step_index",
              "controller's step lags one behind the sampler"),
     # --- attention store -------------------------------------------------------------------------
     Mutation(ATT, "probs = (q[half:] @ k[half:].transpose(-1, -2) * attn.scale)",
@@ -130,8 +130,8 @@ MUTATIONS = [
     Mutation(ATT, "self._sums[layer] += maps", "self._sums[layer] = maps * self._counts[layer]",
              "running mean keeps only the latest step"),
     Mutation(ATT, "        return min(sizes)", "        return max(sizes)", "masks made at the largest resolution"),
-    Mutation(ATT, "size = size or max((m.shape[-2:] for m in maps), key=lambda s: s[0])",
-             "size = size or min((m.shape[-2:] for m in maps), key=lambda s: s[0])",
+    Mutation(MASKS, "    H = max(a.shape[-2] for a in maps)\n    W = max(a.shape[-1] for a in maps)",
+             "    H = min(a.shape[-2] for a in maps)\n    W = min(a.shape[-1] for a in maps)",
              "aggregate resamples to the smallest resolution"),
     # --- CSA baseline (StoryDiffusion's) ---------------------------------------------------------
     Mutation(CSA, "generator=self.generator) < rate", "generator=self.generator) <= 1.0",
@@ -185,7 +185,7 @@ MUTATIONS = [
              "dy, dx = int(round(margin * (x1 - x0))), int(round(margin * (y1 - y0)))",
              "crop margin: height and width swapped"),
     # --- story loop --------------------------------------------------------------------------------
-    Mutation("osa_lib/story.py", "is_new=name not in bank)", "is_new=True)",
+    Mutation("osa_lib/generation.py", "is_new=name not in bank)", "is_new=True)",
              "returning characters treated as new (no references)"),
 ]
 

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from osa_lib.backbones import load_backbone
 from osa_lib.toy import world
-from osa_lib.toy.evaluate import check_prompt
+from osa_lib.toy.metrics import check_prompt
 
 
 def validation_prompts(n_characters: int, count: int, seed: int) -> list[str]:

@@ -225,8 +225,7 @@ def test_sdxl_random_configs_are_sdxl_base():
     from diffusers import UNet2DConditionModel
 
     from osa_lib.attention import find_attention_layers
-    from osa_lib.backbones import SDXL_RANDOM_DIR
-    from osa_lib.bank import SDXL_UNET_CONFIG
+    from osa_lib.backbones import SDXL_RANDOM_DIR, SDXL_UNET_CONFIG
     config = json.loads((SDXL_RANDOM_DIR / "unet" / "config.json").read_text())
     for key, value in SDXL_UNET_CONFIG.items():
         assert config[key] == (list(value) if isinstance(value, tuple) else value), key

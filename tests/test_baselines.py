@@ -7,7 +7,8 @@ from osa_lib.attention import LayerInfo, find_attention_layers
 from osa_lib.backbones import load_backbone
 from osa_lib.baselines import (CSABank, CSAConfig, CSAController, ConsistentSelfAttention, consistent_self_attention,
                                csa_layers, reference_scenes)
-from osa_lib.story import generate_story, load_story, parse_story
+from osa_lib.generation import generate_story
+from osa_lib.story import load_story, parse_story
 
 STEPS = 3
 STORY = {"characters": [{"name": "Lily", "word": "girl", "id_prompt": "a girl with blonde hair"},

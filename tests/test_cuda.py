@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from osa_lib import IsolationConfig, load_backbone  # noqa: E402
 from osa_lib.isolation import IsolatedCrossAttention, IsolatedSelfAttention  # noqa: E402
-from osa_lib.story import METHODS, generate_story, parse_story  # noqa: E402
+from osa_lib.generation import METHODS, generate_story  # noqa: E402
+from osa_lib.story import parse_story  # noqa: E402
 
 try:
     import pytest

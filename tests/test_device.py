@@ -20,7 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from osa_lib import load_backbone
 from osa_lib.isolation import IsolatedCrossAttention, IsolatedSelfAttention, IsolationConfig
-from osa_lib.story import generate_story, parse_story
+from osa_lib.generation import generate_story
+from osa_lib.story import parse_story
 
 STEPS = 5
 STORY = {"characters": [{"name": "Rosa", "word": "circle", "id_prompt": "a red circle"},

@@ -28,7 +28,8 @@ from osa_lib.bank import ReferenceBank
 from osa_lib.isolation import (IsolatedCrossAttention, IsolatedSelfAttention, IsolationConfig, IsolationController,
                                SceneCharacter, isolated_attention)
 from osa_lib.masks import SubjectMasks
-from osa_lib.story import generate_story, parse_story
+from osa_lib.generation import generate_story
+from osa_lib.story import parse_story
 
 HW = (4, 4)
 N = 16  # image tokens

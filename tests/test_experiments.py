@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import osa_lib.metrics
-import osa_lib.story
+import osa_lib.experiments
 from osa_lib import IsolationConfig, load_story
 from osa_lib.experiments import (BINDING_OWN_SHARE, StoryScorer, binding_table, binding_verdict, content_words,
                                  detail_gains, first_overlapping, iis_gain, lowest_iou, mask_iou_summary, mean_and_sem,
                                  pooled_rule_scores, rule_rows, summary_means, summary_rows, trio_summary,
                                  uncoloured_scene_prompts)
-from osa_lib.story import SceneResult, StoryResult, parse_story
+from osa_lib.generation import SceneResult, StoryResult
+from osa_lib.story import parse_story
 from osa_lib.toy.world import COLOURS, parse_caption
 
 STORIES = Path(__file__).resolve().parents[1] / "data" / "stories"
@@ -148,8 +148,8 @@ def fake_generation(monkeypatch):
             out["IIS-toy hue"] = value + 1
         return out
 
-    monkeypatch.setattr(osa_lib.story, "generate_story", generate_story)
-    monkeypatch.setattr(osa_lib.metrics, "toy_story_metrics", toy_story_metrics)
+    monkeypatch.setattr(osa_lib.experiments, "generate_story", generate_story)
+    monkeypatch.setattr(osa_lib.experiments, "toy_story_metrics", toy_story_metrics)
     return calls
 
 

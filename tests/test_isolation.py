@@ -11,7 +11,8 @@ from osa_lib.bank import ReferenceBank
 from osa_lib.isolation import (IsolatedSelfAttention, IsolationConfig, IsolationController, SceneCharacter,
                                 isolated_attention)
 from osa_lib.masks import SubjectMasks
-from osa_lib.story import generate_story, parse_story
+from osa_lib.generation import generate_story
+from osa_lib.story import parse_story
 
 STEPS = 3  # warm-up ceil(0.2 * 3) = 1 step, then two isolated steps
 
@@ -145,8 +146,7 @@ def qkv():
 
 def isolated_output(attn, ctrl, q, k, v) -> torch.Tensor:
     """F_iso (heads, N, d) through the processor's own code path."""
-    masks, a_hat = ctrl.masks_at(LAYER)  # (M, N)
-    return IsolatedSelfAttention(LAYER, ctrl)._isolated(attn, q, k, v, masks, a_hat)
+    return IsolatedSelfAttention(LAYER, ctrl)._isolated(attn, q, k, v)
 
 
 def reference_rows(attn, q, k, v, rows, k_r=None, v_r=None, bias=None) -> torch.Tensor:

@@ -3,18 +3,19 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from skimage.exposure import histogram
 from skimage.filters import threshold_otsu
 
 from osa_lib.masks import (
     OVERLAP_RULES,
-    RunningMean,
     aggregate_maps,
     coefficient_of_variation,
     normalize_maps,
     otsu_masks,
     otsu_threshold,
     reliability,
+    resize_masks,
     resolve_overlaps,
     subject_masks,
 )
@@ -198,22 +199,17 @@ def test_aggregate_errors():
         aggregate_maps([torch.rand(3, 8, 8)])
 
 
-def test_running_mean_equals_stack_mean():
+def test_resize_masks_is_nearest_when_enlarging_and_a_majority_when_shrinking():
     g = _gen(8)
-    steps = [torch.rand(2, 3, 8, 8, generator=g) for _ in range(7)]
-    rm = RunningMean()
-    with pytest.raises(RuntimeError, match="update"):
-        rm.mean
-    for A in steps:
-        rm.update(A)
-    assert rm.count == 7
-    assert torch.allclose(rm.mean, torch.stack(steps).mean(0), atol=1e-6)
-    steps[0].zero_()  # the first map was copied, not aliased
-    assert not torch.allclose(rm.mean, torch.stack(steps).mean(0))
-    with pytest.raises(ValueError, match="reset"):
-        rm.update(torch.rand(2, 3, 4, 4))
-    rm.reset()
-    assert rm.count == 0
+    masks = torch.rand(2, 3, 4, 4, generator=g) > 0.5
+    up = resize_masks(masks, (16, 16))
+    nearest = F.interpolate(masks.float(), size=(16, 16), mode="nearest") > 0.5
+    assert up.dtype == torch.bool and torch.equal(up, nearest)
+    block = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    block[..., :2, :2] = True  # 4 of 4 pixels: kept
+    block[..., 2, 2] = True  # 1 of 4 pixels: dropped
+    assert resize_masks(block, (2, 2))[0, 0].tolist() == [[True, False], [False, False]]
+    assert torch.equal(resize_masks(masks, (4, 4)), masks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +306,7 @@ def test_subject_masks_two_characters():
     left, right = out.masks[0, 0], out.masks[0, 1]
     assert left[:, :12].any() and not left[:, 20:].any()
     assert right[:, 20:].any() and not right[:, :12].any()
-    # an already aggregated tensor (e.g. RunningMean.mean) is accepted too
+    # an already aggregated tensor (e.g. AttentionStore.mask_maps()) is accepted too
     again = subject_masks(aggregate_maps(layers))
     assert torch.equal(again.masks, out.masks)
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from osa_lib.metrics import IDENTITY_DETAILS, toy_story_metrics
-from osa_lib.story import SceneResult, StoryResult, parse_story
+from osa_lib.generation import SceneResult, StoryResult
+from osa_lib.story import parse_story
+from osa_lib.toy.metrics import IDENTITY_DETAILS, toy_story_metrics
 from osa_lib.toy import world
 
 STORY = parse_story({

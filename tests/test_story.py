@@ -9,7 +9,8 @@ import yaml
 from osa_lib.backbones import _TINY_WORDS, load_backbone
 from osa_lib.bank import BankError, ReferenceBank
 from osa_lib.isolation import IsolationConfig
-from osa_lib.story import METHODS, Story, StoryError, generate_story, load_story, parse_story
+from osa_lib.generation import METHODS, generate_story
+from osa_lib.story import Story, StoryError, load_story, parse_story
 
 STORY_DIR = Path(__file__).resolve().parent.parent / "data" / "stories"
 STORY_FILES = sorted(glob.glob(str(STORY_DIR / "*.yaml")))
@@ -258,7 +259,7 @@ def test_vanilla_story_matches_backbone_generate(tiny, story, vanilla):
 
 def test_llm_rewrite_output_goes_through_the_same_validation():
     """The optional rewrite step: whatever the model returns is validated like a story file."""
-    from osa_lib.story import rewrite_with_llm
+    from osa_lib.llm import rewrite_with_llm
     story = parse_story({"characters": [{"name": "Lily", "word": "girl", "id_prompt": "a girl"}],
                          "scenes": [{"prompt": "she reads in the park, a girl", "characters": ["Lily"], "seed": 1}]})
 

@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 from . import world
-from .analyzer import analyze_image
-from .evaluate import MIN_SCORE
+from .analyzer import analyze_image, largest_detection
 from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline, images_to_latents, latents_to_images
 from .reference import reference_attention
 
@@ -106,10 +105,9 @@ class _nothing:
 
 def _read(image: np.ndarray, reference: world.Character) -> dict:
     """What a sample took from its reference: colour family, mark, size (None if not drawn)."""
-    found = [d for d in analyze_image(image) if d.shape == reference.shape and d.score >= MIN_SCORE]
-    if not found:
+    d = largest_detection(analyze_image(image), reference.shape)
+    if d is None:
         return {"drawn": False}
-    d = max(found, key=lambda d: d.mask.sum())
     return {"drawn": True, "colour": d.colour == reference.colour,
             "mark": d.mark == reference.mark and (d.mark == "none" or d.mark_tone == reference.mark_tone),
             "size": abs(d.size - reference.size) <= 1.0}

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from ..attention import AttentionStore, capture_attention
-from ..masks import subject_masks
+from ..masks import resize_masks, subject_masks
 from . import world
 from .model import ToyPipeline, images_to_latents, LATENT_SIZE
 
@@ -51,8 +51,7 @@ def own_object_share(A: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 def _mask_iou(maps: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """IoU (B, M) of the method's Otsu masks from ``maps`` with ``truth`` (B, M, H, W)."""
-    masks = subject_masks(maps, rule="lower_cv").masks.float()
-    masks = F.interpolate(masks, size=truth.shape[-2:], mode="nearest") > 0.5
+    masks = resize_masks(subject_masks(maps, rule="lower_cv").masks, truth.shape[-2:])  # (B, M, H, W)
     truth = truth.bool()
     return (masks & truth).sum((-1, -2)) / (masks | truth).sum((-1, -2)).clamp(min=1)
 

@@ -21,50 +21,16 @@ import sys
 import json
 
 import numpy as np
+from tqdm import tqdm
 
+from ..backbones import load_backbone
+from ..experiments import generate_with_maps, mask_iou_records
 from . import world
 from .analyzer import analyze_image, mask_iou
+from .metrics import check_prompt
 
-__all__ = ["MIN_SCORE", "classify_scene", "check_prompt", "held_out_prompts", "evaluate_model", "main"]
+__all__ = ["held_out_prompts", "evaluate_model", "format_report", "main"]
 
-MIN_SCORE = 0.6  # a detection whose best shape template fits worse than this is a blob, not that shape
-SKY_ROWS, GROUND_ROWS = slice(0, 6), slice(26, 32)  # sky and ground for every scene's horizon
-
-
-def classify_scene(image: np.ndarray, character_mask: np.ndarray | None = None) -> str:
-    """Scene word from the background: nearest (sky, ground) palette, ignoring character pixels."""
-    image = np.asarray(image, np.float32)
-    if image.max() <= 1.0:
-        image = image * 255.0
-    keep = np.ones(image.shape[:2], bool) if character_mask is None else ~character_mask
-    def mean_colour(rows):
-        pixels = image[rows][keep[rows]]
-        # median: robust to character pixels the analyzer did not claim (soft edges of generated shapes)
-        return np.median(pixels, 0) if len(pixels) else np.median(image[rows].reshape(-1, 3), 0)
-    sky, ground = mean_colour(SKY_ROWS), mean_colour(GROUND_ROWS)
-    distances = {name: np.linalg.norm(sky - np.array(s)) + np.linalg.norm(ground - np.array(g))
-                 for name, (s, g, _) in world.BACKGROUNDS.items()}
-    return min(distances, key=distances.get)
-
-
-def check_prompt(image: np.ndarray, prompt: str) -> dict:
-    """Which facts of a toy prompt the image shows: scene, and per character shape and colour."""
-    parsed = world.parse_caption(prompt)
-    detected = analyze_image(image)
-    union = np.zeros(image.shape[:2], bool)
-    for d in detected:
-        union |= d.mask
-    rows = []
-    for c in parsed["characters"]:
-        found = [d for d in detected if d.shape == c["shape"] and d.score >= MIN_SCORE]
-        best = max(found, key=lambda d: d.mask.sum()) if found else None
-        colour_ok = best is not None and (c["colour"] is None or best.colour == c["colour"])
-        rows.append({"shape": c["shape"], "colour": c["colour"], "found": best is not None,
-                     "found_colour": None if best is None else best.colour, "ok": bool(colour_ok)})
-    scene = classify_scene(image, union)
-    return {"scene": parsed["scene"], "found_scene": scene, "scene_ok": scene == parsed["scene"],
-            "characters": rows, "n_detected": len(detected),
-            "all_ok": scene == parsed["scene"] and all(r["ok"] for r in rows)}
 
 
 def held_out_prompts(n_two: int = 24, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -93,8 +59,6 @@ def _batched(backbone, prompts, seeds, batch_size, **kwargs):
 def evaluate_model(backbone, seeds_per_prompt: int = 8, n_two: int = 24, no_colour_seeds: int = 16,
                    batch_size: int = 32, seed: int = 10_000, progress: bool = True) -> dict:
     """All four measurements; returns a dict of rates and counts (see the module docstring)."""
-    from ..experiments import generate_with_maps, mask_iou_records
-    from tqdm import tqdm
     singles, twos = held_out_prompts(n_two)
     out = {}
     # 1 + 2: named attributes on held-out prompts
@@ -150,6 +114,7 @@ def _union_iou(records: list[dict]) -> dict:
 
 
 def format_report(r: dict) -> str:
+    """The README table of ``evaluate_model``'s result."""
     return "\n".join([
         "| measurement (held-out prompts) | result | target |",
         "|---|---|---|",
@@ -175,7 +140,6 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default=None, help="also write the raw numbers here")
     parser.add_argument("--md", default=None, help="also write the table here, with the command, commit and machine")
     args = parser.parse_args(argv)
-    from ..backbones import load_backbone
     backbone = load_backbone("toy", model_id=args.model)
     result = evaluate_model(backbone, seeds_per_prompt=args.seeds)
     print(format_report(result))

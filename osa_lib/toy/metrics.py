@@ -1,8 +1,8 @@
-"""Story metrics. On the toy world they are exact, read by the analyzer:
+"""Toy-world story metrics, exact because the analyzer reads every image:
 
 - **IIS-toy** (identity similarity, %): for each character, every pair of scenes where it is
   drawn, the similarity of its *unnamed* identity details — hue, brightness, size and inner
-  mark — averaged (each term in [0, 1], see ``identity_similarity``) ×100. Words cannot pin
+  mark — averaged (each term in [0, 1], see ``detail_similarity``) ×100. Words cannot pin
   these details down, so only a method that carries the character over keeps them.
 - **colour kept** (%): of each character's appearances after the first one it is drawn in, the
   share drawn in the colour family of that first one. For an ID prompt that names no colour
@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["identity_terms", "identity_similarity", "IDENTITY_DETAILS", "id_colours", "read_scene", "is_mixed",
-           "colour_kept", "toy_story_metrics", "compare_methods", "METRIC_NAMES"]
+from . import world
+from .analyzer import analyze_image, largest_detection
+
+__all__ = ["identity_terms", "detail_similarity", "IDENTITY_DETAILS", "id_colours", "read_scene", "is_mixed",
+           "colour_kept", "toy_story_metrics", "METRIC_NAMES", "classify_scene", "check_prompt"]
 
 METRIC_NAMES = ("IIS-toy", "colour kept", "attribute accuracy", "mixing rate", "TIS-toy")
 IDENTITY_DETAILS = ("hue", "brightness", "size", "mark")  # the terms IIS-toy averages
+SKY_ROWS, GROUND_ROWS = slice(0, 6), slice(26, 32)  # sky and ground for every scene's horizon
 HUE_SCALE, SIZE_SCALE, VALUE_SCALE = 20.0, 3.0, 0.2  # differences at which a term reaches 0
 
 
@@ -40,29 +44,23 @@ def identity_terms(a, b) -> dict[str, float]:
             "mark": float(a.mark == b.mark and (a.mark == "none" or a.mark_tone == b.mark_tone))}
 
 
-def identity_similarity(a, b) -> float:
-    """Similarity in [0, 1] of two detections' identity details: the mean of ``identity_terms``."""
+def detail_similarity(a, b) -> float:
+    """Similarity in [0, 1] of two detections' identity details: the mean of ``identity_terms``.
+
+    (Not ``sdxl_metrics.identity_similarity``, which compares CLIP embeddings of crops.)"""
     return float(np.mean(list(identity_terms(a, b).values())))
-
-
-def _find(detected, shape):
-    from .toy.evaluate import MIN_SCORE
-    found = [d for d in detected if d.shape == shape and d.score >= MIN_SCORE]
-    return max(found, key=lambda d: d.mask.sum()) if found else None
 
 
 def id_colours(story) -> dict[str, str | None]:
     """Each character's colour word, read from its ID prompt (None when it names no colour)."""
-    from .toy.world import parse_caption
-    return {n: parse_caption(c.id_prompt, id_prompt=True)["characters"][0]["colour"]
+    return {n: world.parse_caption(c.id_prompt, id_prompt=True)["characters"][0]["colour"]
             for n, c in story.characters.items()}
 
 
 def read_scene(story, scene, image) -> dict:
     """The analyzer's detection of each character of ``scene`` in ``image`` (None: not drawn)."""
-    from .toy.analyzer import analyze_image
     detected = analyze_image(image)
-    return {n: _find(detected, story.characters[n].word) for n in scene.characters}
+    return {n: largest_detection(detected, story.characters[n].word) for n in scene.characters}
 
 
 def is_mixed(found: dict, id_colour: dict[str, str | None]) -> bool:
@@ -88,7 +86,6 @@ def toy_story_metrics(story, result, details: bool = False) -> dict:
     rate: ``"mixed scenes"`` of ``"multi-character scenes"``, and the same for two-character
     scenes alone (the issue's target is about those).
     """
-    from .toy.evaluate import check_prompt
     id_colour = id_colours(story)
     drawn: dict[str, list] = {n: [] for n in story.characters}
     attribute_hits, mixing, mixing_sizes, tis = [], [], [], []
@@ -122,29 +119,36 @@ def toy_story_metrics(story, result, details: bool = False) -> dict:
     return metrics
 
 
-def compare_methods(backbone, story, methods=("vanilla", "csa", "isolated"), n_seeds: int = 20,
-                    config=None, seed_stride: int = 1000, progress: bool = True, details: bool = False,
-                    **kwargs) -> dict:
-    """Every method on the same backbone and the same seeds (the story shifted by k·stride).
+def classify_scene(image: np.ndarray, character_mask: np.ndarray | None = None) -> str:
+    """Scene word from the background: nearest (sky, ground) palette, ignoring character pixels."""
+    image = np.asarray(image, np.float32)
+    if image.max() <= 1.0:
+        image = image * 255.0
+    keep = np.ones(image.shape[:2], bool) if character_mask is None else ~character_mask
+    def mean_colour(rows):
+        pixels = image[rows][keep[rows]]
+        # median: robust to character pixels the analyzer did not claim (soft edges of generated shapes)
+        return np.median(pixels, 0) if len(pixels) else np.median(image[rows].reshape(-1, 3), 0)
+    sky, ground = mean_colour(SKY_ROWS), mean_colour(GROUND_ROWS)
+    distances = {name: np.linalg.norm(sky - np.array(s)) + np.linalg.norm(ground - np.array(g))
+                 for name, (s, g, _) in world.BACKGROUNDS.items()}
+    return min(distances, key=distances.get)
 
-    Returns ``{method: {metric: (mean, standard error), ...}}`` and, under ``"runs"``, the raw
-    per-seed metrics. ``details`` adds IIS-toy per identity detail (see ``toy_story_metrics``).
-    """
-    from tqdm import tqdm
-    from .story import generate_story
-    runs = {m: [] for m in methods}
-    for k in tqdm(range(n_seeds), desc="seeds", disable=not progress):
-        shifted = story.with_seed_offset(k * seed_stride)
-        for method in methods:
-            result = generate_story(backbone, shifted, method, config=config, progress=False, **kwargs)
-            runs[method].append(toy_story_metrics(shifted, result, details))
-    summary = {}
-    for method, rows in runs.items():
-        summary[method] = {}
-        for key in rows[0]:
-            values = np.array([r[key] for r in rows], float)
-            values = values[~np.isnan(values)]
-            sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
-            summary[method][key] = (float(values.mean()) if len(values) else float("nan"), sem)
-    summary["runs"] = runs
-    return summary
+
+def check_prompt(image: np.ndarray, prompt: str) -> dict:
+    """Which facts of a toy prompt the image shows: scene, and per character shape and colour."""
+    parsed = world.parse_caption(prompt)
+    detected = analyze_image(image)
+    union = np.zeros(image.shape[:2], bool)
+    for d in detected:
+        union |= d.mask
+    rows = []
+    for c in parsed["characters"]:
+        best = largest_detection(detected, c["shape"])
+        colour_ok = best is not None and (c["colour"] is None or best.colour == c["colour"])
+        rows.append({"shape": c["shape"], "colour": c["colour"], "found": best is not None,
+                     "found_colour": None if best is None else best.colour, "ok": bool(colour_ok)})
+    scene = classify_scene(image, union)
+    return {"scene": parsed["scene"], "found_scene": scene, "scene_ok": scene == parsed["scene"],
+            "characters": rows, "n_detected": len(detected),
+            "all_ok": scene == parsed["scene"] and all(r["ok"] for r in rows)}
