@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import world
+from ..figures import write_results
 from .analyzer import analyze_image, largest_detection
 from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline, images_to_latents, latents_to_images
 from .reference import reference_attention
@@ -184,7 +185,6 @@ def main(argv=None) -> None:
     lines.append(f"\n({args.samples} samples per setting, {time.time() - started:.0f} s)")
     print("\n".join(lines))
     if args.md:
-        from ..figures import write_results
         command = "python -m osa_lib.toy.appearance " + " ".join(sys.argv[1:] if argv is None else argv)
         write_results(args.md, "Does appearance travel through self-attention? (toy probe)", "\n".join(lines), command)
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..backbones import load_backbone
 from ..experiments import generate_with_maps, mask_iou_records
 from . import world
+from ..figures import write_results
 from .analyzer import analyze_image, mask_iou
 from .metrics import check_prompt
 
@@ -144,7 +145,6 @@ def main(argv=None) -> None:
     result = evaluate_model(backbone, seeds_per_prompt=args.seeds)
     print(format_report(result))
     if args.md:
-        from ..figures import write_results
         command = "python -m osa_lib.toy.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
         write_results(args.md, "Toy model quality on held-out prompts", format_report(result), command)
     if args.json:
