@@ -39,6 +39,9 @@ def test_required_layout_exists():
         assert (ROOT / name).exists(), name
 
 
+NO_PROVENANCE = {"results/bank_options.md"}  # written before results files named their commit; the README says so
+
+
 def test_readme_is_a_front_page_whose_links_exist():
     """Issue 16: at most 250 lines; every local file it links (results, figures, model card) is there,
     and every results file it links names the command, commit and machine that wrote it (or, for
@@ -53,6 +56,6 @@ def test_readme_is_a_front_page_whose_links_exist():
         if link.startswith("figures/"):
             continue  # written by the main job, not committed
         assert path.is_file(), f"README links {link}, which does not exist"
-        if link.endswith(".md") and link.startswith("results/"):
+        if link.endswith(".md") and link.startswith("results/") and link not in NO_PROVENANCE:
             text = path.read_text()
             assert "commit" in text, f"{link} does not say which commit it was measured on"
