@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ def sample_with_reference(pipe: ToyPipeline, prompts: list[str], references: lis
     ref_mask[b:2 * b] = ref_masks
     x, ref_x0, ref_noise, partner, ref_mask = (t.to(device) for t in (x, ref_x0, ref_noise, partner, ref_mask))
     pipe.scheduler.set_timesteps(steps)
-    with reference_attention(pipe.unet, (LATENT_SIZE, LATENT_SIZE), resolutions) if resolutions != () else _nothing() as state:
+    with reference_attention(pipe.unet, (LATENT_SIZE, LATENT_SIZE), resolutions) if resolutions != () else nullcontext() as state:
         for i, t in enumerate(pipe.scheduler.timesteps):
             if state is not None:
                 state.partner, state.ref_mask = partner, ref_mask
@@ -94,14 +95,6 @@ def sample_with_reference(pipe: ToyPipeline, prompts: list[str], references: lis
             out_u, out_c = out[:b], out[b:2 * b]
             x = pipe.scheduler.step(out_u + guidance * (out_c - out_u), t, x).prev_sample
     return latents_to_images(x).permute(0, 2, 3, 1).cpu().numpy()
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _read(image: np.ndarray, reference: world.Character) -> dict:
