@@ -5,15 +5,9 @@ import torch.nn.functional as F
 
 from osa_lib.attention import (AttentionStore, CrossAttentionRecorder, LayerInfo, capture_attention,
                                find_attention_layers, installed_processors)
-from osa_lib.backbones import load_backbone
 
 STEPS = 2
 PROMPTS = ["a girl reading a book in the park", "a boy with a dog on the beach"]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone("sdxl-tiny", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,6 @@ from osa_lib.backbones import BACKBONES, _TINY_WORDS, load_backbone
 STEPS = 2  # enough to exercise the sampler loop; the tiny model's default is 4
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone("sdxl-tiny", device="cpu")
-
-
 def test_generate_shape_and_range(tiny):
     images = tiny.generate(["a girl in the park", "a boy on the beach"], [0, 1], num_inference_steps=STEPS,
                            progress=False)

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from osa_lib.attention import LayerInfo, find_attention_layers
-from osa_lib.backbones import load_backbone
 from osa_lib.baselines import (CSABank, CSAConfig, CSAController, ConsistentSelfAttention, consistent_self_attention,
                                csa_layers, reference_scenes)
 from osa_lib.generation import generate_story
@@ -17,11 +16,6 @@ STORY = {"characters": [{"name": "Lily", "word": "girl", "id_prompt": "a girl wi
                     {"prompt": "a girl on the beach", "characters": ["Lily"], "seed": 2},
                     {"prompt": "a boy with a dog on the beach", "characters": ["Tom"], "seed": 3},
                     {"prompt": "a girl and a boy in the snow", "characters": ["Lily", "Tom"], "seed": 4}]}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone("sdxl-tiny", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from osa_lib.attention import LayerInfo, split_heads
-from osa_lib.backbones import load_backbone
 from osa_lib.bank import ReferenceBank
 from osa_lib.isolation import (IsolatedSelfAttention, IsolationConfig, IsolationController, SceneCharacter,
                                 isolated_attention)
@@ -23,11 +22,6 @@ STORY = {
                {"prompt": "a boy with a dog on the beach", "characters": ["Tom"], "seed": 2},
                {"prompt": "a girl and a boy in the snow", "characters": ["Lily", "Tom"], "seed": 3}],
 }
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone("sdxl-tiny", device="cpu")
 
 
 @pytest.fixture(scope="module")

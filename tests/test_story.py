@@ -162,11 +162,6 @@ def test_scene_seed_prefers_introduced_characters_seed():
 
 # --- generation on the tiny SDXL -----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny():
-    return load_backbone("sdxl-tiny", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def story():
     assert all(w in _TINY_WORDS for s in VALID["scenes"] for w in s["prompt"].split())
     return parse_story(story_dict(), "tiny-story")
