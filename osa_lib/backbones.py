@@ -109,6 +109,12 @@ class Backbone:
         return self.pipe.unet
 
     @property
+    def bank_device(self) -> torch.device:
+        """Where a new reference bank keeps its tokens: the generating device (no host/device
+        copies in the denoising loop), or the CPU when the models are offloaded to save memory."""
+        return torch.device("cpu") if self.info.get("cpu_offload") else torch.device(self.device)
+
+    @property
     def scheduler(self):
         return self.pipe.scheduler
 
@@ -419,7 +425,9 @@ def load_backbone(name: str = "toy", model_id: str | None = None, device: str | 
     """
     if name not in _LOADERS:
         raise ValueError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
-    return _LOADERS[name](model_id, _resolve_device(device), dtype, cpu_offload)
+    backbone = _LOADERS[name](model_id, _resolve_device(device), dtype, cpu_offload)
+    backbone.info["cpu_offload"] = bool(cpu_offload)
+    return backbone
 
 
 # --- tiny SDXL, for offline tests -----------------------------------------------------------

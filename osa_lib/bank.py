@@ -4,7 +4,9 @@ When a character is drawn for the first time, every up-block self-attention laye
 every denoising step, the keys and values (``K_R``, ``V_R``) of the image tokens inside the
 character's mask ``M_m``. Later scenes look the character up by name and attend to them
 (isolated self-attention). Only the prompt half of the CFG batch is stored; tokens are kept in
-the backbone's dtype (fp16 for SDXL on a GPU).
+the backbone's dtype (fp16 for SDXL on a GPU) and on the bank's ``device``: the generating
+device by default, so a story on a GPU never copies references between host and device
+(``Backbone.bank_device``; the CPU when the backbone offloads its models to fit a small card).
 
 On disk: one safetensors file; its metadata carries a JSON header (format version, backbone,
 latent size, number of steps, characters with their ID prompts and words, a sha256 of the tensor
@@ -48,13 +50,24 @@ def check_name(name) -> str:
 
 @dataclass
 class ReferenceBank:
-    """Reference tokens ``R_m`` per character name, per (layer, step)."""
+    """Reference tokens ``R_m`` per character name, per (layer, step), kept on ``device``."""
 
     backbone: str
     latent_hw: tuple[int, int]
     num_steps: int
     tokens: dict[str, dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     identities: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {"id_prompt", "word"}
+    device: torch.device = torch.device("cpu")
+
+    def __post_init__(self):
+        self.device = torch.device(self.device)
+
+    def to(self, device) -> "ReferenceBank":
+        """Move every stored token to ``device`` (in place); later ``add`` calls store there too."""
+        self.device = torch.device(device)
+        self.tokens = {name: {key: (k.to(self.device), v.to(self.device)) for key, (k, v) in entries.items()}
+                       for name, entries in self.tokens.items()}
+        return self
 
     def __contains__(self, name: str) -> bool:
         return name in self.tokens
@@ -64,9 +77,10 @@ class ReferenceBank:
         return list(self.tokens)
 
     def add(self, name: str, layer: str, step: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store (n, C) keys and values of one character's tokens at one layer and step."""
+        """Store (n, C) keys and values of one character's tokens at one layer and step (on ``device``)."""
         check_name(name)
-        self.tokens.setdefault(name, {})[(layer, int(step))] = (keys.detach().cpu(), values.detach().cpu())
+        self.tokens.setdefault(name, {})[(layer, int(step))] = (keys.detach().to(self.device),
+                                                                values.detach().to(self.device))
 
     def get(self, name: str, layer: str, step: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.tokens.get(name, {}).get((layer, int(step)))
@@ -130,7 +144,7 @@ class ReferenceBank:
         tensors, index = {}, []
         for name, entries in self.tokens.items():
             for i, ((layer, step), (k, v)) in enumerate(sorted(entries.items())):
-                tensors[f"{name}|{i}|k"], tensors[f"{name}|{i}|v"] = k.contiguous(), v.contiguous()
+                tensors[f"{name}|{i}|k"], tensors[f"{name}|{i}|v"] = k.contiguous().cpu(), v.contiguous().cpu()
                 index.append([name, i, layer, step])
         header = {"format": "osa-lab reference bank", "version": BANK_FORMAT_VERSION, "backbone": self.backbone,
                   "latent_hw": list(self.latent_hw), "num_steps": self.num_steps,
@@ -147,8 +161,9 @@ class ReferenceBank:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "ReferenceBank":
-        """Read a bank written by :meth:`save`; damaged, altered or foreign files raise ``BankError``."""
+    def load(cls, path: str | Path, device="cpu") -> "ReferenceBank":
+        """Read a bank written by :meth:`save` onto ``device``; damaged, altered or foreign files
+        raise ``BankError``."""
         from safetensors import safe_open
         path = Path(path)
         if not path.exists():
@@ -162,7 +177,7 @@ class ReferenceBank:
                             f"The file is damaged or not a bank saved by ReferenceBank.save.") from error
         _check_header(header, tensors, path)
         bank = cls(header["backbone"], tuple(header["latent_hw"]), header["num_steps"],
-                   identities={n: dict(i) for n, i in header["identities"].items()})
+                   identities={n: dict(i) for n, i in header["identities"].items()}, device=device)
         for name, i, layer, step in header["index"]:
             bank.add(name, layer, step, tensors[f"{name}|{i}|k"], tensors[f"{name}|{i}|v"])
         return bank

@@ -135,7 +135,7 @@ def _generate_isolated(run: _Run, bank: ReferenceBank | None) -> StoryResult:
     steps = run.sampler["num_inference_steps"]
     check_mask_resolution(run.backbone.unet, run.latent_hw, run.config)
     if bank is None:
-        bank = ReferenceBank(run.backbone.name, run.latent_hw, steps)
+        bank = ReferenceBank(run.backbone.name, run.latent_hw, steps, device=run.backbone.bank_device)
     else:
         bank.check_compatible(run.backbone.name, run.latent_hw, steps)
         for name, c in run.story.characters.items():

@@ -45,7 +45,8 @@ fi
 if [ "$QUICK" = "1" ]; then
   step bench_sdxl 480 "$PY" scripts/bench_sdxl.py --quick --out "$OUT"
 else
-  step bench_sdxl 240 "$PY" scripts/bench_sdxl.py --device cuda --dtype fp16 --size 1024 --steps 30 --scenes 4 --out "$OUT"
+  step bench_sdxl 300 "$PY" scripts/bench_sdxl.py --device cuda --dtype fp16 --size 1024 --steps 30 --scenes 4 \
+    --profile --out "$OUT"
 fi
 
 echo "== done: $([ $FAILED -eq 0 ] && echo 'all steps passed' || echo 'some step FAILED, see the logs') (results in $OUT)" | tee -a "$SUMMARY"

@@ -73,8 +73,10 @@ MUTATIONS = [
              "cross-attention: isolated branch dropped"),
     Mutation(ISO, "project_context(attn, state.id_context[m])", "project_context(attn, state.id_context[0])",
              "every character gets the first character's ID prompt"),
-    Mutation(ISO, "q[half:half + 1], split_heads(attn, attn.to_k(id_context))",
-             "q[:1], split_heads(attn, attn.to_k(id_context))", "Y_m computed with the negative half's queries"),
+    Mutation(ISO, "q[half:half + 1], *ctrl.id_keys_values(", "q[:1], *ctrl.id_keys_values(",
+             "Y_m computed with the negative half's queries"),
+    Mutation(ISO, "key = (layer.name, m, state.device, state.dtype)", "key = (layer.name, state.device, state.dtype)",
+             "ID prompts' keys/values cached across characters (every character gets the first's)"),
     # --- isolated self-attention ----------------------------------------------------------------
     Mutation(ISO, "ctrl.bank.at_step(c.name, ctrl.step)",
              "ctrl.bank.at_step(c.name, ctrl.step - 1)", "bank read at the previous step"),

@@ -50,6 +50,14 @@ def test_add_detaches_and_moves_to_cpu():
     assert torch.equal(stored_v, (k * 2).detach())
 
 
+def test_bank_keeps_its_tokens_on_its_device():
+    bank = make_bank().to("meta")  # "meta": a device other than the CPU, on any machine
+    assert bank.device.type == "meta"
+    assert all(k.is_meta and v.is_meta for entries in bank.tokens.values() for k, v in entries.values())
+    bank.add("Rosa", LAYERS[0], 1, torch.randn(2, 8), torch.randn(2, 8))
+    assert bank.get("Rosa", LAYERS[0], 1)[0].is_meta
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_save_load_roundtrip(tmp_path, dtype):
     bank = make_bank(dtype=dtype)

@@ -1,7 +1,8 @@
 """On a CUDA device (skipped without one): every method generates a two-character story on the
 toy and on ``sdxl-tiny``; λ = 0 reproduces vanilla exactly; no isolated attention layer call
 synchronises with the host (``torch.cuda.set_sync_debug_mode("error")`` inside each call);
-vanilla equals the stock pipeline in fp16; ``cpu_offload`` gives the same image.
+vanilla equals the stock pipeline in fp16; ``cpu_offload`` gives the same image; the reference
+bank stays on the GPU while generating, and a bank loaded on the CPU gives the same scenes.
 
 Runs under pytest, or as ``python tests/test_cuda.py`` where pytest is not installed (the GPU
 image of scripts/gpu_check.sh may lack it).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from osa_lib import IsolationConfig, load_backbone  # noqa: E402
+from osa_lib.bank import ReferenceBank  # noqa: E402
 from osa_lib.isolation import IsolatedCrossAttention, IsolatedSelfAttention  # noqa: E402
 from osa_lib.generation import METHODS, generate_story  # noqa: E402
 from osa_lib.story import parse_story  # noqa: E402
@@ -120,6 +123,23 @@ def test_vanilla_fp16_equals_stock_pipeline():
     theirs = stock("a girl in the park", num_inference_steps=STEPS, guidance_scale=5.0, latents=latents.clone(),
                    height=size, width=size, output_type="np").images
     assert np.abs(ours - theirs).max() < 1e-3
+
+
+def test_bank_on_the_gpu_and_a_bank_loaded_on_the_cpu_give_the_same_scene():
+    """generate_story keeps a new bank on the GPU (no host copies per step); continuing from that
+    bank saved and loaded on the CPU (one host-to-device copy per step) draws the same scene."""
+    bb = backbone("toy")
+    first = _story("toy")
+    bank = generate_story(bb, first, "isolated", num_inference_steps=STEPS, progress=False).bank
+    assert bank.device.type == "cuda"
+    assert all(k.is_cuda and v.is_cuda for entries in bank.tokens.values() for k, v in entries.values())
+    later = parse_story({**STORIES["toy"], "scenes": STORIES["toy"]["scenes"][2:]}, "toy-later")
+    with tempfile.TemporaryDirectory() as folder:
+        loaded = ReferenceBank.load(bank.save(Path(folder) / "bank.safetensors"))
+    assert loaded.device.type == "cpu"
+    on_cpu = generate_story(bb, later, "isolated", bank=loaded, num_inference_steps=STEPS, progress=False)
+    on_gpu = generate_story(bb, later, "isolated", bank=bank, num_inference_steps=STEPS, progress=False)
+    assert np.abs(on_cpu.images[0] - on_gpu.images[0]).max() < 1e-6
 
 
 def test_cpu_offload_gives_the_same_image():

@@ -250,6 +250,29 @@ def test_new_character_tokens_written_to_bank(attn):
         assert torch.equal(k_b, attn.to_k(hidden[1])[IN_B])
 
 
+@pytest.mark.parametrize("bank_device", ["cpu", "cpu:0"])
+def test_bank_writes_reach_a_bank_on_another_device_in_one_copy(attn, bank_device, monkeypatch):
+    """A bank on the queries' device takes the written tensors as they are; one on another device
+    ("cpu:0" compares unequal to "cpu", so the CPU can take that path) gets them through a single
+    concatenated copy per step. Both store the same tokens."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, N, C, generator=g)
+    bank = ReferenceBank("sdxl-tiny", HW, 2, device=bank_device)
+    ctrl = make_controller(bank, characters=[SceneCharacter("A", [1], is_new=True),
+                                             SceneCharacter("B", [2], is_new=True)])
+    ctrl.write_bank = True
+    cats = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: cats.append(1) or real_cat(*a, **k))
+    with torch.no_grad():
+        IsolatedSelfAttention(LAYER, ctrl)(attn, hidden)
+        cats.clear()
+        ctrl.flush_bank()
+        assert len(cats) == (0 if bank_device == "cpu" else 1)
+        assert torch.equal(bank.get("A", LAYER.name, 1)[0], attn.to_k(hidden[1])[IN_A])
+        assert torch.equal(bank.get("B", LAYER.name, 1)[1], attn.to_v(hidden[1])[IN_B])
+
+
 # --- bad inputs stop before the U-Net runs (issue 15) -------------------------------------------
 @pytest.mark.parametrize("field, value, message", [
     ("overlap_rule", "bogus", r"overlap_rule='bogus' is unknown; choose one of \['lower_cv'"),
