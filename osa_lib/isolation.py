@@ -419,8 +419,7 @@ class IsolatedSelfAttention:
             if ctrl.isolating and ctrl.config.isolated_self:
                 f_iso = self._isolated(attn, q[half], k[half], v[half])
                 if f_iso is not None:
-                    lam = ctrl.config.lam
-                    out[half] = lam * f_iso + (1 - lam) * out[half]  # F = λ·F_iso + (1 − λ)·F_ori
+                    out[half].lerp_(f_iso, ctrl.config.lam)  # F = λ·F_iso + (1 − λ)·F_ori = lerp(F_ori, F_iso, λ)
         return attention_epilogue(attn, merge_heads(out), saved)
 
     def _write_references(self, state: "_StepState", k, v) -> None:
@@ -465,22 +464,20 @@ class IsolatedCrossAttention:
         q, out, saved = recorded_cross_attention(attn, hidden_states, encoder_hidden_states, temb,
                                                  ctrl.store, self.layer)
         half = q.shape[0] // 2  # [negative; prompt]
-        y_s = out[half:]  # (B, heads, N, d): global features Y_S
         if ctrl.isolating and ctrl.config.isolated_cross:
-            y_s0 = y_s[0].clone()
+            y_s = out[half]  # (heads, N, d): the prompt's global features Y_S (= F_ori), a view of out
             state = ctrl._see(q)
             masks, _, present, _ = state.at(self.layer.resolution(ctrl.latent_hw))  # (M, N) on q's device
-            y_blend = y_s0.clone()
-            beta, lam = ctrl.config.beta, ctrl.config.lam
+            y_blend, beta = y_s, ctrl.config.beta
             for m, c in enumerate(ctrl.characters):
                 if state.id_context[m] is None or not present[m]:
                     continue
                 y_m = F.scaled_dot_product_attention(
                     q[half:half + 1], *ctrl.id_keys_values(attn, self.layer, m, state))[0]  # (heads, N, d)
                 inside = masks[m][None, :, None]
-                # Eq. 6: inside M_m the features come from the character's own ID prompt
-                y_blend = torch.where(inside, beta * y_m + (1 - beta) * y_s0, y_blend)
-            out[half] = lam * y_blend + (1 - lam) * y_s0  # F = λ·F_iso + (1 − λ)·F_ori
+                # Eq. 6: inside M_m, β·Y_m + (1 − β)·Y_S, the character's own ID prompt (lerp(Y_S, Y_m, β))
+                y_blend = torch.where(inside, torch.lerp(y_s, y_m, beta), y_blend)
+            y_s.lerp_(y_blend, ctrl.config.lam)  # F = λ·F_iso + (1 − λ)·F_ori, in place in out
         return attention_epilogue(attn, merge_heads(out), saved)
 
 

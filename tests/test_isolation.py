@@ -257,7 +257,8 @@ def test_bank_writes_reach_a_bank_on_another_device_in_one_copy(attn, bank_devic
     concatenated copy per step. Both store the same tokens."""
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(2, N, C, generator=g)
-    bank = ReferenceBank("sdxl-tiny", HW, 2, device=bank_device)
+    bank = ReferenceBank("sdxl-tiny", HW, 2)
+    bank.device = torch.device(bank_device)  # set directly: the constructor would make "cpu:0" "cpu"
     ctrl = make_controller(bank, characters=[SceneCharacter("A", [1], is_new=True),
                                              SceneCharacter("B", [2], is_new=True)])
     ctrl.write_bank = True
