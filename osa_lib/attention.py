@@ -139,25 +139,6 @@ def project_context(attn, encoder_hidden_states):
     return encoder_hidden_states
 
 
-def _runs(tokens: list[int]) -> list[tuple[int, int]]:
-    """Token indices -> maximal runs of consecutive indices as (start, stop) slices."""
-    runs: list[list[int]] = []
-    for t in sorted(set(int(t) for t in tokens)):
-        if runs and t == runs[-1][1]:
-            runs[-1][1] = t + 1
-        else:
-            runs.append([t, t + 1])
-    return [(a, b) for a, b in runs]
-
-
-def _mean_over_tokens(per_token: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
-    """(N, T) -> (N,): mean over the token columns in ``runs``, by slicing only."""
-    if len(runs) == 1:
-        return per_token[:, runs[0][0]:runs[0][1]].mean(dim=-1)
-    total = sum(per_token[:, a:b].sum(dim=-1) for a, b in runs)
-    return total / sum(b - a for a, b in runs)
-
-
 class AttentionStore:
     """Running means over denoising steps of per-character cross-attention maps, per layer.
 
@@ -179,7 +160,7 @@ class AttentionStore:
                 if not group:
                     raise ValueError(f"token group {m} of prompt {b} is empty; the word was not found in the prompt")
         self.token_groups = token_groups
-        self._token_runs = [[_runs(group) for group in groups] for groups in token_groups]
+        self._weights: dict[tuple, torch.Tensor] = {}  # (T, device, dtype) -> (B, M, T), see token_weights
         self.latent_hw = tuple(latent_hw)
         self.keep_steps = keep_steps
         self.reset()
@@ -194,16 +175,26 @@ class AttentionStore:
     def n_groups(self) -> int:
         return len(self.token_groups[0])
 
+    def token_weights(self, n_tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(B, M, T): ``1 / |T_m|`` on the tokens of T_m, 0 elsewhere, so ``weights @ per_token``
+        averages each group's tokens in one matrix product. Made once per run (one host-to-device
+        copy, at the first recorded layer), then reused by every layer and step."""
+        key = (n_tokens, device, dtype)
+        if key not in self._weights:
+            weights = torch.zeros(len(self.token_groups), self.n_groups, n_tokens)
+            for b, groups in enumerate(self.token_groups):
+                for m, group in enumerate(groups):
+                    tokens = sorted(set(int(t) for t in group))
+                    weights[b, m, tokens] = 1.0 / len(tokens)
+            self._weights[key] = weights.to(device, dtype)
+        return self._weights[key]
+
     def group_maps(self, layer: LayerInfo, probs: torch.Tensor) -> torch.Tensor:
         """probs (B, heads, N, T) of the prompt half -> A (B, M, h, w): mean over heads and T_m."""
         h, w = layer.resolution(self.latent_hw)
         per_token = probs.mean(dim=1)  # (B, N, T)
-        # T_m as contiguous slices, not a list index: indexing a CUDA tensor with a Python list
-        # copies the list to the device in every layer call.
-        maps = torch.stack([
-            torch.stack([_mean_over_tokens(per_token[b], runs) for runs in groups])
-            for b, groups in enumerate(self._token_runs)])  # (B, M, N)
-        return maps.reshape(maps.shape[0], maps.shape[1], h, w).float()
+        maps = self.token_weights(probs.shape[-1], probs.device, probs.dtype) @ per_token.transpose(1, 2)  # (B, M, N)
+        return maps.reshape(maps.shape[0], self.n_groups, h, w).float()
 
     def record(self, layer: LayerInfo, probs: torch.Tensor) -> torch.Tensor:
         """Fold one layer's maps into the running sums; they stay on the probabilities' device
@@ -279,9 +270,10 @@ class CrossAttentionRecorder:
         return attention_epilogue(attn, merge_heads(out), saved)
 
 
-def recorded_cross_attention(attn, hidden_states, encoder_hidden_states, temb, store: AttentionStore,
+def recorded_cross_attention(attn, hidden_states, encoder_hidden_states, temb, store: AttentionStore | None,
                              layer: LayerInfo):
-    """Cross-attention output exactly as ``AttnProcessor2_0`` computes it, and ``A_m`` recorded.
+    """Cross-attention output exactly as ``AttnProcessor2_0`` computes it, and ``A_m`` recorded
+    (not when ``store`` is None).
 
     Returns q (2B, heads, N, d), the output (2B, heads, N, d) before ``to_out``, and the state
     ``attention_epilogue`` needs.
@@ -291,8 +283,9 @@ def recorded_cross_attention(attn, hidden_states, encoder_hidden_states, temb, s
     q, k, v = (split_heads(attn, t) for t in (attn.to_q(x), attn.to_k(context), attn.to_v(context)))
     half = q.shape[0] // 2  # [negative; prompt]
     out = F.scaled_dot_product_attention(q, k, v)  # (2B, heads, N, d)
-    probs = (q[half:] @ k[half:].transpose(-1, -2) * attn.scale).softmax(dim=-1)  # (B, heads, N, T)
-    store.record(layer, probs)
+    if store is not None:
+        probs = (q[half:] @ k[half:].transpose(-1, -2) * attn.scale).softmax(dim=-1)  # (B, heads, N, T)
+        store.record(layer, probs)
     return q, out, saved
 
 

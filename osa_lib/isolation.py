@@ -175,6 +175,7 @@ class IsolationController:
         self.state_builds = 0  # how many per-step states were built (once per step, not per layer)
         # bank writes: queued on the device during a step, moved at its end
         self.bank_layers: set[str] | None = None  # layers that write references (None: all)
+        self.resolutions: set[tuple[int, int]] | None = None  # up-block layers' (h, w), set when installed
         self._pending: list[tuple[str, str, int, torch.Tensor, torch.Tensor]] = []
         self._id_kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # ID prompts' K, V per layer
 
@@ -341,7 +342,8 @@ class _StepState:
         self.references = self._references() if reads else {}  # layer name -> [(m, K_R, V_R)]
         self.id_context = [None if c.id_embedding is None else c.id_embedding[None].to(device, dtype)
                            for c in ctrl.characters]  # (1, T, D) each
-        for hw in sorted({l.resolution(ctrl.latent_hw) for l in ctrl.store.layers if l.place == "up"}):
+        resolutions = ctrl.resolutions or {l.resolution(ctrl.latent_hw) for l in ctrl.store.layers if l.place == "up"}
+        for hw in sorted(resolutions):
             self.at(hw)  # every up-block resolution now, not in a layer call
 
     def at(self, hw: tuple[int, int]):
@@ -452,17 +454,18 @@ class IsolatedSelfAttention:
 
 
 class IsolatedCrossAttention:
-    """Cross-attention of an up-block transformer block: records A_m, blends ID prompts (Eq. 6)."""
+    """Cross-attention of an up-block transformer block: records A_m (when its maps make the
+    masks, ``record``), blends ID prompts (Eq. 6)."""
 
-    def __init__(self, layer: LayerInfo, controller: IsolationController):
-        self.layer, self.ctrl = layer, controller
+    def __init__(self, layer: LayerInfo, controller: IsolationController, record: bool = True):
+        self.layer, self.ctrl, self.record = layer, controller, record
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         ctrl = self.ctrl
         ctrl.enter_layer(self.layer, hidden_states.shape[0] // 2)
         # F_ori exactly as AttnProcessor2_0 computes it (so λ = 0 is bit-identical to the model)
         q, out, saved = recorded_cross_attention(attn, hidden_states, encoder_hidden_states, temb,
-                                                 ctrl.store, self.layer)
+                                                 ctrl.store if self.record else None, self.layer)
         half = q.shape[0] // 2  # [negative; prompt]
         if ctrl.isolating and ctrl.config.isolated_cross:
             y_s = out[half]  # (heads, N, d): the prompt's global features Y_S (= F_ori), a view of out
@@ -503,8 +506,13 @@ def isolated_attention(unet, controller: IsolationController):
         RuntimeError: on leaving, if the U-Net ran without ``controller.step_callback`` after it.
     """
     layers = check_mask_resolution(unet, controller.latent_hw, controller.config)
-    processors = {l.name: (IsolatedSelfAttention if l.kind == "self" else IsolatedCrossAttention)(l, controller)
+    # maps are recorded only where they make the masks: at mask_resolution (default the smallest)
+    height = controller.config.mask_resolution or min(l.resolution(controller.latent_hw)[0]
+                                                      for l in layers if l.kind == "cross")
+    processors = {l.name: IsolatedSelfAttention(l, controller) if l.kind == "self" else
+                  IsolatedCrossAttention(l, controller, record=l.resolution(controller.latent_hw)[0] == height)
                   for l in layers}
+    controller.resolutions = {l.resolution(controller.latent_hw) for l in layers}
     stride = max(1, controller.config.bank_layer_stride)
     if stride > 1:
         controller.bank_layers = {l.name for l in [l for l in layers if l.kind == "self"][::stride]}

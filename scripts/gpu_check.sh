@@ -3,6 +3,8 @@
 #
 #   bash scripts/gpu_check.sh                      # on the GPU machine; results under $OUT
 #   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh    # CPU dry run of the same steps (--quick bench)
+#   GPU_CHECK_PROFILE=1 / GPU_CHECK_OVERHEAD=1        # also torch.profiler tables / the attribution
+#                                                    # of isolated's time (scripts/gpu/isolated_overhead.py)
 #
 # Everything (each step's log, summary.txt, the bench's .md/.json) goes to "$OUT" (default
 # ./gpu_out). A failing step is logged and the next one still runs; the exit status is 1 if any
@@ -46,7 +48,8 @@ if [ "$QUICK" = "1" ]; then
   step bench_sdxl 480 "$PY" scripts/bench_sdxl.py --quick --out "$OUT"
 else
   step bench_sdxl 300 "$PY" scripts/bench_sdxl.py --device cuda --dtype fp16 --size 1024 --steps 30 --scenes 4 \
-    --profile --out "$OUT"
+    ${GPU_CHECK_PROFILE:+--profile} --out "$OUT"
+  [ -n "${GPU_CHECK_OVERHEAD:-}" ] && step isolated_overhead 120 "$PY" scripts/gpu/isolated_overhead.py --out "$OUT"
 fi
 
 echo "== done: $([ $FAILED -eq 0 ] && echo 'all steps passed' || echo 'some step FAILED, see the logs') (results in $OUT)" | tee -a "$SUMMARY"

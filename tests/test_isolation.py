@@ -358,3 +358,16 @@ def test_bank_stores_the_read_steps_and_layers_its_strides_keep(tiny, step_strid
     assert {s for _, s in stored} == set(range(2, steps, step_stride))
     assert {l for l, _ in stored} == set(up_self[::layer_stride])
     assert len(stored) == len(range(2, steps, step_stride)) * len(up_self[::layer_stride])
+
+
+@pytest.mark.parametrize("mask_resolution, recorded", [(None, 4), (8, 8)])
+def test_isolated_scene_records_maps_only_where_they_make_the_masks(tiny, mask_resolution, recorded):
+    """Maps are recorded at the mask resolution only (default the smallest up-block one, 4 here)."""
+    latent_hw = tuple(tiny.latent_shape[1:])
+    controller = IsolationController([SceneCharacter("A", [2])], latent_hw, 2,
+                                     IsolationConfig(mask_resolution=mask_resolution))
+    with isolated_attention(tiny.unet, controller):
+        tiny.denoise(tiny.encode(["a girl in the park"]), tiny.initial_latents([0]), 2,
+                     callback=controller.step_callback, progress=False)
+    assert {l.resolution(latent_hw)[0] for l in controller.store.layers} == {recorded}
+    assert controller.masks.masks.shape[-1] == recorded
