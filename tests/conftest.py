@@ -4,7 +4,8 @@ One torch thread: the tests use tiny models, and on a small machine shared with 
 (a training run) several OpenMP threads mostly spin-wait, costing far more CPU time than they
 save. Set OSA_TEST_THREADS to use more.
 
-The ``tiny`` fixture is shared by every module that runs the method on SDXL's structure.
+The ``tiny`` fixture is shared by every module that runs the method on SDXL's structure, and
+``two_characters`` is the story (as a dict) they draw on it: each character alone, then together.
 """
 import os
 
@@ -20,3 +21,18 @@ torch.set_num_threads(int(os.environ.get("OSA_TEST_THREADS", "1")))
 def tiny():
     """A randomly initialised tiny SDXL (no download), built afresh for each test module."""
     return load_backbone("sdxl-tiny", device="cpu")
+
+
+TWO_CHARACTERS = {
+    "characters": [{"name": "Lily", "word": "girl", "id_prompt": "a girl with blonde hair"},
+                   {"name": "Tom", "word": "boy", "id_prompt": "a boy with black hair"}],
+    "scenes": [{"prompt": "a girl reading a book in the park", "characters": ["Lily"], "seed": 1},
+               {"prompt": "a boy with a dog on the beach", "characters": ["Tom"], "seed": 2},
+               {"prompt": "a girl and a boy in the snow", "characters": ["Lily", "Tom"], "seed": 3}],
+}
+
+
+@pytest.fixture(scope="session")
+def two_characters() -> dict:
+    """The two-character story as a story-file dict; tests build new dicts from it, never change it."""
+    return TWO_CHARACTERS

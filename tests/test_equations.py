@@ -250,15 +250,6 @@ def test_recorded_maps_are_the_prompt_halfs_softmax(cross_attn):
 
 # --- warm-up over several steps, end to end on the tiny SDXL ----------------------------------------
 WARMUP_STEPS = 8
-STORY = {
-    "characters": [{"name": "Lily", "word": "girl", "id_prompt": "a girl with blonde hair"},
-                   {"name": "Tom", "word": "boy", "id_prompt": "a boy with black hair"}],
-    "scenes": [{"prompt": "a girl reading a book in the park", "characters": ["Lily"], "seed": 1},
-               {"prompt": "a boy with a dog on the beach", "characters": ["Tom"], "seed": 2},
-               {"prompt": "a girl and a boy in the snow", "characters": ["Lily", "Tom"], "seed": 3}],
-}
-
-
 def per_step_latents(tiny, prompt, seed, steps, ctrl=None):
     seen = []
 
@@ -276,9 +267,9 @@ def per_step_latents(tiny, prompt, seed, steps, ctrl=None):
     return seen
 
 
-def test_warmup_spans_several_steps_then_isolation_acts(tiny):
-    story = parse_story(STORY, "warm-up")
-    first = generate_story(tiny, parse_story({**STORY, "scenes": STORY["scenes"][:2]}, "first scenes"),
+def test_warmup_spans_several_steps_then_isolation_acts(tiny, two_characters):
+    story = parse_story(two_characters, "warm-up")
+    first = generate_story(tiny, parse_story({**two_characters, "scenes": two_characters["scenes"][:2]}, "first scenes"),
                            "isolated", num_inference_steps=WARMUP_STEPS, progress=False)  # fills the bank
     scene = story.scenes[2]
     chars = [SceneCharacter(n, tiny.token_positions(scene.prompt, story.characters[n].word),
@@ -297,8 +288,8 @@ def test_warmup_spans_several_steps_then_isolation_acts(tiny):
 
 
 # --- CSA (StoryDiffusion's Consistent Self-Attention) -----------------------------------------------
-def test_csa_at_rate_zero_is_vanilla(tiny):
-    story = parse_story(STORY, "csa")
+def test_csa_at_rate_zero_is_vanilla(tiny, two_characters):
+    story = parse_story(two_characters, "csa")
     vanilla = generate_story(tiny, story, "vanilla", num_inference_steps=3, progress=False)
     csa = generate_story(tiny, story, "csa", num_inference_steps=3, csa_rate=0.0, progress=False)
     for ours, theirs in zip(csa.images, vanilla.images):

@@ -15,18 +15,9 @@ from osa_lib.story import parse_story
 
 STEPS = 3  # warm-up ceil(0.2 * 3) = 1 step, then two isolated steps
 
-STORY = {
-    "characters": [{"name": "Lily", "word": "girl", "id_prompt": "a girl with blonde hair"},
-                   {"name": "Tom", "word": "boy", "id_prompt": "a boy with black hair"}],
-    "scenes": [{"prompt": "a girl reading a book in the park", "characters": ["Lily"], "seed": 1},
-               {"prompt": "a boy with a dog on the beach", "characters": ["Tom"], "seed": 2},
-               {"prompt": "a girl and a boy in the snow", "characters": ["Lily", "Tom"], "seed": 3}],
-}
-
-
 @pytest.fixture(scope="module")
-def story():
-    return parse_story(STORY, "isolation-test")
+def story(two_characters):
+    return parse_story(two_characters, "isolation-test")
 
 
 @pytest.fixture(scope="module")
@@ -346,10 +337,10 @@ def test_unet_run_without_the_step_callback_is_an_error(tiny, steps):
 
 # --- what the bank stores: no warm-up steps, every k-th step, every k-th layer (issue 14) ----------
 @pytest.mark.parametrize("step_stride, layer_stride", [(1, 1), (2, 1), (1, 2), (3, 2)])
-def test_bank_stores_the_read_steps_and_layers_its_strides_keep(tiny, step_stride, layer_stride):
+def test_bank_stores_the_read_steps_and_layers_its_strides_keep(tiny, two_characters, step_stride, layer_stride):
     from osa_lib.attention import find_attention_layers
     steps = 6  # warm-up ceil(0.2 * 6) = 2 steps: never read, so never stored
-    one_scene = parse_story({**STORY, "scenes": STORY["scenes"][:1]}, "bank-strides")
+    one_scene = parse_story({**two_characters, "scenes": two_characters["scenes"][:1]}, "bank-strides")
     config = IsolationConfig(bank_step_stride=step_stride, bank_layer_stride=layer_stride)
     bank = generate_story(tiny, one_scene, "isolated", config, num_inference_steps=steps, progress=False).bank
     up_self = [l.name for l in find_attention_layers(tiny.unet, kind="self", places=("up",))]
