@@ -26,7 +26,7 @@ import copy
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -103,6 +103,9 @@ class Backbone:
     default_steps: int = 25
     default_guidance: float = 4.0
     info: dict = field(default_factory=dict)
+
+    #: the images can be read back exactly (the toy world's analyzer and its metrics); SDXL's cannot
+    has_ground_truth: ClassVar[bool] = False
 
     @property
     def unet(self):
@@ -251,6 +254,8 @@ class Backbone:
 @dataclass
 class ToyBackbone(Backbone):
     """The project's toy model (``osa_lib.toy.model.ToyPipeline``): a small grammar, one text encoder."""
+
+    has_ground_truth: ClassVar[bool] = True
 
     def validate_prompt(self, prompt: str, id_prompt: bool = False) -> None:
         parse_caption(prompt, id_prompt=id_prompt)  # raises ValueError naming what the grammar expects
