@@ -62,7 +62,8 @@ class IsolationConfig:
             Warm-up steps are never stored: nothing reads them. Default 3, a deviation from the
             paper (which keeps every step) for memory: SDXL at 1024², 50 steps, fp16 needs
             0.77 GB per character at 25 % coverage instead of 2.2 GB, at no measurable cost in
-            IIS-toy (+0.07 ± 0.20 points, paired, ``results/bank_options.md``). 1 keeps every step.
+            IIS-toy (+0.41 ± 0.30 points against every step, paired over 24 story seeds,
+            ``results/bank_options.md``). 1 keeps every step.
         bank_layer_stride: write references in every k-th up-block self-attention layer only; the
             others run without references for that character. 1 (default): every layer.
 
