@@ -365,10 +365,11 @@ def report_bank(args, backbone, config) -> None:
         print(f"toy, {name}: {result.bank.nbytes(name):,} bytes ({args.steps or backbone.default_steps} steps, float32)")
     with torch.device("meta"):
         sdxl_unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
-    for fraction in (0.1, 0.25):
-        estimate = estimate_bank_bytes(sdxl_unet, (128, 128), 50, fraction, 2)
-        print(f"SDXL 1024² estimate, one character covering {fraction:.0%} of the image, 50 steps, fp16: "
-              f"{estimate / 2**30:.2f} GiB (from the layer shapes)")
+    for fraction in (0.1, 0.25):  # the bank this config writes: warm-up not stored, every k-th step and layer
+        estimate = estimate_bank_bytes(sdxl_unet, (128, 128), 50, fraction, 2, warmup=config.warmup,
+                                       step_stride=config.bank_step_stride, layer_stride=config.bank_layer_stride)
+        print(f"SDXL 1024² estimate, one character covering {fraction:.0%} of the image, 50 steps, fp16, "
+              f"every {config.bank_step_stride} step(s) after warm-up stored: {estimate / 1e9:.2f} GB (from the layer shapes)")
 
 
 if __name__ == "__main__":
