@@ -171,7 +171,7 @@ def main() -> None:
     config = IsolationConfig(bank_step_stride=args.bank_step_stride)
     generate_story(backbone, story(1), "vanilla", num_inference_steps=1, progress=False)  # warm-up (kernels, caches)
 
-    rows, raw = [], {}
+    rows, raw, isolated_bank = [], {}, None
     latent_hw = tuple(backbone.latent_shape[1:])
     for method in methods:
         nonfinite["count"] = 0
@@ -201,6 +201,7 @@ def main() -> None:
                                        "stored steps": len({s for _, s in bank.tokens[name]}),
                                        "layers": len({l for l, _ in bank.tokens[name]})}
             entry["bank file bytes"] = file_bytes
+            isolated_bank = result.bank  # the profile continues the story from it
         raw[method] = entry
         print(f"{method}: {entry['seconds per scene']:.3f} s per scene, peak {entry['peak memory GiB']:.2f} GiB"
               + (f", {nonfinite['count']} non-finite images" if nonfinite["count"] else ""), flush=True)
@@ -258,17 +259,20 @@ def main() -> None:
                                                   "bank estimates 1024² 50 steps fp16": estimate_rows}, indent=1))
     print(f"wrote {out / stem}.md and .json")
     if args.profile:
-        profile(backbone, the_story, config, args.steps, device, out / f"profile_{device.type}.txt")
+        profile(backbone, the_story, config, args.steps, device, out / f"profile_{device.type}.txt", isolated_bank)
 
 
-def profile(backbone, the_story, config, steps: int, device: torch.device, path: Path) -> None:
+def profile(backbone, the_story, config, steps: int, device: torch.device, path: Path,
+            bank: ReferenceBank | None = None) -> None:
     """torch.profiler over the last scene (its characters returning) under vanilla and isolated:
-    the operators that take the most device and host time, to see where isolated's extra time goes."""
+    the operators that take the most device and host time, to see where isolated's extra time goes.
+    ``bank``: the isolated story's bank when the benchmark ran it (otherwise the story is drawn here)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    bank = generate_story(backbone, the_story, "isolated", config=config, num_inference_steps=steps,
-                          progress=False).bank
+    if bank is None:
+        bank = generate_story(backbone, the_story, "isolated", config=config, num_inference_steps=steps,
+                              progress=False).bank
     last = dataclasses.replace(the_story, scenes=the_story.scenes[-1:])
     parts = []
     for method in ("vanilla", "isolated"):
@@ -278,8 +282,9 @@ def profile(backbone, the_story, config, steps: int, device: torch.device, path:
                            num_inference_steps=steps, progress=False)
             seconds = time.perf_counter() - t0
         parts += [f"## {method}: last scene, {steps} steps, {seconds:.3f} s under the profiler", "",
-                  prof.key_averages().table(sort_by=sort, row_limit=30), "",
-                  prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), ""]
+                  prof.key_averages().table(sort_by=sort, row_limit=30), ""]
+        if device.type == "cuda":  # the host's share too (on the CPU the first table already is)
+            parts += [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), ""]
     path.write_text("\n".join(parts))
     print(f"wrote {path}")
 
