@@ -60,6 +60,26 @@ def test_partner_tokens_inside_the_masks_only(attn):
     assert not torch.allclose(out[1], AttnProcessor2_0()(attn, x)[1])  # the partner changed row 1
 
 
+def test_share_on_partner_tokens_is_the_softmax_mass_of_the_looking_queries(attn):
+    """``ReferenceState.shares`` records, for the rows with a partner, the attention mass on the
+    partner's tokens averaged over heads and over the queries inside ``query_mask``."""
+    x = torch.randn(3, N, C, generator=torch.Generator().manual_seed(3))
+    ref_mask = torch.zeros(3, 4, 4)
+    ref_mask[1, 1:3] = 1.0
+    query_mask = torch.zeros(3, 4, 4)
+    query_mask[1, 2:] = 1.0  # the bottom half of row 1 looks
+    state = ReferenceState(partner=torch.tensor([-1, 2, -1]), ref_mask=ref_mask, query_mask=query_mask, shares={})
+    ReferenceSelfAttention(LAYER, state, HW)(attn, x)
+    q = attn.to_q(x[1]).view(N, HEADS, -1).transpose(0, 1)  # (heads, N, d)
+    k_own = attn.to_k(x[1]).view(N, HEADS, -1).transpose(0, 1)
+    k_ref = attn.to_k(x[2]).view(N, HEADS, -1).transpose(0, 1)[:, ref_mask[1].flatten().bool()]
+    logits = torch.cat([q @ k_own.transpose(-1, -2), q @ k_ref.transpose(-1, -2)], -1) / (C // HEADS) ** 0.5
+    share = logits.softmax(-1)[..., N:].sum(-1).mean(0)  # (N,)
+    expected = share[query_mask[1].flatten().bool()].mean()
+    assert state.shares[LAYER.name] == [pytest.approx(float(expected), rel=1e-5)]
+    assert 0 < expected < 1
+
+
 def test_a_pair_shares_one_character_in_every_detail_but_its_place():
     rng = np.random.default_rng(0)
     for _ in range(20):

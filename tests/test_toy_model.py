@@ -138,6 +138,61 @@ def test_denoising_loss_targets_and_min_snr_weighting():
     assert torch.allclose(_denoising_loss(noise, latents, noise, t, eps_sched, 5.0), torch.tensor(0.0))
 
 
+def test_pair_targets_keep_full_weight_at_high_noise():
+    """Reference-pair targets (``plain_rows``) are weighted 1, the other rows by Min-SNR."""
+    from diffusers import DDPMScheduler
+    from osa_lib.toy.train import _denoising_loss
+    g = torch.Generator().manual_seed(1)
+    latents, noise, pred = (torch.randn(3, 12, 16, 16, generator=g) for _ in range(3))
+    t = torch.tensor([10, 500, 900])
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    per_sample = ((pred - sched.get_velocity(latents, noise, t)) ** 2).mean(dim=(1, 2, 3))
+    snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
+    weights = snr.clamp(max=5.0) / (snr + 1)
+    assert weights[2] < 0.05, "Min-SNR nearly ignores t = 900 for v"
+    plain = torch.tensor([False, False, True])
+    expected = (per_sample * torch.tensor([weights[0], weights[1], 1.0])).mean()
+    assert torch.allclose(_denoising_loss(pred, latents, noise, t, sched, 5.0, plain), expected)
+
+
+def test_pair_timesteps_noise_each_reference_like_its_target():
+    """"same": a reference row gets its target's timestep (as a story's bank holds the first
+    scene at the step being denoised); targets are drawn from [pair_min_t, T); other rows stay
+    uniform. "independent" draws the references' own timesteps."""
+    from osa_lib.toy.train import _timesteps
+    torch.manual_seed(0)
+    partner = torch.cat([torch.full((4,), -1), torch.arange(4), torch.full((56,), -1)])  # targets 4..7 of 0..3
+    seen_low = False
+    for _ in range(50):
+        t = _timesteps(partner, 1000, "same", pair_min_t=700)
+        assert torch.equal(t[:4], t[4:8]) and bool((t[4:8] >= 700).all()) and bool((t < 1000).all())
+        seen_low |= bool((t[8:] < 700).any())
+    assert seen_low, "rows outside pairs keep the whole range"
+    differs = [not torch.equal(*_timesteps(partner, 1000, "independent", 700)[[0, 4]].split(1)) for _ in range(20)]
+    assert any(differs)
+
+
+def test_train_only_up_self_attention_changes_nothing_else(tmp_path):
+    """--train-only up-self-attention: after training steps, only the up blocks' attn1 and norm1
+    tensors differ from the starting weights; the text encoder and every other U-Net tensor are
+    bit-identical."""
+    from osa_lib.toy.model import build_toy_pipeline
+    from osa_lib.toy.train import _trained_parameters, train
+    source = build_toy_pipeline(seed=3)
+    source.save_pretrained(tmp_path / "source")
+    out = tmp_path / "model"
+    train(steps=3, batch_size=8, out=out, seed=0, init_from=tmp_path / "source", pair_rate=0.5,
+          train_only="up-self-attention", lr=1e-2, ema_decay=0.0, log_every=1)
+    tuned = load_backbone("toy", model_id=str(out), device="cpu").pipe
+    changed = {k for k, v in source.unet.state_dict().items() if not torch.equal(tuned.unet.state_dict()[k], v)}
+    assert changed and all(k.startswith("up_blocks.") and (".attn1." in k or ".norm1." in k) for k in changed), changed
+    for k, v in source.text_encoder.state_dict().items():
+        assert torch.equal(tuned.text_encoder.state_dict()[k], v), k
+    assert len(_trained_parameters(build_toy_pipeline(seed=0), "up-self-attention")) == 28  # 4 layers x 7 tensors
+    with pytest.raises(ValueError, match="train_only"):
+        _trained_parameters(build_toy_pipeline(seed=0), "everything")
+
+
 def test_guidance_is_tuned_on_validation_prompts_never_on_held_out_ones(toy):
     import importlib.util
     from pathlib import Path

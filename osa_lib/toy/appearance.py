@@ -19,6 +19,8 @@ i.e. chance. Every setting uses the same noise and references, so rows are paire
 ``reference_benefit`` (``--benefit``) asks why: on training-style reference pairs
 (``world.sample_pair``), the denoising loss of the targets with and without their reference
 visible, per timestep. A model that copies through self-attention has a lower loss with it.
+``reference_share`` (``--share``) asks one step further: how much of their attention the shared
+character's queries give the reference's tokens at all, per layer and timestep.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE
 from .reference import reference_attention
 
 __all__ = ["PROBE_SETTINGS", "probe_references", "sample_with_reference", "appearance_scores", "format_table",
-           "reference_benefit", "main"]
+           "reference_benefit", "reference_share", "main"]
 
 # (name, up-block resolutions that see the reference (None: all, (): none), share of steps (from, to))
 PROBE_SETTINGS = (
@@ -149,6 +151,30 @@ def reference_benefit(pipe: ToyPipeline, n_pairs: int = 64, timesteps=(300, 600,
     return rows
 
 
+@torch.no_grad()
+def reference_share(pipe: ToyPipeline, n_pairs: int = 32, timesteps=(300, 600, 900), seed: int = 0) -> list[dict]:
+    """Per timestep and up-block self-attention layer: the share of attention that the queries on
+    a pair target's shared character (``SceneStream``'s query mask) give the reference's tokens
+    (teacher-forced, as in ``reference_benefit``). Copying needs much of it; a model that keeps
+    attending to its own tokens cannot take the reference's look, whatever the reference holds."""
+    from .train import SceneStream
+    images, captions, partner, ref_mask, query_mask = next(iter(SceneStream(2 * n_pairs, seed, p_empty_caption=0.0,
+                                                                            pair_rate=1.0, whole_share=0.0)))
+    device = pipe.unet.device
+    x0 = images_to_latents(images).to(device)
+    text = pipe.embed_ids(pipe.tokenize(captions, validate=False).to(device))
+    rows = []
+    with reference_attention(pipe.unet, (LATENT_SIZE, LATENT_SIZE)) as state:
+        state.partner, state.ref_mask, state.query_mask = partner.to(device), ref_mask.to(device), query_mask.to(device)
+        for t in timesteps:
+            state.shares = {}
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t)).to(device)
+            tt = torch.full((len(x0),), t, device=device)
+            pipe.unet(pipe.scheduler.add_noise(x0, noise, tt), tt, text)
+            rows += [{"t": t, "layer": name, "share": values[0]} for name, values in state.shares.items()]
+    return rows
+
+
 def format_table(rows: list[dict]) -> str:
     lines = ["| reference seen by | colour family taken | mark taken | size within 1 px | drawn | n |",
              "|---|---|---|---|---|---|"]
@@ -163,18 +189,29 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="only the 'none' and 'up, all steps' rows")
     parser.add_argument("--benefit", action="store_true", help="also the loss with and without the reference")
+    parser.add_argument("--share", action="store_true",
+                        help="also the share of attention the shared character's queries give the reference")
     parser.add_argument("--md", default=None, help="also write the tables here, with the command, commit and machine")
     args = parser.parse_args(argv)
     from .model import DEFAULT_MODEL_DIR
     pipe = ToyPipeline.from_pretrained(args.model or DEFAULT_MODEL_DIR).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     started = time.time()
-    lines = [format_table(appearance_scores(pipe, args.samples, args.seed))]
+    settings = PROBE_SETTINGS[:2] if args.quick else PROBE_SETTINGS
+    lines = [format_table(appearance_scores(pipe, args.samples, args.seed, settings))]
     if args.benefit:
         lines.append("\n| t | loss without reference | loss with reference |\n|---|---|---|")
         lines += [f"| {r['t']} | {r['loss without reference']:.4f} | {r['loss with reference']:.4f} |"
                   for r in reference_benefit(pipe, seed=args.seed)]
+    if args.share:
+        shares = reference_share(pipe, seed=args.seed)
+        layers = list(dict.fromkeys(r["layer"] for r in shares))
+        lines.append("\n| t | " + " | ".join(f"share on reference, {l}" for l in layers) + " |\n|---|" + "---|" * len(layers))
+        for t in dict.fromkeys(r["t"] for r in shares):
+            lines.append(f"| {t} | " + " | ".join(f"{r['share']:.0%}" for l in layers for r in shares
+                                                   if r["t"] == t and r["layer"] == l) + " |")
     lines.append(f"\n({args.samples} samples per setting, {time.time() - started:.0f} s)")
     print("\n".join(lines))
     if args.md:

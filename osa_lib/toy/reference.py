@@ -39,12 +39,16 @@ class ReferenceState:
     query_mask: (B, H, W) float coverage at latent size: which queries may see the partner's
         tokens (None: every query).
     active: switch (the probe turns references on for some steps only).
+    shares: when a dict, each layer call appends (layer name -> list) the share of attention
+        that the rows with a partner give the partner's tokens, averaged over heads and over the
+        queries that may look (``query_mask``, or every query): the appearance probe's "why".
     """
 
     partner: torch.Tensor | None = None
     ref_mask: torch.Tensor | None = None
     query_mask: torch.Tensor | None = None
     active: bool = True
+    shares: dict | None = None
 
 
 def pooled_token_mask(ref_mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -75,7 +79,21 @@ class ReferenceSelfAttention:
             allowed = allowed & torch.cat([torch.ones_like(seen)[:, :, None].expand(-1, -1, seen.shape[1]),
                                            asking[:, :, None].expand(-1, -1, seen.shape[1])], dim=2)  # (B, N, 2N)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[:, None])
+        if self.state.shares is not None:
+            self._record_share(attn, q, keys, allowed, partner >= 0)
         return attention_epilogue(attn, merge_heads(out), saved)
+
+
+    def _record_share(self, attn, q, keys, allowed, rows) -> None:
+        """Append the mean attention share on partner tokens of the looking queries of ``rows``."""
+        n = q.shape[2]
+        logits = (q @ keys.transpose(-1, -2)) * attn.scale  # (B, heads, N, 2N)
+        probs = logits.masked_fill(~allowed[:, None].expand_as(logits), float("-inf")).softmax(-1)
+        share = probs[..., n:].sum(-1).mean(1)  # (B, N): mass on the partner's tokens, per query
+        looking = (torch.ones_like(share, dtype=torch.bool) if self.state.query_mask is None
+                   else pooled_token_mask(self.state.query_mask, self.hw)) & rows[:, None]
+        value = float((share * looking).sum() / looking.sum().clamp(min=1))
+        self.state.shares.setdefault(self.layer.name, []).append(value)
 
 
 @contextmanager

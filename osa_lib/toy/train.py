@@ -114,7 +114,8 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
           snr_gamma: float | None = 5.0, text_layers: int = 1, init_from: Path | None = None,
           text_blocks: str = "up", heads: int = 4, max_shift: int = 0,
           text_dim: int = 128, phrase_wise: bool = True, levels: int = 3, pair_rate: float = 0.0,
-          workers: int = 1, whole_share: float = 0.5) -> dict:
+          workers: int = 1, whole_share: float = 0.5, pair_timesteps: str = "same", pair_min_t: int = 0,
+          pair_plain_loss: bool = True, train_only: str = "all") -> dict:
     """Train (or resume) and return the last logged statistics."""
     ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,7 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
     pipe.to(device)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
+    params = _trained_parameters(pipe, train_only)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     ema = _weights_copy(pipe)
@@ -180,11 +181,13 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
             reference_state.query_mask = query_mask.to(device)
             latents = images_to_latents(images)  # (B, 12, 16, 16)
             noise = torch.randn_like(latents)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=device)
+            t = _timesteps(partner.to(device), noise_scheduler.config.num_train_timesteps, pair_timesteps, pair_min_t)
             noisy = noise_scheduler.add_noise(latents, noise, t)
             ids = shift_captions(pipe.tokenize(captions, validate=False), max_shift).to(device)
             text = pipe.embed_ids(ids)  # (B, 16, text_dim)
-            loss = _denoising_loss(pipe.unet(noisy, t, text).sample, latents, noise, t, noise_scheduler, snr_gamma)
+            plain_rows = (partner.to(device) >= 0) if pair_plain_loss else None
+            loss = _denoising_loss(pipe.unet(noisy, t, text).sample, latents, noise, t, noise_scheduler, snr_gamma,
+                                   plain_rows)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -271,10 +274,50 @@ def _load_matching(target: torch.nn.Module, source: torch.nn.Module) -> tuple[in
     return len(theirs) - len(shared), len(own) - len(shared)
 
 
-def _denoising_loss(prediction, latents, noise, t, noise_scheduler, snr_gamma: float | None) -> torch.Tensor:
+TRAIN_ONLY = ("all", "up-self-attention")
+
+
+def _trained_parameters(pipe: ToyPipeline, train_only: str = "all") -> list[torch.nn.Parameter]:
+    """The parameters the optimiser updates; the others are frozen (``requires_grad`` off).
+    "up-self-attention": only the up blocks' self-attention (``attn1``: its norm, q, k, v and
+    output projections), where the method's references enter - a test of whether that layer alone
+    can learn to copy appearance, with everything that draws frozen."""
+    if train_only == "all":
+        return list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
+    if train_only != "up-self-attention":
+        raise ValueError(f"train_only must be one of {TRAIN_ONLY}, got {train_only!r}")
+    for p in list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters()):
+        p.requires_grad_(False)
+    chosen = [p for name, p in pipe.unet.named_parameters()
+              if name.startswith("up_blocks.") and (".attn1." in name or ".norm1." in name) and ".transformer_blocks." in name]
+    for p in chosen:
+        p.requires_grad_(True)
+    return chosen
+
+
+def _timesteps(partner: torch.Tensor, num_train_timesteps: int, pair_timesteps: str = "same",
+               pair_min_t: int = 0) -> torch.Tensor:
+    """(B,) training timesteps, uniform per row, except in reference pairs: a target's timestep is
+    drawn from [pair_min_t, T) (where its colour is still undecided), and with ``"same"`` its
+    reference is noised to that timestep too, as the bank of a story holds the first scene's
+    keys/values at the step being denoised (and as the appearance probe shows them)."""
+    b, device = len(partner), partner.device
+    t = torch.randint(0, num_train_timesteps, (b,), device=device)
+    targets = partner >= 0
+    if bool(targets.any()):
+        t[targets] = torch.randint(pair_min_t, num_train_timesteps, (int(targets.sum()),), device=device)
+        if pair_timesteps == "same":
+            t[partner[targets]] = t[targets]
+    return t
+
+
+def _denoising_loss(prediction, latents, noise, t, noise_scheduler, snr_gamma: float | None,
+                    plain_rows: torch.Tensor | None = None) -> torch.Tensor:
     """MSE against the scheduler's target (epsilon or v), with Min-SNR-gamma weighting
     (Hang et al. 2023) when ``snr_gamma`` is set: w(t) = min(SNR, gamma) / SNR for epsilon and
-    min(SNR, gamma) / (SNR + 1) for v, so easy low-noise steps stop dominating the gradient."""
+    min(SNR, gamma) / (SNR + 1) for v, so easy low-noise steps stop dominating the gradient.
+    Rows in ``plain_rows`` (B,) bool keep weight 1: reference-pair targets, whose colour is decided
+    at high noise, where Min-SNR's weight for v falls to about SNR (0.02 at t = 900)."""
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
     target = noise_scheduler.get_velocity(latents, noise, t) if v_prediction else noise
     per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
@@ -283,7 +326,10 @@ def _denoising_loss(prediction, latents, noise, t, noise_scheduler, snr_gamma: f
     alpha_bar = noise_scheduler.alphas_cumprod.to(t.device)[t]
     snr = alpha_bar / (1 - alpha_bar)  # (B,)
     denominator = snr + 1 if v_prediction else snr
-    return (per_sample * snr.clamp(max=snr_gamma) / denominator).mean()
+    weight = snr.clamp(max=snr_gamma) / denominator  # (B,)
+    if plain_rows is not None:
+        weight = torch.where(plain_rows, torch.ones_like(weight), weight)
+    return (per_sample * weight).mean()
 
 
 def _checkpoint(pipe, opt, ema, step, resumes, elapsed, ckpt_path: Path, out: Path) -> None:
@@ -324,6 +370,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of each batch in reference pairs (osa_lib.toy.reference); 0 = none")
     parser.add_argument("--whole-share", type=float, default=0.5,
                         help="share of reference pairs where the whole reference is visible, and (apart) where every target pixel may look")
+    parser.add_argument("--pair-timesteps", choices=("same", "independent"), default="same",
+                        help="noise a pair's reference to its target's timestep (same), or draw its own")
+    parser.add_argument("--pair-min-t", type=int, default=0, help="pair targets' timesteps are drawn from [this, T)")
+    parser.add_argument("--pair-plain-loss", action=argparse.BooleanOptionalAction, default=True,
+                        help="pair targets' loss without Min-SNR weighting (which nearly ignores high noise)")
+    parser.add_argument("--train-only", choices=TRAIN_ONLY, default="all",
+                        help="which parameters learn: all, or only the up blocks' self-attention")
     parser.add_argument("--workers", type=int, default=1, help="data loader processes rendering scenes")
     parser.add_argument("--max-shift", type=int, default=0, help="shift captions right by up to this many slots")
     args = parser.parse_args(argv)
@@ -335,7 +388,9 @@ def main(argv: list[str] | None = None) -> None:
           snr_gamma=args.snr_gamma, text_layers=args.text_layers, init_from=args.init_from,
           text_blocks=args.text_blocks, heads=args.heads, max_shift=args.max_shift,
           text_dim=args.text_dim, phrase_wise=args.phrase_wise, levels=args.levels,
-          pair_rate=args.pair_rate, workers=args.workers, whole_share=args.whole_share)
+          pair_rate=args.pair_rate, workers=args.workers, whole_share=args.whole_share,
+          pair_timesteps=args.pair_timesteps, pair_min_t=args.pair_min_t, pair_plain_loss=args.pair_plain_loss,
+          train_only=args.train_only)
 
 
 if __name__ == "__main__":
