@@ -143,3 +143,23 @@ def test_missing_metric_models_are_named_before_any_generation(tmp_path, monkeyp
     assert "MISSING: AQ needs the LAION aesthetic predictor" in out and "--aesthetic-weights" in out
     assert "MISSING: DS needs DreamSim" in out and "pip install dreamsim" in out
     assert "stopping before any generation" in out
+
+
+def test_targets_say_why_a_check_cannot_be_made(capsys, monkeypatch):
+    """Uncoloured stories only: the named-colour checks say no such story was run (not that
+    vanilla never mixed), and the colour-kept targets are computed from those stories."""
+    from types import SimpleNamespace
+
+    class Row(dict):
+        def __missing__(self, key):  # counts and per-detail scores the table also reads
+            return 0
+    module = _script()
+    monkeypatch.setattr(module, "report_bank", lambda *args: None)  # generates a story; not what is tested
+    rows = [Row(story=f"toy_uncoloured_{s}", seed=0, method=m, **{**{k: 50.0 for k in module.METRIC_NAMES},
+                "seconds per scene": 1.0, "colour kept": 90.0 if m == "isolated" else 20.0})
+            for s in ("single", "pair") for m in ("vanilla", "csa", "isolated")]
+    module.report_toy(rows, SimpleNamespace(seeds=1, methods=["vanilla", "csa", "isolated"]), None, None)
+    table = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert "untestable: no named-colour story was run" in table["named-colour stories, TIS-toy: vanilla − isolated ≤ 3 points"]
+    assert "untestable: vanilla never mixed" in table["mixing rate in two-character scenes: isolated / vanilla ≤ 0.5"]
+    assert table["colour kept, uncoloured stories: isolated ≥ 85 %"].endswith("| 90.00 | yes |")
