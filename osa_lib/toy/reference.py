@@ -83,7 +83,6 @@ class ReferenceSelfAttention:
             self._record_share(attn, q, keys, allowed, partner >= 0)
         return attention_epilogue(attn, merge_heads(out), saved)
 
-
     def _record_share(self, attn, q, keys, allowed, rows) -> None:
         """Append the mean attention share on partner tokens of the looking queries of ``rows``."""
         n = q.shape[2]
