@@ -99,3 +99,15 @@ def test_probe_rows_are_shares_and_no_reference_is_the_paired_baseline():
     for r in rows:
         assert r["n"] == 4 and 0 <= r["drawn"] <= 1
         assert all(np.isnan(r[k]) or 0 <= r[k] <= 1 for k in ("colour", "mark", "size"))
+
+
+def test_reference_share_reports_every_up_block_self_attention_at_every_timestep():
+    """``reference_share`` on the shipped model: one share per (timestep, up-block attn1), each a
+    fraction strictly inside (0, 1) (the references are visible, and the own tokens always are)."""
+    from osa_lib.toy.appearance import reference_share
+    pipe = ToyPipeline.from_pretrained(world.__file__.rsplit("/osa_lib/", 1)[0] + "/data/toy_model")
+    rows = reference_share(pipe, n_pairs=4, timesteps=(300, 900))
+    layers = {r["layer"] for r in rows}
+    assert len(layers) == 4 and all(".attn1." in l and l.startswith("up_blocks.") for l in layers)
+    assert [r["t"] for r in rows] == [300] * 4 + [900] * 4
+    assert all(0 < r["share"] < 1 for r in rows)

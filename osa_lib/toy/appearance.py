@@ -124,16 +124,25 @@ def appearance_scores(pipe: ToyPipeline, n_samples: int = 48, seed: int = 0, set
     return rows
 
 
+def _pair_batch(pipe: ToyPipeline, n_pairs: int, seed: int):
+    """One training-style batch of ``n_pairs`` reference pairs (references first, then targets),
+    every caption kept and only the shared character visible and looking: latents (2P, 12, 16, 16)
+    and text embeddings on the U-Net's device; partner (2P,), ref_mask and query_mask (2P, 16, 16)
+    on the CPU."""
+    from .train import SceneStream
+    images, captions, partner, ref_mask, query_mask = next(iter(SceneStream(
+        2 * n_pairs, seed, p_empty_caption=0.0, pair_rate=1.0, whole_share=0.0)))
+    device = pipe.unet.device
+    text = pipe.embed_ids(pipe.tokenize(captions, validate=False).to(device))
+    return images_to_latents(images).to(device), text, partner, ref_mask, query_mask
+
+
 @torch.no_grad()
 def reference_benefit(pipe: ToyPipeline, n_pairs: int = 64, timesteps=(300, 600, 900), seed: int = 0) -> list[dict]:
     """Per timestep, the mean v-prediction loss of pair targets without and with their reference's
     shared-character tokens visible to every target query (teacher-forced, as in training)."""
-    from .train import SceneStream
-    images, captions, partner, ref_mask, _ = next(iter(SceneStream(2 * n_pairs, seed, p_empty_caption=0.0, pair_rate=1.0,
-                                                                   whole_share=0.0)))
+    x0, text, partner, ref_mask, _ = _pair_batch(pipe, n_pairs, seed)
     device = pipe.unet.device
-    x0 = images_to_latents(images).to(device)
-    text = pipe.embed_ids(pipe.tokenize(captions, validate=False).to(device))
     targets = slice(n_pairs, 2 * n_pairs)
     rows = []
     with reference_attention(pipe.unet, (LATENT_SIZE, LATENT_SIZE)) as state:
@@ -157,12 +166,8 @@ def reference_share(pipe: ToyPipeline, n_pairs: int = 32, timesteps=(300, 600, 9
     a pair target's shared character (``SceneStream``'s query mask) give the reference's tokens
     (teacher-forced, as in ``reference_benefit``). Copying needs much of it; a model that keeps
     attending to its own tokens cannot take the reference's look, whatever the reference holds."""
-    from .train import SceneStream
-    images, captions, partner, ref_mask, query_mask = next(iter(SceneStream(2 * n_pairs, seed, p_empty_caption=0.0,
-                                                                            pair_rate=1.0, whole_share=0.0)))
+    x0, text, partner, ref_mask, query_mask = _pair_batch(pipe, n_pairs, seed)
     device = pipe.unet.device
-    x0 = images_to_latents(images).to(device)
-    text = pipe.embed_ids(pipe.tokenize(captions, validate=False).to(device))
     rows = []
     with reference_attention(pipe.unet, (LATENT_SIZE, LATENT_SIZE)) as state:
         state.partner, state.ref_mask, state.query_mask = partner.to(device), ref_mask.to(device), query_mask.to(device)
