@@ -319,8 +319,9 @@ def report_toy(rows, args, backbone, config) -> None:
     def count(method, key):
         return sum(r[key] for r in pooled[method])
 
-    def two_character_mixing(method):  # % of all two-character scenes of all story seeds
-        return 100 * count(method, "mixed two-character scenes") / max(count(method, "two-character scenes"), 1)
+    def two_character_mixing(method, story_suffix=""):  # % of the two-character scenes of all (or these) stories' seeds
+        chosen = [r for r in pooled[method] if r["story"].endswith(story_suffix)]
+        return 100 * sum(r["mixed two-character scenes"] for r in chosen) / max(sum(r["two-character scenes"] for r in chosen), 1)
 
     v, c, i = "vanilla", "csa", "isolated"
     uncoloured = {m: [r for r in rs if "uncoloured" in r["story"]] for m, rs in pooled.items()}
@@ -330,10 +331,6 @@ def report_toy(rows, args, backbone, config) -> None:
 
     def kept(method):  # colour kept over the uncoloured stories' story seeds
         return _mean_sem([r["colour kept"] for r in uncoloured[method]])[0]
-
-    def uncoloured_pair_mixing(method):  # % of the uncoloured pair's two-character scenes
-        chosen = [r for r in uncoloured[method] if r["story"].endswith("uncoloured_pair")]
-        return 100 * sum(r["mixed two-character scenes"] for r in chosen) / max(sum(r["two-character scenes"] for r in chosen), 1)
 
     if v in pooled and i in pooled:
         ratio = two_character_mixing(i) / two_character_mixing(v) if two_character_mixing(v) else float("nan")
@@ -345,10 +342,10 @@ def report_toy(rows, args, backbone, config) -> None:
             checks.append(("colour kept, uncoloured stories: isolated ≥ 85 %", kept(i), lambda x: x >= 85))
             checks.append(("colour kept, uncoloured stories: vanilla near chance (≤ 35 %)", kept(v), lambda x: x <= 35))
         if c in pooled and any(r["story"].endswith("uncoloured_pair") for r in uncoloured[i]):
-            csa_mix = uncoloured_pair_mixing(c)
+            csa_mix = two_character_mixing(c, "uncoloured_pair")
             checks.append(("uncoloured pair: CSA mixes (% of two-character scenes > 0)", csa_mix, lambda x: x > 0))
             checks.append(("uncoloured pair: isolated mixing ≤ half of CSA's and ≤ vanilla's",
-                           uncoloured_pair_mixing(i) - min(csa_mix / 2, uncoloured_pair_mixing(v)), lambda x: x <= 0))
+                           two_character_mixing(i, "uncoloured_pair") - min(csa_mix / 2, two_character_mixing(v, "uncoloured_pair")), lambda x: x <= 0))
         checks += [
             ("mixing rate in two-character scenes: isolated / vanilla ≤ 0.5", ratio, lambda x: x <= 0.5),
             ("named-colour stories, attribute accuracy: vanilla − isolated ≤ 3 points",
