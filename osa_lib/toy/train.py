@@ -177,15 +177,16 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
             if step >= steps or (max_minutes and time.time() - started > max_minutes * 60):
                 break
             images = images.to(device)
-            reference_state.partner, reference_state.ref_mask = partner.to(device), ref_mask.to(device)
+            partner = partner.to(device)  # (B,) each pair target's reference row, -1 elsewhere
+            reference_state.partner, reference_state.ref_mask = partner, ref_mask.to(device)
             reference_state.query_mask = query_mask.to(device)
             latents = images_to_latents(images)  # (B, 12, 16, 16)
             noise = torch.randn_like(latents)
-            t = _timesteps(partner.to(device), noise_scheduler.config.num_train_timesteps, pair_timesteps, pair_min_t)
+            t = _timesteps(partner, noise_scheduler.config.num_train_timesteps, pair_timesteps, pair_min_t)
             noisy = noise_scheduler.add_noise(latents, noise, t)
             ids = shift_captions(pipe.tokenize(captions, validate=False), max_shift).to(device)
             text = pipe.embed_ids(ids)  # (B, 16, text_dim)
-            plain_rows = (partner.to(device) >= 0) if pair_plain_loss else None
+            plain_rows = (partner >= 0) if pair_plain_loss else None
             loss = _denoising_loss(pipe.unet(noisy, t, text).sample, latents, noise, t, noise_scheduler, snr_gamma,
                                    plain_rows)
             opt.zero_grad(set_to_none=True)
