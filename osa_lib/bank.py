@@ -2,10 +2,11 @@
 
 When a character is drawn for the first time, every up-block self-attention layer stores, at
 the stored denoising steps (every 3rd after warm-up by default, ``IsolationConfig.bank_step_stride``),
-the keys and values (``K_R``, ``V_R``) of the image tokens inside the character's mask ``M_m``. Later scenes look the character up by name and attend to them
-(isolated self-attention). Only the prompt half of the CFG batch is stored; tokens are kept in
-the backbone's dtype (fp16 for SDXL on a GPU) and on the bank's ``device``: the generating
-device by default, so a story on a GPU never copies references between host and device
+the keys and values (``K_R``, ``V_R``) of the image tokens inside the character's mask ``M_m``.
+Later scenes look the character up by name and attend to them (isolated self-attention). Only
+the prompt half of the CFG batch is stored; tokens are kept in the backbone's dtype (fp16 for
+SDXL on a GPU) and on the bank's ``device``: the generating device by default, so a story on a
+GPU never copies references between host and device
 (``Backbone.bank_device``; the CPU when the backbone offloads its models to fit a small card).
 
 On disk: one safetensors file; its metadata carries a JSON header (format version, backbone,
