@@ -23,6 +23,7 @@ prompts), ``token_positions`` (where a word sits in a prompt), ``unet``, ``sched
 from __future__ import annotations
 
 import copy
+import json
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +33,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .isolation import IsolationConfig
 from .toy.model import DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline
 from .toy.model import latents_to_images as toy_latents_to_images
 from .toy.world import normalise_prompt, parse_caption
 
 __all__ = ["Backbone", "ToyBackbone", "SDXLBackbone", "Conditioning", "load_backbone", "BACKBONES", "build_tiny_sdxl_pipeline",
            "build_tiny_clip_tokenizer", "build_random_sdxl_pipeline", "NonFiniteImageError", "SDXL_RANDOM_DIR", "SDXL_UNET_CONFIG",
-           "check_steps", "check_seed", "SEED_RANGE"]
+           "check_steps", "check_seed", "SEED_RANGE", "read_isolation_defaults"]
 
 SDXL_UNET_CONFIG = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (shape-relevant keys)
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -103,6 +105,9 @@ class Backbone:
     default_steps: int = 25
     default_guidance: float = 4.0
     info: dict = field(default_factory=dict)
+    #: ``IsolationConfig`` fields whose value for this model differs from METHOD.md's default
+    #: (the toy: its folder's ``isolation.json``; SDXL: none, the paper's values)
+    isolation_defaults: dict = field(default_factory=dict)
 
     #: the images can be read back exactly (the toy world's analyzer and its metrics); SDXL's cannot
     has_ground_truth: ClassVar[bool] = False
@@ -120,6 +125,11 @@ class Backbone:
     @property
     def scheduler(self):
         return self.pipe.scheduler
+
+    def isolation_config(self, **overrides) -> IsolationConfig:
+        """The method's switches for this model: METHOD.md's defaults, replaced by this model's
+        own (``isolation_defaults``), replaced by ``overrides``."""
+        return IsolationConfig(**{**self.isolation_defaults, **overrides})
 
     @property
     def tokenizer(self):
@@ -356,7 +366,24 @@ def _load_toy(model_id, device, dtype, cpu_offload) -> Backbone:
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     return ToyBackbone("toy", pipe, (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), device, dtype,
-                       default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE, info={"model_dir": str(folder)})
+                       default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE, info={"model_dir": str(folder)},
+                       isolation_defaults=read_isolation_defaults(folder))
+
+
+def read_isolation_defaults(folder: Path) -> dict:
+    """The ``IsolationConfig`` fields a model folder's ``isolation.json`` sets (``{"defaults":
+    {field: value}, "why": "..."}``; none without the file), checked as ``IsolationConfig`` checks them."""
+    path = Path(folder) / "isolation.json"
+    if not path.exists():
+        return {}
+    try:
+        defaults = json.loads(path.read_text())["defaults"]
+        IsolationConfig(**defaults)
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a valid isolation defaults file ({type(error).__name__}: {error}). It "
+                         f"must read {{\"defaults\": {{<IsolationConfig field>: <value>, ...}}, \"why\": \"...\"}}; "
+                         f"fix it, or delete it to use METHOD.md's defaults.") from None
+    return dict(defaults)
 
 
 def _sdxl_backbone(name: str, pipe, device, dtype, default_steps: int = 30, **info) -> SDXLBackbone:

@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from .attention import AttentionStore, capture_attention
 from .generation import generate_story
-from .isolation import IsolationConfig
 from .masks import OVERLAP_RULES, resize_masks, subject_masks
 from .toy.analyzer import analyze_image, largest_detection, mask_iou
 from .toy.metrics import IDENTITY_DETAILS, id_colours, is_mixed, read_scene, toy_story_metrics
@@ -375,7 +374,7 @@ class StoryScorer:
         return self.cache_dir / f"{name}.json"
 
     def _key(self, story, method: str, config, k: int) -> tuple:
-        return (repr(story), method, repr(config or IsolationConfig()) if method == "isolated" else None, k)
+        return (repr(story), method, repr(config or self.backbone.isolation_config()) if method == "isolated" else None, k)
 
     def result(self, story, method: str, config=None, k: int = 0):
         """The ``StoryResult`` of ``method`` on the story shifted by ``k`` seed strides."""
@@ -443,8 +442,8 @@ def _pick(metrics: dict, keys, suffix: str) -> dict:
 
 def lambda_sweep(scorer: StoryScorer, single, pair, lams) -> list[dict]:
     """Isolated attention at each λ: identity and text fidelity on ``single``, mixing and attributes on ``pair``."""
-    return [{"λ": lam, **_pick(scorer.score(single, IsolationConfig(lam=lam))["isolated"], ("IIS-toy", "TIS-toy"), "single"),
-             **_pick(scorer.score(pair, IsolationConfig(lam=lam))["isolated"], ("mixing rate", "attribute accuracy"), "pair")}
+    return [{"λ": lam, **_pick(scorer.score(single, scorer.backbone.isolation_config(lam=lam))["isolated"], ("IIS-toy", "TIS-toy"), "single"),
+             **_pick(scorer.score(pair, scorer.backbone.isolation_config(lam=lam))["isolated"], ("mixing rate", "attribute accuracy"), "pair")}
             for lam in lams]
 
 

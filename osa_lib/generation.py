@@ -92,7 +92,8 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
         method: "isolated" (the paper), "vanilla" (unmodified model) or "csa" (StoryDiffusion's
             Consistent Self-Attention: reference scenes in one batch, then the others reading
             their bank; see ``osa_lib.baselines``).
-        config: the method's switches (``IsolationConfig()`` defaults); for vanilla and CSA its
+        config: the method's switches (default ``backbone.isolation_config()``: METHOD.md's values
+            with the model's own where it sets them); for vanilla and CSA its
             mask settings make the recorded masks.
         bank: a reference bank to continue from (characters in it are "returning"); a new one
             is made when None. It is filled in place and returned in the result.
@@ -111,7 +112,7 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
     for i, seed in enumerate(seeds):  # a seed offset can push a valid seed out of range
         if seed_problem(seed):
             raise StoryError(f"{story.source}: scene {i + 1}, seed: {seed_problem(seed)}")
-    config = config or IsolationConfig()
+    config = config or backbone.isolation_config()
     config.validate()  # a config changed after it was made
     run = _Run(backbone, story, seeds, dict(num_inference_steps=steps, guidance_scale=guidance_scale, progress=False),
                config, record_masks, progress)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -229,7 +230,7 @@ def main(argv=None) -> list[dict] | None:
             f"the other columns stay empty.\n" if missing else "")
     torch.manual_seed(0)
     backbone = load_backbone(args.backbone, model_id=args.model_id, device=str(state.device))
-    config = IsolationConfig()
+    config = backbone.isolation_config()
     jobs = [(path, k) for path in args.stories for k in range(args.seeds)]
     started = time.perf_counter()
     rows = []
@@ -256,7 +257,8 @@ def main(argv=None) -> list[dict] | None:
         command = "python scripts/evaluate_stories.py " + " ".join(sys.argv[1:] if argv is None else argv)
         write_results(args.md, f"Story metrics on the {args.backbone} backbone",
                       f"{len(jobs)} story seeds x {len(args.methods)} methods, {state.num_processes} process(es), "
-                      f"{time.perf_counter() - started:.0f} s.\n\n" + report.getvalue(), command)
+                      f"{time.perf_counter() - started:.0f} s. Isolated attention ran with {_differences(config)}.\n\n"
+                      + report.getvalue(), command)
         say(f"\nreport written to {args.md}")
     if args.json:
         Path(args.json).write_text(json.dumps({"backbone": args.backbone, "methods": args.methods,
@@ -304,6 +306,14 @@ def _untestable(target: str) -> str:
     if target.startswith("mixing rate"):
         return "untestable: vanilla never mixed"
     return "untestable: no named-colour story was run" if target.startswith("named-colour") else "untestable"
+
+
+def _differences(config: IsolationConfig) -> str:
+    """The fields of ``config`` that differ from METHOD.md's defaults, or say there are none."""
+    changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+               if getattr(config, f.name) != f.default}
+    return ("METHOD.md's defaults except " + ", ".join(f"{k}={v!r}" for k, v in changed.items())
+            if changed else "METHOD.md's defaults")
 
 
 def report_toy(rows, args, backbone, config) -> None:
@@ -393,11 +403,12 @@ def report_bank(args, backbone, config) -> None:
         print(f"toy, {name}: {result.bank.nbytes(name):,} bytes ({args.steps or backbone.default_steps} steps, float32)")
     with torch.device("meta"):
         sdxl_unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
-    for fraction in (0.1, 0.25):  # the bank this config writes: warm-up not stored, every k-th step and layer
-        estimate = estimate_bank_bytes(sdxl_unet, (128, 128), 50, fraction, 2, warmup=config.warmup,
-                                       step_stride=config.bank_step_stride, layer_stride=config.bank_layer_stride)
+    sdxl = IsolationConfig()  # what SDXL runs with: METHOD.md's defaults (the toy may set its own)
+    for fraction in (0.1, 0.25):  # the bank SDXL writes: warm-up not stored, every k-th step and layer
+        estimate = estimate_bank_bytes(sdxl_unet, (128, 128), 50, fraction, 2, warmup=sdxl.warmup,
+                                       step_stride=sdxl.bank_step_stride, layer_stride=sdxl.bank_layer_stride)
         print(f"SDXL 1024² estimate, one character covering {fraction:.0%} of the image, 50 steps, fp16, "
-              f"every {config.bank_step_stride} step(s) after warm-up stored: {estimate / 1e9:.2f} GB (from the layer shapes)")
+              f"every {sdxl.bank_step_stride} step(s) after warm-up stored: {estimate / 1e9:.2f} GB (from the layer shapes)")
 
 
 if __name__ == "__main__":

@@ -229,3 +229,44 @@ def test_sdxl_random_configs_are_sdxl_base():
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL base U-Net
     up_self = find_attention_layers(unet, kind="self", places=("up",))
     assert len(up_self) == 36  # 3 x 10 blocks at 32², 3 x 2 at 64² (1024² images)
+
+
+def _toy_folder_with(tmp_path, isolation: str | None):
+    """A toy model folder: the shipped model's files linked in, ``isolation.json`` as given."""
+    from osa_lib.toy.model import DEFAULT_MODEL_DIR
+    folder = tmp_path / "toy"
+    folder.mkdir(parents=True)
+    for entry in DEFAULT_MODEL_DIR.iterdir():
+        if entry.name != "isolation.json":
+            (folder / entry.name).symlink_to(entry)
+    if isolation is not None:
+        (folder / "isolation.json").write_text(isolation)
+    return folder
+
+
+def test_model_folder_sets_its_own_isolation_defaults_and_callers_override_them(tmp_path):
+    from osa_lib import IsolationConfig, generate_story
+    from osa_lib.story import Story, StoryCharacter, StoryScene
+    folder = _toy_folder_with(tmp_path, '{"defaults": {"reweight": 8.0, "warmup": 0.0}, "why": "test"}')
+    backbone = load_backbone("toy", model_id=str(folder), device="cpu")
+    assert backbone.isolation_config() == IsolationConfig(reweight=8.0, warmup=0.0)
+    assert backbone.isolation_config(reweight=0.0, lam=0.5) == IsolationConfig(reweight=0.0, warmup=0.0, lam=0.5)
+    plain = load_backbone("toy", model_id=str(_toy_folder_with(tmp_path / "plain", None)), device="cpu")
+    assert plain.isolation_defaults == {} and plain.isolation_config() == IsolationConfig()
+    # generate_story without a config runs with the model's defaults, not METHOD.md's
+    story = Story({"Orb": StoryCharacter("Orb", "circle", "a circle")},
+                  [StoryScene("a circle in the snow", ["Orb"], 1), StoryScene("a circle in the night", ["Orb"], 2)])
+    run = lambda config: generate_story(backbone, story, "isolated", config=config, num_inference_steps=5,  # noqa: E731
+                                        progress=False).scenes[1].image
+    assert np.array_equal(run(None), run(IsolationConfig(reweight=8.0, warmup=0.0)))
+    assert not np.array_equal(run(None), run(IsolationConfig()))
+
+
+@pytest.mark.parametrize("text, problem", [("{not json", "JSONDecodeError"), ('{"why": "no defaults"}', "KeyError"),
+                                           ('{"defaults": {"reweigh": 2}}', "TypeError"),
+                                           ('{"defaults": {"warmup": 1.5}}', "warmup=1.5")])
+def test_bad_isolation_defaults_file_names_itself_and_the_fix(tmp_path, text, problem):
+    folder = _toy_folder_with(tmp_path, text)
+    with pytest.raises(ValueError, match=problem) as info:
+        load_backbone("toy", model_id=str(folder), device="cpu")
+    assert str(folder / "isolation.json") in str(info.value) and "delete it" in str(info.value)
