@@ -1,0 +1,42 @@
+"""scripts/tune_isolation.py: every candidate on the same validation seeds, the winner named."""
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("tune_isolation", ROOT / "scripts" / "tune_isolation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_validation_seeds_are_not_the_evaluations():
+    tune = _script()
+    eval_offsets = {k * 1000 for k in range(100)}  # evaluate_stories.py: k * 1000 for k < --seeds
+    assert all(tune.VALIDATION_OFFSET + k * 1000 not in eval_offsets for k in range(100))
+
+
+def test_table_has_every_run_and_names_the_highest_colour_kept(tmp_path, monkeypatch, capsys):
+    tune = _script()
+    monkeypatch.setattr(tune, "CANDIDATES", {"defaults": {}, "lam 0": dict(lam=0.0)})
+    picked = []
+    real = tune.StoryScorer.seed_metrics
+
+    def spy(self, story, method, config=None, k=0):
+        picked.append((method, None if config is None else config.lam, story.scenes[0].seed))
+        return real(self, story, method, config, k)
+
+    monkeypatch.setattr(tune.StoryScorer, "seed_metrics", spy)
+    tune.main(["--seeds", "1", "--steps", "2", "--threads", "1", "--md", str(tmp_path / "t.md")])
+    text = (tmp_path / "t.md").read_text()
+    for run in ("| vanilla |", "| defaults |", "| lam 0 |"):
+        assert run in text
+    kept = {line.split(" | ")[0][2:]: float(line.split(" | ")[1].split(" ")[0])
+            for line in text.splitlines() if line.startswith("| defaults |") or line.startswith("| lam 0 |")}
+    winner = max(kept, key=lambda name: -1.0 if kept[name] != kept[name] else kept[name])
+    assert f"Highest colour kept: **{winner}**" in text
+    seeds = {seed for _, _, seed in picked}
+    assert len(seeds) == 3 and min(seeds) > tune.VALIDATION_OFFSET  # three stories, shifted seeds, shared by every run
+    assert {(m, lam) for m, lam, _ in picked} == {("vanilla", None), ("isolated", 1.1), ("isolated", 0.0)}
