@@ -67,7 +67,8 @@ def main(argv=None) -> None:
         stats = mean_and_sem([{c: r[c] for c in COLUMNS} for r in rows])
         lines.append(f"| {name} | " + " | ".join(f"{stats[c][0]:.1f} ± {stats[c][1]:.1f}" for c in COLUMNS) + " |")
         print(lines[-1], flush=True)
-        kept = stats["colour kept"][0] if stats["colour kept"][0] == stats["colour kept"][0] else -1.0  # NaN: none drawn
+        kept = stats["colour kept"][0]
+        kept = -1.0 if kept != kept else kept  # NaN: no later appearance was drawn
         if method == "isolated" and (best is None or kept > best[1]):
             best = (name, kept)
     lines.append(f"\nHighest colour kept: **{best[0]}** ({best[1]:.1f} %). The model being tuned runs with "

@@ -6,8 +6,11 @@ save. Set OSA_TEST_THREADS to use more.
 
 The ``tiny`` fixture is shared by every module that runs the method on SDXL's structure, and
 ``two_characters`` is the story (as a dict) they draw on it: each character alone, then together.
+``load_script`` imports one of ``scripts/*.py`` (not a package) by name.
 """
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,3 +39,15 @@ TWO_CHARACTERS = {
 def two_characters() -> dict:
     """The two-character story as a story-file dict; tests build new dicts from it, never change it."""
     return TWO_CHARACTERS
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``load_script("tune_isolation")``: a fresh import of ``scripts/tune_isolation.py``."""
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

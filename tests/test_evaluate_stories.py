@@ -1,6 +1,5 @@
 """scripts/evaluate_stories.py: rows per story, seed and method; the same rows from one process and
 from two under `accelerate launch`; the SDXL metrics end to end on sdxl-tiny with tiny metric models."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,13 +24,6 @@ SDXL_STORY = {"title": "tiny", "characters": [{"name": "Lily", "word": "girl", "
                          {"prompt": "a boy with a dog on the beach", "characters": ["Tom"], "seed": 3},
                          {"prompt": "a girl and a boy in the snow", "characters": ["Lily", "Tom"], "seed": 4}]}
 ARGS = ["--seeds", "2", "--methods", "vanilla,csa,isolated", "--steps", "3"]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("evaluate_stories", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _story(tmp_path, data, name="story.yaml"):
@@ -72,9 +64,9 @@ def test_two_accelerate_processes_give_the_single_process_rows(tmp_path):
         assert {"IIS-toy", "attribute accuracy", "mixing rate", "TIS-toy", "seconds per scene"} <= set(row)
 
 
-def test_runs_as_one_process_without_accelerate(tmp_path, monkeypatch, capsys):
+def test_runs_as_one_process_without_accelerate(tmp_path, monkeypatch, capsys, load_script):
     monkeypatch.setitem(sys.modules, "accelerate", None)  # `import accelerate` now fails
-    script = _script()
+    script = load_script("evaluate_stories")
     assert isinstance(script.process_state(), script._SingleProcess)
     rows = script.main(["--stories", _story(tmp_path, TOY_STORY), "--seeds", "1", "--methods", "vanilla,csa",
                         "--steps", "2", "--json", str(tmp_path / "rows.json")])
@@ -83,9 +75,9 @@ def test_runs_as_one_process_without_accelerate(tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "rows.json").read_text())["rows"] == rows
 
 
-def test_unknown_method_is_refused():
+def test_unknown_method_is_refused(load_script):
     with pytest.raises(SystemExit):
-        _script().parse_args(["--methods", "vanilla,magic"])
+        load_script("evaluate_stories").parse_args(["--methods", "vanilla,magic"])
 
 
 @pytest.fixture
@@ -110,9 +102,11 @@ def tiny_metric_models(tmp_path, monkeypatch):
     return ["--clip", str(tmp_path / "clip"), "--aesthetic-weights", str(tmp_path / "aesthetic.pth")]
 
 
-def test_sdxl_tiny_story_gets_every_metric_with_crops_for_every_method(tmp_path, tiny_metric_models, capsys):
-    rows = _script().main(["--backbone", "sdxl-tiny", "--stories", _story(tmp_path, SDXL_STORY), "--seeds", "1",
-                           "--methods", "vanilla,csa,isolated", "--steps", "3", *tiny_metric_models])
+def test_sdxl_tiny_story_gets_every_metric_with_crops_for_every_method(tmp_path, tiny_metric_models, capsys,
+                                                                      load_script):
+    rows = load_script("evaluate_stories").main(["--backbone", "sdxl-tiny", "--stories", _story(tmp_path, SDXL_STORY),
+                                                 "--seeds", "1", "--methods", "vanilla,csa,isolated", "--steps", "3",
+                                                 *tiny_metric_models])
     out = capsys.readouterr().out
     assert "MISSING" not in out
     for name in ("TIS", "IIS", "AQ", "DS"):
@@ -126,10 +120,10 @@ def test_sdxl_tiny_story_gets_every_metric_with_crops_for_every_method(tmp_path,
     assert any(r["IIS"] is not None for r in rows)
 
 
-def test_missing_metric_models_are_named_before_any_generation(tmp_path, monkeypatch, capsys):
+def test_missing_metric_models_are_named_before_any_generation(tmp_path, monkeypatch, capsys, load_script):
     monkeypatch.setitem(sys.modules, "dreamsim", None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    script = _script()
+    script = load_script("evaluate_stories")
 
     def no_generation(*args, **kwargs):
         raise AssertionError("a backbone was loaded although no metric can be computed")
@@ -145,7 +139,7 @@ def test_missing_metric_models_are_named_before_any_generation(tmp_path, monkeyp
     assert "stopping before any generation" in out
 
 
-def test_targets_say_why_a_check_cannot_be_made(capsys, monkeypatch):
+def test_targets_say_why_a_check_cannot_be_made(capsys, monkeypatch, load_script):
     """Uncoloured stories only: the named-colour checks say no such story was run (not that
     vanilla never mixed), and the colour-kept targets are computed from those stories."""
     from types import SimpleNamespace
@@ -153,7 +147,7 @@ def test_targets_say_why_a_check_cannot_be_made(capsys, monkeypatch):
     class Row(dict):
         def __missing__(self, key):  # counts and per-detail scores the table also reads
             return 0
-    module = _script()
+    module = load_script("evaluate_stories")
     monkeypatch.setattr(module, "report_bank", lambda *args: None)  # generates a story; not what is tested
     rows = [Row(story=f"toy_uncoloured_{s}", seed=0, method=m, **{**{k: 50.0 for k in module.METRIC_NAMES},
                 "seconds per scene": 1.0, "colour kept": 90.0 if m == "isolated" else 20.0})

@@ -4,26 +4,18 @@ The check itself (``python scripts/mutation_check.py``, a few minutes) is not ru
 verifies that each mutation's snippet occurs exactly once in its file, so a refactor that moves
 code makes this test fail instead of silently turning mutations into no-ops.
 """
-import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("mutation_check", ROOT / "scripts" / "mutation_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_mutation_snippet_matches_its_file_once():
-    script = load_script()
+def test_every_mutation_snippet_matches_its_file_once(load_script):
+    script = load_script("mutation_check")
     assert script.snippet_problems() == []
 
 
-def test_mutation_list_covers_the_issue_and_its_test_files_exist():
-    script = load_script()
+def test_mutation_list_covers_the_issue_and_its_test_files_exist(load_script):
+    script = load_script("mutation_check")
     descriptions = [m.description for m in script.MUTATIONS]
     assert len(set(descriptions)) == len(descriptions), "descriptions name the mutations in the table"
     for kind in ("β ignored", "β and 1 − β swapped", "blend removed", "cross-attention merge ignores λ",

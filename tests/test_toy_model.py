@@ -193,16 +193,10 @@ def test_train_only_up_self_attention_changes_nothing_else(tmp_path):
         _trained_parameters(build_toy_pipeline(seed=0), "everything")
 
 
-def test_guidance_is_tuned_on_validation_prompts_never_on_held_out_ones(toy):
-    import importlib.util
-    from pathlib import Path
-
+def test_guidance_is_tuned_on_validation_prompts_never_on_held_out_ones(toy, load_script):
     from osa_lib.toy import world
     from osa_lib.toy.model import DEFAULT_GUIDANCE
-    path = Path(__file__).resolve().parents[1] / "scripts" / "tune_guidance.py"
-    spec = importlib.util.spec_from_file_location("tune_guidance", path)
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
+    tune = load_script("tune_guidance")
     for n in (1, 2):
         for prompt in tune.validation_prompts(n, 40, seed=n):
             parsed = world.parse_caption(prompt)

@@ -1,25 +1,14 @@
 """scripts/tune_isolation.py: every candidate on the same validation seeds, the winner named."""
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("tune_isolation", ROOT / "scripts" / "tune_isolation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_validation_seeds_are_not_the_evaluations():
-    tune = _script()
+def test_validation_seeds_are_not_the_evaluations(load_script):
+    tune = load_script("tune_isolation")
     eval_offsets = {k * 1000 for k in range(100)}  # evaluate_stories.py: k * 1000 for k < --seeds
     assert all(tune.VALIDATION_OFFSET + k * 1000 not in eval_offsets for k in range(100))
 
 
-def test_table_has_every_run_and_names_the_highest_colour_kept(tmp_path, monkeypatch, capsys):
-    tune = _script()
+def test_table_has_every_run_and_names_the_highest_colour_kept(tmp_path, monkeypatch, load_script):
+    tune = load_script("tune_isolation")
     monkeypatch.setattr(tune, "CANDIDATES", {"defaults": {}, "lam 0": dict(lam=0.0)})
     picked = []
     real = tune.StoryScorer.seed_metrics
