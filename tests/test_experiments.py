@@ -155,7 +155,9 @@ def fake_generation(monkeypatch):
 
 def test_story_scorer_generates_each_story_method_config_and_seed_once(fake_generation):
     story = load_story(STORIES / "toy_single_journey.yaml")
-    scorer = StoryScorer(backbone=None, n_seeds=3, num_inference_steps=4)
+    from types import SimpleNamespace
+    backbone = SimpleNamespace(isolation_config=IsolationConfig)  # no config given: the backbone's (METHOD.md's)
+    scorer = StoryScorer(backbone=backbone, n_seeds=3, num_inference_steps=4)
     first = scorer.score(story, IsolationConfig(lam=1.1), methods=("vanilla", "isolated"))
     assert scorer.generations == 6 and all(c[3] == {"num_inference_steps": 4} for c in fake_generation)
     # the same again, and vanilla under another config: nothing new to generate
@@ -207,7 +209,7 @@ def test_story_scorer_disk_cache_is_shared_between_scorers_and_keyed_by_the_weig
     import torch
     from types import SimpleNamespace
     story = load_story(STORIES / "toy_single_journey.yaml")
-    backbone = SimpleNamespace(name="toy", unet=torch.nn.Linear(2, 2))
+    backbone = SimpleNamespace(name="toy", unet=torch.nn.Linear(2, 2), isolation_config=IsolationConfig)
     first = StoryScorer(backbone, n_seeds=2, cache_dir=tmp_path, num_inference_steps=4)
     scores = first.score(story, methods=("vanilla", "isolated"))
     assert first.generations == 4 and len(list(tmp_path.glob("*.json"))) == 4
