@@ -442,8 +442,9 @@ def _pick(metrics: dict, keys, suffix: str) -> dict:
 
 def lambda_sweep(scorer: StoryScorer, single, pair, lams) -> list[dict]:
     """Isolated attention at each λ: identity and text fidelity on ``single``, mixing and attributes on ``pair``."""
-    return [{"λ": lam, **_pick(scorer.score(single, scorer.backbone.isolation_config(lam=lam))["isolated"], ("IIS-toy", "TIS-toy"), "single"),
-             **_pick(scorer.score(pair, scorer.backbone.isolation_config(lam=lam))["isolated"], ("mixing rate", "attribute accuracy"), "pair")}
+    configs = {lam: scorer.backbone.isolation_config(lam=lam) for lam in lams}  # the model's own switches otherwise
+    return [{"λ": lam, **_pick(scorer.score(single, configs[lam])["isolated"], ("IIS-toy", "TIS-toy"), "single"),
+             **_pick(scorer.score(pair, configs[lam])["isolated"], ("mixing rate", "attribute accuracy"), "pair")}
             for lam in lams]
 
 
