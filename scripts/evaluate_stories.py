@@ -89,6 +89,15 @@ def gather_rows(state, rows: list[dict]) -> list[dict]:
     return gather_object(rows)
 
 
+def end_processes(state) -> None:
+    """Under several processes: wait until the main one has written its report, then take the
+    process group down in every process. A process that exits with gloo's group still up can abort
+    on its way out ("terminate called without an active exception", seen on a busy 2-core machine)."""
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+
+
 # --- metric models (SDXL) -------------------------------------------------------------------
 def sdxl_metric_models(args, device) -> tuple[dict, list[str]]:
     """Load what exists of CLIP, the aesthetic head and DreamSim; say what is missing and how to get it."""
@@ -238,32 +247,40 @@ def main(argv=None) -> list[dict] | None:
         for path, k in mine:
             rows += run_job(backbone, path, k, args.methods, args.steps, config, models)
     rows = gather_rows(state, rows)
-    if not state.is_main_process:
+    try:
+        if state.is_main_process:
+            return report(args, argv, state, backbone, config, models, rows, len(jobs), started)
         return None
+    finally:
+        end_processes(state)
+
+
+def report(args, argv, state, backbone, config, models, rows, n_jobs, started) -> list[dict]:
+    """The main process's part: sort the gathered rows, print and write the report and the rows."""
     order = {p: i for i, p in enumerate(Path(p).stem for p in args.stories)}
     rows.sort(key=lambda r: (order[r["story"]], r["seed"], args.methods.index(r["method"])))
     rows = [_json_ready(r) for r in rows]
-    say(f"{len(jobs)} story seeds x {len(args.methods)} methods on {args.backbone}, "
-        f"{state.num_processes} process(es), {time.perf_counter() - started:.0f} s\n")
-    report = io.StringIO()
-    with contextlib.redirect_stdout(report):
+    print(f"{n_jobs} story seeds x {len(args.methods)} methods on {args.backbone}, "
+          f"{state.num_processes} process(es), {time.perf_counter() - started:.0f} s\n")
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
         if models is None:
             report_toy(rows, args, backbone, config)
         else:
             report_sdxl(rows, args)
-    print(report.getvalue(), end="")
+    print(text.getvalue(), end="")
     if args.md:
         from osa_lib.figures import write_results
         command = "python scripts/evaluate_stories.py " + " ".join(sys.argv[1:] if argv is None else argv)
         write_results(args.md, f"Story metrics on the {args.backbone} backbone",
-                      f"{len(jobs)} story seeds x {len(args.methods)} methods, {state.num_processes} process(es), "
+                      f"{n_jobs} story seeds x {len(args.methods)} methods, {state.num_processes} process(es), "
                       f"{time.perf_counter() - started:.0f} s. Isolated attention ran with {_differences(config)}.\n\n"
-                      + report.getvalue(), command)
-        say(f"\nreport written to {args.md}")
+                      + text.getvalue(), command)
+        print(f"\nreport written to {args.md}")
     if args.json:
         Path(args.json).write_text(json.dumps({"backbone": args.backbone, "methods": args.methods,
                                                "seeds": args.seeds, "rows": rows}, indent=1))
-        say(f"\nrows written to {args.json}")
+        print(f"\nrows written to {args.json}")
     return rows
 
 
