@@ -256,8 +256,9 @@ def test_model_folder_sets_its_own_isolation_defaults_and_callers_override_them(
     # generate_story without a config runs with the model's defaults, not METHOD.md's
     story = Story({"Orb": StoryCharacter("Orb", "circle", "a circle")},
                   [StoryScene("a circle in the snow", ["Orb"], 1), StoryScene("a circle in the night", ["Orb"], 2)])
-    run = lambda config: generate_story(backbone, story, "isolated", config=config, num_inference_steps=5,  # noqa: E731
-                                        progress=False).scenes[1].image
+
+    def run(config):  # the returning scene's image
+        return generate_story(backbone, story, "isolated", config=config, num_inference_steps=5, progress=False).scenes[1].image
     assert np.array_equal(run(None), run(IsolationConfig(reweight=8.0, warmup=0.0)))
     assert not np.array_equal(run(None), run(IsolationConfig()))
 
