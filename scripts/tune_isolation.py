@@ -57,23 +57,26 @@ def main(argv=None) -> None:
     scorer = StoryScorer(backbone, args.seeds, **({} if args.steps is None else {"num_inference_steps": args.steps}))
     runs = {"vanilla": ("vanilla", None)}
     runs.update({name: ("isolated", IsolationConfig(**fields)) for name, fields in CANDIDATES.items()})
-    lines = [f"{len(STORIES)} uncoloured stories x {args.seeds} validation seeds, every run on the same seeds; "
-             "mean ± standard error over story seeds (mixing: the pair story's meetings only).\n",
-             "| run | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
-    print("\n".join(lines), flush=True)
+    lines = []
+
+    def say(text: str) -> None:  # printed as it comes, and kept for --md
+        print(text, flush=True)
+        lines.append(text)
+
+    say(f"{len(STORIES)} uncoloured stories x {args.seeds} validation seeds, every run on the same seeds; "
+        "mean ± standard error over story seeds (mixing: the pair story's meetings only).\n")
+    say("| run | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS))
     best = None
     for name, (method, config) in runs.items():
         rows = [scorer.seed_metrics(story, method, config, k) for story in stories for k in range(args.seeds)]
         stats = mean_and_sem([{c: r[c] for c in COLUMNS} for r in rows])
-        lines.append(f"| {name} | " + " | ".join(f"{stats[c][0]:.1f} ± {stats[c][1]:.1f}" for c in COLUMNS) + " |")
-        print(lines[-1], flush=True)
+        say(f"| {name} | " + " | ".join(f"{stats[c][0]:.1f} ± {stats[c][1]:.1f}" for c in COLUMNS) + " |")
         kept = stats["colour kept"][0]
         kept = -1.0 if kept != kept else kept  # NaN: no later appearance was drawn
         if method == "isolated" and (best is None or kept > best[1]):
             best = (name, kept)
-    lines.append(f"\nHighest colour kept: **{best[0]}** ({best[1]:.1f} %). The model being tuned runs with "
-                 f"{backbone.isolation_defaults or 'METHOD.md defaults'} now; {time.perf_counter() - started:.0f} s.")
-    print(lines[-1])
+    say(f"\nHighest colour kept: **{best[0]}** ({best[1]:.1f} %). The model being tuned runs with "
+        f"{backbone.isolation_defaults or 'METHOD.md defaults'} now; {time.perf_counter() - started:.0f} s.")
     if args.md:
         from osa_lib.figures import write_results
         write_results(args.md, "Isolated attention's switches for a toy model, on validation seeds", "\n".join(lines),
