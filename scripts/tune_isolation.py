@@ -41,12 +41,21 @@ CANDIDATES = {
 COLUMNS = ("colour kept", "IIS-toy", "attribute accuracy", "mixing rate")
 
 
+def weight_candidates(weights: list[float]) -> dict:
+    """METHOD.md's defaults, then each ``w`` with no warm-up and every step stored (``--weights``)."""
+    return {"METHOD.md (w 1, warm-up 20 %, every 3rd step)": {},
+            **{f"w {w:g}, no warm-up, every step": dict(reweight=w, warmup=0.0, bank_step_stride=1) for w in weights}}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="toy pipeline folder (default data/toy_model)")
     parser.add_argument("--seeds", type=int, default=6, help="validation seeds per story")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the backbone's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights", type=lambda text: [float(w) for w in text.split(",")], default=None,
+                        help="comma-separated w values to try with no warm-up and every step, instead of "
+                             "the built-in candidates (METHOD.md's defaults always run too), e.g. 16,64,128")
     parser.add_argument("--md", default=None, help="also write the table here, with the command, commit and machine")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -56,7 +65,8 @@ def main(argv=None) -> None:
     stories = [load_story(root / f"{name}.yaml").with_seed_offset(VALIDATION_OFFSET) for name in STORIES]
     scorer = StoryScorer(backbone, args.seeds, **({} if args.steps is None else {"num_inference_steps": args.steps}))
     runs = {"vanilla": ("vanilla", None)}
-    runs.update({name: ("isolated", IsolationConfig(**fields)) for name, fields in CANDIDATES.items()})
+    candidates = CANDIDATES if args.weights is None else weight_candidates(args.weights)
+    runs.update({name: ("isolated", IsolationConfig(**fields)) for name, fields in candidates.items()})
     lines = []
 
     def say(text: str) -> None:  # printed as it comes, and kept for --md

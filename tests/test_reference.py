@@ -21,8 +21,9 @@ def attn():
     return Attention(query_dim=C, heads=HEADS, dim_head=C // HEADS).eval()
 
 
-def by_hand(attn, x, keys_from, allowed):
-    """Row b's output: softmax over its own tokens and the partner's (columns where allowed)."""
+def by_hand(attn, x, keys_from, allowed, bias=None):
+    """Row b's output: softmax over its own tokens and the partner's (columns where allowed), with
+    ``bias`` (B, N, 2N) added to the logits first when given."""
     q = attn.to_q(x).view(3, N, HEADS, -1).transpose(1, 2)  # (B, heads, N, d)
     k = attn.to_k(x).view(3, N, HEADS, -1).transpose(1, 2)
     v = attn.to_v(x).view(3, N, HEADS, -1).transpose(1, 2)
@@ -31,6 +32,8 @@ def by_hand(attn, x, keys_from, allowed):
         keys = torch.cat([k[b], k[keys_from[b]]], dim=1)  # (heads, 2N, d)
         values = torch.cat([v[b], v[keys_from[b]]], dim=1)
         logits = q[b] @ keys.transpose(-1, -2) / (C // HEADS) ** 0.5  # (heads, N, 2N)
+        if bias is not None:
+            logits = logits + bias[b]
         logits = logits.masked_fill(~allowed[b], float("-inf"))
         rows.append((logits.softmax(-1) @ values).transpose(0, 1).reshape(N, C))
     return attn.to_out[0](torch.stack(rows))
@@ -58,6 +61,31 @@ def test_partner_tokens_inside_the_masks_only(attn):
     expected = by_hand(attn, x, [0, 2, 2], allowed)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out[1], AttnProcessor2_0()(attn, x)[1])  # the partner changed row 1
+
+
+def test_reweighting_adds_log_1_plus_w_a_hat_on_partner_columns_only(attn):
+    """With ``reweight`` w, a looking query i's logits on the partner's visible tokens get
+    ``+ log(1 + w·Â(i))`` (METHOD.md step 3), ``Â`` being ``query_weight`` pooled to the layer;
+    its own tokens get nothing, and the share it records is the reweighted softmax's."""
+    x = torch.randn(3, N, C, generator=torch.Generator().manual_seed(4))
+    ref_mask = torch.zeros(3, 4, 4)
+    ref_mask[1, 1:] = 1.0
+    query_weight = torch.zeros(3, 4, 4)
+    query_weight[1, :, 1] = 1.0
+    query_weight[1, :, 2] = 0.25  # a soft edge, as Â has
+    state = ReferenceState(partner=torch.tensor([-1, 2, -1]), ref_mask=ref_mask, reweight=8.0,
+                           query_weight=query_weight, shares={})
+    out = ReferenceSelfAttention(LAYER, state, HW)(attn, x)
+    allowed = torch.zeros(3, N, 2 * N, dtype=torch.bool)
+    allowed[:, :, :N] = True
+    allowed[1, :, N:] = ref_mask[1].flatten().bool()[None, :]
+    bias = torch.zeros(3, N, 2 * N)
+    bias[:, :, N:] = torch.log(1 + 8.0 * query_weight.flatten(1))[:, :, None]
+    torch.testing.assert_close(out, by_hand(attn, x, [0, 2, 2], allowed, bias), rtol=1e-5, atol=1e-6)
+    plain = ReferenceSelfAttention(LAYER, ReferenceState(partner=torch.tensor([-1, 2, -1]), ref_mask=ref_mask, shares={}), HW)
+    plain(attn, x)
+    assert state.shares[LAYER.name][0] > plain.state.shares[LAYER.name][0]  # the boost moves attention to the partner
+    torch.testing.assert_close(out[[0, 2]], AttnProcessor2_0()(attn, x)[[0, 2]])  # rows without a partner untouched
 
 
 def test_share_on_partner_tokens_is_the_softmax_mass_of_the_looking_queries(attn):
@@ -89,6 +117,21 @@ def test_a_pair_shares_one_character_in_every_detail_but_its_place():
         others = [c for k, c in enumerate(target.characters) if k != i_tgt]
         assert all(c.shape != a.shape and c.colour != a.colour for c in others)
         assert target.masks[i_tgt].any()
+
+
+def test_training_batches_give_each_pair_target_its_own_character_as_a_hat():
+    """``SceneStream``'s query weight (the stand-in for ``Â`` when training with re-weighting) is
+    each pair target's shared character's coverage at latent size, and zero in every other row."""
+    from osa_lib.toy.train import SceneStream
+    stream = SceneStream(8, seed=3, p_empty_caption=0.0, pair_rate=0.5)
+    images, _, partner, _, _, query_weight = next(iter(stream))
+    assert query_weight.shape == (8, 16, 16) and partner.tolist()[:4] == [-1, -1, 0, 1]
+    assert torch.equal(query_weight[partner < 0], torch.zeros(6, 16, 16))
+    rng = np.random.default_rng(3)  # the same draws as the stream: its pairs come first
+    for k in range(2):
+        _, target, _, i_tgt = world.sample_pair(rng, exclude=world.HELD_OUT_TRIPLES)
+        expected = torch.nn.functional.avg_pool2d(torch.from_numpy(target.masks[i_tgt]).float()[None, None], 2)[0, 0]
+        torch.testing.assert_close(query_weight[2 + k], expected)
 
 
 def test_probe_rows_are_shares_and_no_reference_is_the_paired_baseline():

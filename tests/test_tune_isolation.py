@@ -29,3 +29,12 @@ def test_table_has_every_run_and_names_the_highest_colour_kept(tmp_path, monkeyp
     seeds = {seed for _, _, seed in picked}
     assert len(seeds) == 3 and min(seeds) > tune.VALIDATION_OFFSET  # three stories, shifted seeds, shared by every run
     assert {(m, lam) for m, lam, _ in picked} == {("vanilla", None), ("isolated", 1.1), ("isolated", 0.0)}
+
+
+def test_weights_flag_tries_each_w_with_no_warm_up_and_every_step(load_script):
+    tune = load_script("tune_isolation")
+    candidates = tune.weight_candidates([16.0, 64.0])
+    assert list(candidates) == ["METHOD.md (w 1, warm-up 20 %, every 3rd step)",
+                                "w 16, no warm-up, every step", "w 64, no warm-up, every step"]
+    assert candidates["w 64, no warm-up, every step"] == dict(reweight=64.0, warmup=0.0, bank_step_stride=1)
+    assert candidates["METHOD.md (w 1, warm-up 20 %, every 3rd step)"] == {}

@@ -70,10 +70,12 @@ def probe_references(n: int, seed: int = 0) -> tuple[list[world.Scene], list[str
 @torch.no_grad()
 def sample_with_reference(pipe: ToyPipeline, prompts: list[str], references: list[world.Scene], seed: int = 0,
                           resolutions: tuple[int, ...] | None = None, step_range: tuple[float, float] = (0.0, 1.0),
-                          steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> np.ndarray:
+                          steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, reweight: float = 0.0) -> np.ndarray:
     """Images (B, 32, 32, 3) in [0, 1]: ``prompts`` sampled with classifier-free guidance while the
     prompt half's up-block self-attention (at ``resolutions``; () for none) also sees each
-    reference's character tokens during the steps in ``step_range`` (shares of the run)."""
+    reference's character tokens during the steps in ``step_range`` (shares of the run), with the
+    method's re-weighting ``log(1 + w)`` on them when ``reweight`` w > 0 (every query looks, so
+    ``Â`` = 1: the probe has no masks)."""
     b, device = len(prompts), pipe.unet.device
     x = torch.randn((b, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), generator=torch.Generator().manual_seed(seed))
     ref_x0 = images_to_latents(torch.from_numpy(np.stack([r.image for r in references])).permute(0, 3, 1, 2).float() / 127.5 - 1)
@@ -90,7 +92,7 @@ def sample_with_reference(pipe: ToyPipeline, prompts: list[str], references: lis
     with reference_attention(pipe.unet, (LATENT_SIZE, LATENT_SIZE), resolutions) if resolutions != () else nullcontext() as state:
         for i, t in enumerate(pipe.scheduler.timesteps):
             if state is not None:
-                state.partner, state.ref_mask = partner, ref_mask
+                state.partner, state.ref_mask, state.reweight = partner, ref_mask, reweight
                 state.active = step_range[0] <= i / steps < step_range[1]
             ref_t = pipe.scheduler.add_noise(ref_x0, ref_noise, t.reshape(1))
             out = pipe.unet(torch.cat([x, x, ref_t]), t, context).sample
@@ -110,13 +112,13 @@ def _read(image: np.ndarray, reference: world.Character) -> dict:
 
 
 def appearance_scores(pipe: ToyPipeline, n_samples: int = 48, seed: int = 0, settings=PROBE_SETTINGS,
-                      steps: int = DEFAULT_STEPS) -> list[dict]:
+                      steps: int = DEFAULT_STEPS, reweight: float = 0.0) -> list[dict]:
     """One row per setting: share of drawn samples that took the reference's colour family, mark
-    and size, the share drawn at all, and the count."""
+    and size, the share drawn at all, and the count (``reweight``: see ``sample_with_reference``)."""
     references, prompts = probe_references(n_samples, seed)
     rows = []
     for name, resolutions, step_range in settings:
-        images = sample_with_reference(pipe, prompts, references, seed, resolutions, step_range, steps)
+        images = sample_with_reference(pipe, prompts, references, seed, resolutions, step_range, steps, reweight=reweight)
         reads = [_read(img, r.characters[0]) for img, r in zip(images, references)]
         drawn = [r for r in reads if r["drawn"]]
         share = {k: float(np.mean([r[k] for r in drawn])) if drawn else float("nan") for k in ("colour", "mark", "size")}
@@ -127,21 +129,21 @@ def appearance_scores(pipe: ToyPipeline, n_samples: int = 48, seed: int = 0, set
 def _pair_batch(pipe: ToyPipeline, n_pairs: int, seed: int):
     """One training-style batch of ``n_pairs`` reference pairs (references first, then targets),
     every caption kept and only the shared character visible and looking: latents (2P, 12, 16, 16)
-    and text embeddings on the U-Net's device; partner (2P,), ref_mask and query_mask (2P, 16, 16)
-    on the CPU."""
+    and text embeddings on the U-Net's device; partner (2P,), ref_mask, query_mask and query_weight
+    (2P, 16, 16) on the CPU."""
     from .train import SceneStream
-    images, captions, partner, ref_mask, query_mask = next(iter(SceneStream(
+    images, captions, partner, ref_mask, query_mask, query_weight = next(iter(SceneStream(
         2 * n_pairs, seed, p_empty_caption=0.0, pair_rate=1.0, whole_share=0.0)))
     device = pipe.unet.device
     text = pipe.embed_ids(pipe.tokenize(captions, validate=False).to(device))
-    return images_to_latents(images).to(device), text, partner, ref_mask, query_mask
+    return images_to_latents(images).to(device), text, partner, ref_mask, query_mask, query_weight
 
 
 @torch.no_grad()
 def reference_benefit(pipe: ToyPipeline, n_pairs: int = 64, timesteps=(300, 600, 900), seed: int = 0) -> list[dict]:
     """Per timestep, the mean v-prediction loss of pair targets without and with their reference's
     shared-character tokens visible to every target query (teacher-forced, as in training)."""
-    x0, text, partner, ref_mask, _ = _pair_batch(pipe, n_pairs, seed)
+    x0, text, partner, ref_mask, _, _ = _pair_batch(pipe, n_pairs, seed)
     device = pipe.unet.device
     targets = slice(n_pairs, 2 * n_pairs)
     rows = []
@@ -161,16 +163,19 @@ def reference_benefit(pipe: ToyPipeline, n_pairs: int = 64, timesteps=(300, 600,
 
 
 @torch.no_grad()
-def reference_share(pipe: ToyPipeline, n_pairs: int = 32, timesteps=(300, 600, 900), seed: int = 0) -> list[dict]:
+def reference_share(pipe: ToyPipeline, n_pairs: int = 32, timesteps=(300, 600, 900), seed: int = 0,
+                    reweight: float = 0.0) -> list[dict]:
     """Per timestep and up-block self-attention layer: the share of attention that the queries on
     a pair target's shared character (``SceneStream``'s query mask) give the reference's tokens
     (teacher-forced, as in ``reference_benefit``). Copying needs much of it; a model that keeps
-    attending to its own tokens cannot take the reference's look, whatever the reference holds."""
-    x0, text, partner, ref_mask, query_mask = _pair_batch(pipe, n_pairs, seed)
+    attending to its own tokens cannot take the reference's look, whatever the reference holds.
+    With ``reweight`` w the reference's columns get ``log(1 + w·Â)``, ``Â`` the character's coverage."""
+    x0, text, partner, ref_mask, query_mask, query_weight = _pair_batch(pipe, n_pairs, seed)
     device = pipe.unet.device
     rows = []
     with reference_attention(pipe.unet, (LATENT_SIZE, LATENT_SIZE)) as state:
         state.partner, state.ref_mask, state.query_mask = partner.to(device), ref_mask.to(device), query_mask.to(device)
+        state.reweight, state.query_weight = reweight, query_weight.to(device)
         for t in timesteps:
             state.shares = {}
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t)).to(device)
@@ -198,6 +203,9 @@ def main(argv=None) -> None:
     parser.add_argument("--benefit", action="store_true", help="also the loss with and without the reference")
     parser.add_argument("--share", action="store_true",
                         help="also the share of attention the shared character's queries give the reference")
+    parser.add_argument("--reweight", type=float, default=0.0,
+                        help="w of the method's re-weighting log(1 + w) on the reference's tokens (0: none), "
+                             "for a model trained with --pair-reweight")
     parser.add_argument("--md", default=None, help="also write the tables here, with the command, commit and machine")
     args = parser.parse_args(argv)
     from .model import DEFAULT_MODEL_DIR
@@ -205,13 +213,13 @@ def main(argv=None) -> None:
     pipe.set_progress_bar_config(disable=True)
     started = time.time()
     settings = PROBE_SETTINGS[:2] if args.quick else PROBE_SETTINGS
-    lines = [format_table(appearance_scores(pipe, args.samples, args.seed, settings))]
+    lines = [format_table(appearance_scores(pipe, args.samples, args.seed, settings, reweight=args.reweight))]
     if args.benefit:
         lines.append("\n| t | loss without reference | loss with reference |\n|---|---|---|")
         lines += [f"| {r['t']} | {r['loss without reference']:.4f} | {r['loss with reference']:.4f} |"
                   for r in reference_benefit(pipe, seed=args.seed)]
     if args.share:
-        shares = reference_share(pipe, seed=args.seed)
+        shares = reference_share(pipe, seed=args.seed, reweight=args.reweight)
         layers = list(dict.fromkeys(r["layer"] for r in shares))
         lines.append("\n| t | " + " | ".join(f"share on reference, {l}" for l in layers) + " |\n|---|" + "---|" * len(layers))
         for t in dict.fromkeys(r["t"] for r in shares):

@@ -14,11 +14,18 @@ of row ``partner[b]`` inside ``ref_mask[b]``, from the queries inside ``query_ma
 when it is None; the method's isolated self-attention lets only a character's own region see its
 reference). ``partner[b] = -1`` means its own tokens only, and with no partner in the batch the
 output is exactly ``AttnProcessor2_0``'s.
+
+With ``reweight`` w > 0 the partner's columns get the method's re-weighting (METHOD.md step 3,
+``+ log(1 + w·Â(i))``), with ``query_weight`` standing in for ``Â``: the share of each query's
+place covered by the shared character (1 everywhere when None). Training with it teaches the
+copying under the same boost that sampling applies.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +49,9 @@ class ReferenceState:
     shares: when a dict, each layer call appends (layer name -> list) the share of attention
         that the rows with a partner give the partner's tokens, averaged over heads and over the
         queries that may look (``query_mask``, or every query): the appearance probe's "why".
+    reweight: w of the method's re-weighting on the partner's columns (0: none).
+    query_weight: (B, H, W) float coverage at latent size, the stand-in for ``Â`` in
+        ``log(1 + w·Â(i))`` (None: 1 for every query).
     """
 
     partner: torch.Tensor | None = None
@@ -49,6 +59,8 @@ class ReferenceState:
     query_mask: torch.Tensor | None = None
     active: bool = True
     shares: dict | None = None
+    reweight: float = 0.0
+    query_weight: torch.Tensor | None = None
 
 
 def pooled_token_mask(ref_mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -78,20 +90,35 @@ class ReferenceSelfAttention:
             asking = pooled_token_mask(self.state.query_mask, self.hw)  # (B, N) queries that may look
             allowed = allowed & torch.cat([torch.ones_like(seen)[:, :, None].expand(-1, -1, seen.shape[1]),
                                            asking[:, :, None].expand(-1, -1, seen.shape[1])], dim=2)  # (B, N, 2N)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[:, None])
+        mask = self._reweighted(allowed).to(q.dtype) if self.state.reweight > 0 else allowed  # (B, 1 or N, 2N)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
         if self.state.shares is not None:
-            self._record_share(attn, q, keys, allowed, partner >= 0)
+            self._record_share(attn, q, keys, mask, partner >= 0)
         return attention_epilogue(attn, merge_heads(out), saved)
 
-    def _record_share(self, attn, q, keys, allowed, rows) -> None:
-        """Append the mean attention share on partner tokens of the looking queries of ``rows``."""
+    def _reweighted(self, allowed: torch.Tensor) -> torch.Tensor:
+        """(B, 1 or N, 2N) bool -> (B, N, 2N) float additive mask: 0 on allowed own columns,
+        ``log(1 + w·Â(i))`` on allowed partner columns (METHOD.md step 3), -inf where not allowed."""
+        b, n = allowed.shape[0], allowed.shape[2] // 2
+        weight = (torch.ones(b, n, device=allowed.device) if self.state.query_weight is None else
+                  F.adaptive_avg_pool2d(self.state.query_weight[:, None].float(), self.hw).flatten(1))  # (B, N)
+        bias = torch.zeros(b, n, 2 * n, device=allowed.device)
+        bias[:, :, n:] = torch.log1p(self.state.reweight * weight)[:, :, None]
+        return bias.masked_fill(~allowed.expand(b, n, 2 * n), -math.inf)
+
+    def _record_share(self, attn, q, keys, mask, rows) -> None:
+        """Append the mean attention share on partner tokens of the looking queries of ``rows``
+        (``mask``: the bool or additive float attention mask the layer used, (B, 1 or N, 2N))."""
         n = q.shape[2]
         logits = (q @ keys.transpose(-1, -2)) * attn.scale  # (B, heads, N, 2N)
-        probs = logits.masked_fill(~allowed[:, None].expand_as(logits), float("-inf")).softmax(-1)
+        if mask.dtype == torch.bool:
+            probs = logits.masked_fill(~mask[:, None].expand_as(logits), float("-inf")).softmax(-1)
+        else:
+            probs = (logits + mask[:, None]).softmax(-1)
         share = probs[..., n:].sum(-1).mean(1)  # (B, N): mass on the partner's tokens, per query
         looking = (torch.ones_like(share, dtype=torch.bool) if self.state.query_mask is None
                    else pooled_token_mask(self.state.query_mask, self.hw)) & rows[:, None]
-        value = float((share * looking).sum() / looking.sum().clamp(min=1))
+        value = float(((share * looking).sum() / looking.sum().clamp(min=1)).detach())
         self.state.shares.setdefault(self.layer.name, []).append(value)
 
 

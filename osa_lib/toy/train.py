@@ -46,7 +46,9 @@ class SceneStream(torch.utils.data.IterableDataset):
     character's pixels or, a share ``whole_share`` of the time, the whole reference image (so the
     model must also find the matching character by itself); ``query_mask`` (B, 16, 16) the target's
     pixels that may look, as the method's isolated self-attention allows: the shared character's
-    region (grown by one pixel) or, a share ``whole_share`` of the time, every pixel."""
+    region (grown by one pixel) or, a share ``whole_share`` of the time, every pixel; and
+    ``query_weight`` (B, 16, 16) the target character's own coverage, the stand-in for the method's
+    ``Â`` when training with its re-weighting (zero outside pair targets)."""
 
     def __init__(self, batch_size: int, seed: int, p_empty_caption: float = 0.1, pair_rate: float = 0.0,
                  whole_share: float = 0.5):
@@ -65,12 +67,14 @@ class SceneStream(torch.utils.data.IterableDataset):
             partner = torch.full((len(scenes),), -1, dtype=torch.long)
             partner[self.pairs:2 * self.pairs] = torch.arange(self.pairs)
             ref_mask, query_mask = torch.zeros(len(scenes), 32, 32), torch.ones(len(scenes), 32, 32)
+            query_weight = torch.zeros(len(scenes), 32, 32)
             for k, (reference, target, i_ref, i_tgt) in enumerate(pairs):
+                query_weight[self.pairs + k] = torch.from_numpy(target.masks[i_tgt]).float()
                 whole = rng.random() < self.whole_share
                 ref_mask[self.pairs + k] = 1.0 if whole else torch.from_numpy(reference.masks[i_ref]).float()
                 if rng.random() >= self.whole_share:
                     query_mask[self.pairs + k] = torch.from_numpy(_dilate(target.masks[i_tgt])).float()
-            pooled = (F.avg_pool2d(m[:, None], 2)[:, 0] for m in (ref_mask, query_mask))
+            pooled = (F.avg_pool2d(m[:, None], 2)[:, 0] for m in (ref_mask, query_mask, query_weight))
             yield (images.float() / 127.5 - 1.0, captions, partner, *pooled)
 
 
@@ -115,7 +119,7 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
           text_blocks: str = "up", heads: int = 4, max_shift: int = 0,
           text_dim: int = 128, phrase_wise: bool = True, levels: int = 3, pair_rate: float = 0.0,
           workers: int = 1, whole_share: float = 0.5, pair_timesteps: str = "same", pair_min_t: int = 0,
-          pair_plain_loss: bool = True, train_only: str = "all") -> dict:
+          pair_plain_loss: bool = True, train_only: str = "all", pair_reweight: float = 0.0) -> dict:
     """Train (or resume) and return the last logged statistics."""
     ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -173,13 +177,14 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
     bar = tqdm(total=steps, initial=step, desc="train toy model", dynamic_ncols=True)
     # up-block self-attention may read a partner row's tokens (reference pairs; none when pair_rate = 0)
     with reference_attention(pipe.unet, (LATENT_SIZE, LATENT_SIZE)) as reference_state:
-        for images, captions, partner, ref_mask, query_mask in loader:
+        reference_state.reweight = pair_reweight
+        for images, captions, partner, ref_mask, query_mask, query_weight in loader:
             if step >= steps or (max_minutes and time.time() - started > max_minutes * 60):
                 break
             images = images.to(device)
             partner = partner.to(device)  # (B,) each pair target's reference row, -1 elsewhere
             reference_state.partner, reference_state.ref_mask = partner, ref_mask.to(device)
-            reference_state.query_mask = query_mask.to(device)
+            reference_state.query_mask, reference_state.query_weight = query_mask.to(device), query_weight.to(device)
             latents = images_to_latents(images)  # (B, 12, 16, 16)
             noise = torch.randn_like(latents)
             t = _timesteps(partner, noise_scheduler.config.num_train_timesteps, pair_timesteps, pair_min_t)
@@ -374,6 +379,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pair-timesteps", choices=("same", "independent"), default="same",
                         help="noise a pair's reference to its target's timestep (same), or draw its own")
     parser.add_argument("--pair-min-t", type=int, default=0, help="pair targets' timesteps are drawn from [this, T)")
+    parser.add_argument("--pair-reweight", type=float, default=0.0,
+                        help="w of the method's re-weighting log(1 + w·Â) on a pair target's reference columns, "
+                             "Â = the target character's coverage (0: none); train with the w that sampling will use")
     parser.add_argument("--pair-plain-loss", action=argparse.BooleanOptionalAction, default=True,
                         help="pair targets' loss without Min-SNR weighting (which nearly ignores high noise)")
     parser.add_argument("--train-only", choices=TRAIN_ONLY, default="all",
@@ -391,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
           text_dim=args.text_dim, phrase_wise=args.phrase_wise, levels=args.levels,
           pair_rate=args.pair_rate, workers=args.workers, whole_share=args.whole_share,
           pair_timesteps=args.pair_timesteps, pair_min_t=args.pair_min_t, pair_plain_loss=args.pair_plain_loss,
-          train_only=args.train_only)
+          pair_reweight=args.pair_reweight, train_only=args.train_only)
 
 
 if __name__ == "__main__":
