@@ -193,6 +193,31 @@ def test_train_only_up_self_attention_changes_nothing_else(tmp_path):
         _trained_parameters(build_toy_pipeline(seed=0), "everything")
 
 
+def test_preservation_loss_is_the_mse_to_the_frozen_model_on_rows_without_a_reference(tmp_path):
+    """--preserve: rows that see no reference are pulled towards the starting model's prediction,
+    unweighted; rows with a reference are left out; and it needs the starting model."""
+    from osa_lib.toy.model import build_toy_pipeline
+    from osa_lib.toy.train import _preservation_loss, train
+    teacher = build_toy_pipeline(seed=3)
+    noisy = torch.randn(4, 12, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([900, 50, 500, 999])
+    ids = teacher.tokenize(["a red circle in the snow", "a blue square", "", "a green diamond in the desert"])
+    with torch.no_grad():
+        own = teacher.unet(noisy, t, teacher.embed_ids(ids)).sample  # (4, 12, 16, 16)
+    rows = torch.tensor([True, False, True, True])
+    assert float(_preservation_loss(teacher, own, noisy, t, ids, rows)) == pytest.approx(0.0, abs=1e-10)  # 3 rows batch: rounding only
+    moved = own.clone()
+    moved[1] += 5.0  # a row with a reference: free to move
+    moved[3] += 0.5
+    assert float(_preservation_loss(teacher, moved, noisy, t, ids, rows)) == pytest.approx(0.25 / 3, rel=1e-5)
+    assert float(_preservation_loss(teacher, moved, noisy, t, ids, torch.zeros(4, dtype=torch.bool))) == 0.0
+    teacher.save_pretrained(tmp_path / "source")
+    train(steps=2, batch_size=8, out=tmp_path / "model", seed=0, init_from=tmp_path / "source", pair_rate=0.5,
+          train_only="up-self-attention", preserve=1.0, pair_reweight=16.0, log_every=1)
+    with pytest.raises(ValueError, match="--init-from"):
+        train(steps=1, batch_size=8, out=tmp_path / "other", preserve=1.0)
+
+
 def test_guidance_is_tuned_on_validation_prompts_never_on_held_out_ones(toy, load_script):
     from osa_lib.toy import world
     from osa_lib.toy.model import DEFAULT_GUIDANCE

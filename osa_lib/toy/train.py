@@ -119,7 +119,8 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
           text_blocks: str = "up", heads: int = 4, max_shift: int = 0,
           text_dim: int = 128, phrase_wise: bool = True, levels: int = 3, pair_rate: float = 0.0,
           workers: int = 1, whole_share: float = 0.5, pair_timesteps: str = "same", pair_min_t: int = 0,
-          pair_plain_loss: bool = True, train_only: str = "all", pair_reweight: float = 0.0) -> dict:
+          pair_plain_loss: bool = True, train_only: str = "all", pair_reweight: float = 0.0,
+          preserve: float = 0.0) -> dict:
     """Train (or resume) and return the last logged statistics."""
     ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -169,6 +170,10 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
         resumes = 0
     if init_from is not None and step > 0:
         print(f"--init-from {init_from} ignored: continuing the run above")
+    if preserve > 0 and init_from is None:
+        raise ValueError("--preserve keeps the model close to the one it fine-tunes: give that model with --init-from")
+    # the model being fine-tuned, frozen: what rows without a reference should still predict
+    teacher = ToyPipeline.from_pretrained(init_from).to(device) if preserve > 0 else None
     loader = torch.utils.data.DataLoader(SceneStream(batch_size, data_seed, pair_rate=pair_rate, whole_share=whole_share), batch_size=None,
                                          num_workers=workers, prefetch_factor=4, persistent_workers=True,
                                          worker_init_fn=lambda _: torch.set_num_threads(1))
@@ -192,8 +197,10 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
             ids = shift_captions(pipe.tokenize(captions, validate=False), max_shift).to(device)
             text = pipe.embed_ids(ids)  # (B, 16, text_dim)
             plain_rows = (partner >= 0) if pair_plain_loss else None
-            loss = _denoising_loss(pipe.unet(noisy, t, text).sample, latents, noise, t, noise_scheduler, snr_gamma,
-                                   plain_rows)
+            prediction = pipe.unet(noisy, t, text).sample  # (B, 12, 16, 16)
+            loss = _denoising_loss(prediction, latents, noise, t, noise_scheduler, snr_gamma, plain_rows)
+            if teacher is not None:
+                loss = loss + preserve * _preservation_loss(teacher, prediction, noisy, t, ids, partner < 0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -338,6 +345,23 @@ def _denoising_loss(prediction, latents, noise, t, noise_scheduler, snr_gamma: f
     return (per_sample * weight).mean()
 
 
+@torch.no_grad()
+def _teacher_prediction(teacher: ToyPipeline, noisy: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return teacher.unet(noisy, t, teacher.embed_ids(ids)).sample
+
+
+def _preservation_loss(teacher: ToyPipeline, prediction: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor,
+                       ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance, unweighted at every timestep, between the fine-tuned prediction
+    (B, 12, 16, 16) and the frozen starting model's on the rows ``rows`` (B,) bool that see no
+    reference: ordinary drawing, where a fine-tune should change nothing. Min-SNR barely weighs
+    the high-noise steps where composition is decided, so without this term pair targets alone
+    steer them there."""
+    if not bool(rows.any()):
+        return prediction.new_zeros(())
+    return F.mse_loss(prediction[rows], _teacher_prediction(teacher, noisy[rows], t[rows], ids[rows]))
+
+
 def _checkpoint(pipe, opt, ema, step, resumes, elapsed, ckpt_path: Path, out: Path) -> None:
     _save_atomic({"unet": pipe.unet.state_dict(), "text_encoder": pipe.text_encoder.state_dict(),
                   "opt": opt.state_dict(), "ema": ema, "step": step, "resumes": resumes,
@@ -382,6 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pair-reweight", type=float, default=0.0,
                         help="w of the method's re-weighting log(1 + w·Â) on a pair target's reference columns, "
                              "Â = the target character's coverage (0: none); train with the w that sampling will use")
+    parser.add_argument("--preserve", type=float, default=0.0,
+                        help="weight of a term keeping rows without a reference at the --init-from model's "
+                             "prediction, at every timestep (0: none): copying learned, drawing kept")
     parser.add_argument("--pair-plain-loss", action=argparse.BooleanOptionalAction, default=True,
                         help="pair targets' loss without Min-SNR weighting (which nearly ignores high noise)")
     parser.add_argument("--train-only", choices=TRAIN_ONLY, default="all",
@@ -399,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
           text_dim=args.text_dim, phrase_wise=args.phrase_wise, levels=args.levels,
           pair_rate=args.pair_rate, workers=args.workers, whole_share=args.whole_share,
           pair_timesteps=args.pair_timesteps, pair_min_t=args.pair_min_t, pair_plain_loss=args.pair_plain_loss,
-          pair_reweight=args.pair_reweight, train_only=args.train_only)
+          pair_reweight=args.pair_reweight, train_only=args.train_only, preserve=args.preserve)
 
 
 if __name__ == "__main__":
