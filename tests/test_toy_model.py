@@ -307,3 +307,28 @@ def test_continuing_a_run_with_other_architecture_flags_is_a_clear_error(tmp_pat
         train(steps=2, phrase_wise=True, heads=1, **flags)
     train(steps=2, phrase_wise=True, **flags)  # the same flags continue it
     assert torch.load(tmp_path / "model_ckpt" / "state.pt", weights_only=False)["step"] == 2
+
+
+def test_uncoloured_drawing_is_measured_on_the_single_prompts_and_seeds_without_their_colour(monkeypatch):
+    """issue 13's drawing target: uncoloured prompts are the held-out single-character prompts
+    with the colour word dropped, on the same seeds, and the report sets the two rates side by side."""
+    from osa_lib.toy import evaluate, world
+    calls = []
+
+    def fake_batched(backbone, prompts, seeds, batch_size, **kwargs):
+        calls.append((list(prompts), list(seeds)))
+        return np.zeros((len(prompts), 32, 32, 3))
+
+    monkeypatch.setattr(evaluate, "_batched", fake_batched)
+    monkeypatch.setattr(evaluate, "generate_with_maps", lambda *a, **k: None)
+    monkeypatch.setattr(evaluate, "mask_iou_records", lambda run: [])
+    result = evaluate.evaluate_model(None, seeds_per_prompt=2, n_two=2, no_colour_seeds=1, progress=False)
+    (singles, single_seeds), (uncoloured, uncoloured_seeds) = calls[0], calls[2]
+    assert uncoloured_seeds == single_seeds and len(uncoloured) == len(singles) == 2 * len(world.HELD_OUT_TRIPLES)
+    for coloured, plain in zip(singles, uncoloured):
+        colour = world.parse_caption(coloured)["characters"][0]["colour"]
+        assert plain == coloured.replace(f" {colour} ", " ") and world.parse_caption(plain)["characters"][0]["colour"] is None
+    assert result["uncoloured"] == {"n_images": len(uncoloured), "character_found": 0.0}  # blank images: nothing drawn
+    assert "colour word dropped: named shape drawn" in evaluate.format_report(
+        {**result, "mask_iou": {"mean": 0.5, "n_scored": 1, "n_characters": 1},
+         "mask_iou_single": {"mean": 0.5, "n_scored": 1, "n_characters": 1}})

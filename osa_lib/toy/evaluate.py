@@ -5,14 +5,17 @@
 
 Held-out prompts use (colour, shape, scene) triples never rendered in training
 (``world.HELD_OUT_TRIPLES``), so the model must compose words it has only seen apart.
-Four measurements (targets from the foundation issue):
+Five measurements (targets from the foundation issue and issue 13):
 1. single-character prompts: named shape, colour and scene right (target >= 90 %);
 2. two-character prompts: both characters present with their named attributes (>= 70 %);
 3. a prompt that names no colour: distinct colour families over 16 seeds (>= 4);
 4. cross-attention concentration: IoU of each character word's Otsu mask with the analyzer's
    mask, on two-character scenes (the masks issue needs a mean >= 0.5); as diagnostics, the
    same IoU on single-character scenes, and the two masks together against both characters
-   together (do the maps find the objects, even when they do not tell them apart?).
+   together (do the maps find the objects, even when they do not tell them apart?);
+5. the single-character prompts with their colour word dropped ("a circle in the snow"): how
+   often the named shape is drawn at all, against the coloured prompts on the same seeds
+   (issue 13: within 5 points), since stories with uncoloured ID prompts rest on them.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ def _batched(backbone, prompts, seeds, batch_size, **kwargs):
 
 def evaluate_model(backbone, seeds_per_prompt: int = 8, n_two: int = 24, no_colour_seeds: int = 16,
                    batch_size: int = 32, seed: int = 10_000, progress: bool = True) -> dict:
-    """All four measurements; returns a dict of rates and counts (see the module docstring)."""
+    """All five measurements; returns a dict of rates and counts (see the module docstring)."""
     singles, twos = held_out_prompts(n_two)
     out = {}
     # 1 + 2: named attributes on held-out prompts
@@ -75,6 +78,12 @@ def evaluate_model(backbone, seeds_per_prompt: int = 8, n_two: int = 24, no_colo
                       "character_found": float(np.mean([r["found"] for r in chars]))}
         if label == "two":
             out[label]["both_ok"] = float(np.mean([all(r["ok"] for r in c["characters"]) for c in checks]))
+    # 5: the same single-character prompts and seeds without their colour word
+    uncoloured = [f"a {s} in the {sc}" for _, s, sc in sorted(world.HELD_OUT_TRIPLES)]
+    all_prompts = [p for p in uncoloured for _ in range(seeds_per_prompt)]
+    images = _batched(backbone, all_prompts, [seed + i for i in range(len(all_prompts))], batch_size, progress=progress)
+    out["uncoloured"] = {"n_images": len(all_prompts), "character_found": float(np.mean(
+        [r["found"] for im, p in zip(images, all_prompts) for r in check_prompt(im, p)["characters"]]))}
     # 3: colour diversity when no colour is named
     diversity = {}
     for shape in world.SHAPES:
@@ -131,6 +140,9 @@ def format_report(r: dict) -> str:
         f"{r['mask_iou_union']['mean']:.2f} ({r['mask_iou_union']['n_images']} images) | - |",
         f"| (diagnostic) Otsu mask IoU, single-character scenes | {r['mask_iou_single']['mean']:.2f} "
         f"({r['mask_iou_single']['n_scored']} of {r['mask_iou_single']['n_characters']} drawn) | - |",
+        f"| colour word dropped: named shape drawn, against the coloured prompts on the same seeds | "
+        f"{100 * r['uncoloured']['character_found']:.1f} % vs {100 * r['single']['character_found']:.1f} % "
+        f"({r['uncoloured']['n_images']} images each) | within 5 points |",
     ])
 
 
