@@ -103,7 +103,7 @@ def test_share_on_partner_tokens_is_the_softmax_mass_of_the_looking_queries(attn
     k_ref = attn.to_k(x[2]).view(N, HEADS, -1).transpose(0, 1)[:, ref_mask[1].flatten().bool()]
     logits = torch.cat([q @ k_own.transpose(-1, -2), q @ k_ref.transpose(-1, -2)], -1) / (C // HEADS) ** 0.5
     share = logits.softmax(-1)[..., N:].sum(-1).mean(0)  # (N,)
-    expected = share[query_mask[1].flatten().bool()].mean()
+    expected = share[query_mask[1].flatten().bool()].mean().detach()
     assert state.shares[LAYER.name] == [pytest.approx(float(expected), rel=1e-5)]
     assert 0 < expected < 1
 
@@ -154,3 +154,14 @@ def test_reference_share_reports_every_up_block_self_attention_at_every_timestep
     assert len(layers) == 4 and all(".attn1." in l and l.startswith("up_blocks.") for l in layers)
     assert [r["t"] for r in rows] == [300] * 4 + [900] * 4
     assert all(0 < r["share"] < 1 for r in rows)
+
+
+def test_reference_share_with_reweighting_moves_attention_to_the_reference():
+    """``reference_share(reweight=w)`` applies the method's boost with the character's true coverage
+    as ``Â``: every layer's share rises above the unboosted one on the same batch."""
+    from osa_lib.toy.appearance import reference_share
+    pipe = ToyPipeline.from_pretrained(world.__file__.rsplit("/osa_lib/", 1)[0] + "/data/toy_model")
+    plain = reference_share(pipe, n_pairs=4, timesteps=(900,))
+    boosted = reference_share(pipe, n_pairs=4, timesteps=(900,), reweight=16.0)
+    assert [r["layer"] for r in boosted] == [r["layer"] for r in plain]
+    assert all(b["share"] > p["share"] for b, p in zip(boosted, plain))

@@ -70,12 +70,13 @@ def probe_references(n: int, seed: int = 0) -> tuple[list[world.Scene], list[str
 @torch.no_grad()
 def sample_with_reference(pipe: ToyPipeline, prompts: list[str], references: list[world.Scene], seed: int = 0,
                           resolutions: tuple[int, ...] | None = None, step_range: tuple[float, float] = (0.0, 1.0),
-                          steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, reweight: float = 0.0) -> np.ndarray:
+                          steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> np.ndarray:
     """Images (B, 32, 32, 3) in [0, 1]: ``prompts`` sampled with classifier-free guidance while the
     prompt half's up-block self-attention (at ``resolutions``; () for none) also sees each
-    reference's character tokens during the steps in ``step_range`` (shares of the run), with the
-    method's re-weighting ``log(1 + w)`` on them when ``reweight`` w > 0 (every query looks, so
-    ``Â`` = 1: the probe has no masks)."""
+    reference's character tokens during the steps in ``step_range`` (shares of the run).
+
+    No re-weighting here: without masks every query, background included, would get the boost,
+    and on a model trained with ``--pair-reweight 16`` that left nothing drawn (0 of 48)."""
     b, device = len(prompts), pipe.unet.device
     x = torch.randn((b, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), generator=torch.Generator().manual_seed(seed))
     ref_x0 = images_to_latents(torch.from_numpy(np.stack([r.image for r in references])).permute(0, 3, 1, 2).float() / 127.5 - 1)
@@ -92,7 +93,7 @@ def sample_with_reference(pipe: ToyPipeline, prompts: list[str], references: lis
     with reference_attention(pipe.unet, (LATENT_SIZE, LATENT_SIZE), resolutions) if resolutions != () else nullcontext() as state:
         for i, t in enumerate(pipe.scheduler.timesteps):
             if state is not None:
-                state.partner, state.ref_mask, state.reweight = partner, ref_mask, reweight
+                state.partner, state.ref_mask = partner, ref_mask
                 state.active = step_range[0] <= i / steps < step_range[1]
             ref_t = pipe.scheduler.add_noise(ref_x0, ref_noise, t.reshape(1))
             out = pipe.unet(torch.cat([x, x, ref_t]), t, context).sample
@@ -112,13 +113,13 @@ def _read(image: np.ndarray, reference: world.Character) -> dict:
 
 
 def appearance_scores(pipe: ToyPipeline, n_samples: int = 48, seed: int = 0, settings=PROBE_SETTINGS,
-                      steps: int = DEFAULT_STEPS, reweight: float = 0.0) -> list[dict]:
+                      steps: int = DEFAULT_STEPS) -> list[dict]:
     """One row per setting: share of drawn samples that took the reference's colour family, mark
-    and size, the share drawn at all, and the count (``reweight``: see ``sample_with_reference``)."""
+    and size, the share drawn at all, and the count."""
     references, prompts = probe_references(n_samples, seed)
     rows = []
     for name, resolutions, step_range in settings:
-        images = sample_with_reference(pipe, prompts, references, seed, resolutions, step_range, steps, reweight=reweight)
+        images = sample_with_reference(pipe, prompts, references, seed, resolutions, step_range, steps)
         reads = [_read(img, r.characters[0]) for img, r in zip(images, references)]
         drawn = [r for r in reads if r["drawn"]]
         share = {k: float(np.mean([r[k] for r in drawn])) if drawn else float("nan") for k in ("colour", "mark", "size")}
@@ -204,8 +205,8 @@ def main(argv=None) -> None:
     parser.add_argument("--share", action="store_true",
                         help="also the share of attention the shared character's queries give the reference")
     parser.add_argument("--reweight", type=float, default=0.0,
-                        help="w of the method's re-weighting log(1 + w) on the reference's tokens (0: none), "
-                             "for a model trained with --pair-reweight")
+                        help="with --share: w of the method's re-weighting log(1 + w·Â) on the reference's tokens, "
+                             "Â the shared character's coverage (0: none), for a model trained with --pair-reweight")
     parser.add_argument("--md", default=None, help="also write the tables here, with the command, commit and machine")
     args = parser.parse_args(argv)
     from .model import DEFAULT_MODEL_DIR
@@ -213,7 +214,7 @@ def main(argv=None) -> None:
     pipe.set_progress_bar_config(disable=True)
     started = time.time()
     settings = PROBE_SETTINGS[:2] if args.quick else PROBE_SETTINGS
-    lines = [format_table(appearance_scores(pipe, args.samples, args.seed, settings, reweight=args.reweight))]
+    lines = [format_table(appearance_scores(pipe, args.samples, args.seed, settings))]
     if args.benefit:
         lines.append("\n| t | loss without reference | loss with reference |\n|---|---|---|")
         lines += [f"| {r['t']} | {r['loss without reference']:.4f} | {r['loss with reference']:.4f} |"
