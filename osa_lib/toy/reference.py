@@ -22,10 +22,9 @@ copying under the same boost that sampling applies.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-import math
 
 import torch
 import torch.nn.functional as F
