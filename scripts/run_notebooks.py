@@ -147,10 +147,17 @@ def plan(names: list[str], pairs: list[tuple[str, str]], quick: bool,
 
 
 def run(path: Path, parameters: dict, out_dir: Path) -> float:
+    """Execute one notebook; its kernel starts in the notebook's folder (its relative paths, such as
+    ``../data/stories``, resolve there). The folder goes to the kernel itself, through nbclient's
+    ``resources``, not papermill's ``cwd=``, which only sets this process's working directory for
+    the kernel to inherit. The threads of ``run_all`` share that directory, and papermill moves it
+    for a moment on every notebook read and write, so a fresh-clone run once started notebooks 04
+    and 05 in the repository root ("no such story file")."""
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     papermill.execute_notebook(str(path), str(out_dir / path.name), parameters=parameters,
-                               cwd=str(path.parent), kernel_name="python3", progress_bar=False)
+                               resources={"metadata": {"path": str(path.parent)}}, kernel_name="python3",
+                               progress_bar=False)
     return time.time() - started
 
 

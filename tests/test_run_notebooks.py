@@ -84,3 +84,25 @@ def test_every_notebook_runs_once_whether_one_or_two_at_a_time(ran, capsys):
     assert sorted(ran) == sorted(in_order)
     out = capsys.readouterr().out
     assert out.count("notebook times:") == 2 and "elapsed" in out
+
+
+def test_a_kernel_starts_in_its_notebooks_folder_whatever_the_shared_working_directory(tmp_path, monkeypatch):
+    """``run`` hands each kernel its notebook's folder (relative paths resolve there) instead of
+    relying on the runner's working directory, which the threads of ``run_all`` share and papermill
+    changes for a moment on every read and write: a fresh-clone run started notebooks 04 and 05 in
+    the repository root. Here every move into the notebook's folder is undone at once, as another
+    thread can do; the kernel must still start there."""
+    import json
+    import os
+    import nbformat
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell("import os\nprint(os.getcwd())")]
+    nbformat.write(notebook, folder / "where.ipynb")
+    monkeypatch.chdir(tmp_path)
+    real_chdir = os.chdir
+    monkeypatch.setattr(os, "chdir", lambda path: None if Path(path) == folder else real_chdir(path))
+    runner.run(folder / "where.ipynb", {}, tmp_path / "out")
+    printed = json.loads((tmp_path / "out" / "where.ipynb").read_text())["cells"][0]["outputs"][0]["text"]
+    assert "".join(printed).strip() == str(folder)
