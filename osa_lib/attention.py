@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import aggregate_maps
+from .transfer import move_together
 
 __all__ = ["LayerInfo", "find_attention_layers", "installed_processors", "AttentionStore",
            "CrossAttentionRecorder", "capture_attention", "attention_prologue", "attention_epilogue",
@@ -189,6 +190,17 @@ class AttentionStore:
             self._weights[key] = weights.to(device, dtype)
         return self._weights[key]
 
+    def token_values(self, n_tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, T, M8): ``token_weights`` transposed, as attention values, with zero columns up
+        to a multiple of 8 (fused attention kernels want aligned value widths). Attention with
+        these values returns ``probs @ weights^T``: each group's map, for every head at once."""
+        key = ("values", n_tokens, device, dtype)
+        if key not in self._weights:
+            weights = self.token_weights(n_tokens, device, dtype).transpose(1, 2)  # (B, T, M)
+            width = -(-self.n_groups // 8) * 8
+            self._weights[key] = F.pad(weights, (0, width - self.n_groups))[:, None].contiguous()  # (B, 1, T, M8)
+        return self._weights[key]
+
     def group_maps(self, layer: LayerInfo, probs: torch.Tensor) -> torch.Tensor:
         """probs (B, heads, N, T) of the prompt half -> A (B, M, h, w): mean over heads and T_m."""
         h, w = layer.resolution(self.latent_hw)
@@ -197,16 +209,32 @@ class AttentionStore:
         return maps.reshape(maps.shape[0], self.n_groups, h, w).float()
 
     def record(self, layer: LayerInfo, probs: torch.Tensor) -> torch.Tensor:
-        """Fold one layer's maps into the running sums; they stay on the probabilities' device
-        (no copy to the CPU inside the denoising loop)."""
-        maps = self.group_maps(layer, probs).detach()
+        """Fold one layer's maps, from its probabilities (B, heads, N, T), into the running sums;
+        they stay on the probabilities' device (no copy to the CPU inside the denoising loop)."""
+        return self._fold(layer, self.group_maps(layer, probs).detach())
+
+    def record_attention(self, layer: LayerInfo, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        """``record`` from the prompt half's queries (B, heads, N, d) and keys (B, heads, T, d),
+        in three operators: attention whose values are ``token_values`` gives every head's group
+        maps ``softmax(q k^T · scale) @ weights^T`` without materialising the probabilities, then
+        the mean over heads and the running sum (a GPU run is bound by its host's operator count)."""
+        b, _, n, _ = q.shape
+        h, w = layer.resolution(self.latent_hw)
+        values = self.token_values(k.shape[-2], q.device, q.dtype).expand(b, q.shape[1], -1, -1)  # (B, heads, T, M8)
+        per_head = F.scaled_dot_product_attention(q, k, values, scale=scale)  # (B, heads, N, M8)
+        maps = per_head.mean(dim=1)[..., :self.n_groups].transpose(1, 2).view(b, self.n_groups, h, w)  # (B, M, h, w)
+        return self._fold(layer, maps.detach())
+
+    def _fold(self, layer: LayerInfo, maps: torch.Tensor) -> torch.Tensor:
+        """Add maps (B, M, h, w) to the layer's float32 running sum (the sum is made on first use)."""
         if layer in self._sums:
             self._sums[layer] += maps
             self._counts[layer] += 1
         else:
-            self._sums[layer], self._counts[layer] = maps.clone(), 1
+            self._sums[layer] = maps.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            self._counts[layer] = 1
         if self.keep_steps:
-            self.per_step.setdefault(self.step, {})[layer] = maps
+            self.per_step.setdefault(self.step, {})[layer] = maps.float()
         return maps
 
     def step_callback(self, step_index: int, timestep=None, latents=None) -> None:
@@ -218,17 +246,23 @@ class AttentionStore:
         return list(self._sums)
 
     def maps(self, places: tuple[str, ...] = ("up",), resolution: int | None = None,
-             step: int | None = None) -> dict[LayerInfo, torch.Tensor]:
-        """Per-layer maps (B, M, h, w): the running mean so far, or one step's maps."""
-        source = self.average_maps() if step is None else self.per_step.get(step, {})
+             step: int | None = None, device: torch.device | str | None = None) -> dict[LayerInfo, torch.Tensor]:
+        """Per-layer maps (B, M, h, w): the running mean so far, or one step's maps; on ``device``
+        (default: where they were recorded), moved in one copy (``transfer.move_together``)."""
+        source = self._sums if step is None else self.per_step.get(step, {})
         if step is not None and not source:
             raise ValueError(f"no maps kept for step {step}; use keep_steps=True and a step < {self.step}")
-        chosen = {l: m for l, m in source.items() if l.place in places
-                  and (resolution is None or l.resolution(self.latent_hw)[0] == resolution)}
+        chosen = [l for l in source if l.place in places
+                  and (resolution is None or l.resolution(self.latent_hw)[0] == resolution)]
         if not chosen:
             have = sorted({(l.place, l.resolution(self.latent_hw)[0]) for l in source})
             raise ValueError(f"no recorded maps for places={places}, resolution={resolution}; recorded: {have}")
-        return chosen
+        tensors = [source[l] for l in chosen]
+        if device is not None:
+            tensors = move_together(tensors, device)
+        if step is None:
+            tensors = [t / self._counts[l] for l, t in zip(chosen, tensors)]  # sums -> running means
+        return dict(zip(chosen, tensors))
 
     def average_maps(self) -> dict[LayerInfo, torch.Tensor]:
         """Running mean over all recorded steps, per layer."""
@@ -283,9 +317,8 @@ def recorded_cross_attention(attn, hidden_states, encoder_hidden_states, temb, s
     q, k, v = (split_heads(attn, t) for t in (attn.to_q(x), attn.to_k(context), attn.to_v(context)))
     half = q.shape[0] // 2  # [negative; prompt]
     out = F.scaled_dot_product_attention(q, k, v)  # (2B, heads, N, d)
-    if store is not None:
-        probs = (q[half:] @ k[half:].transpose(-1, -2) * attn.scale).softmax(dim=-1)  # (B, heads, N, T)
-        store.record(layer, probs)
+    if store is not None:  # A_m of softmax(q k^T · scale), the prompt half only
+        store.record_attention(layer, q[half:], k[half:], attn.scale)
     return q, out, saved
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .attention import find_attention_layers
+from .transfer import concrete_device
 
 __all__ = ["ReferenceBank", "BankError", "BANK_FORMAT_VERSION", "check_name", "estimate_bank_bytes"]
 
@@ -61,11 +62,11 @@ class ReferenceBank:
     device: torch.device = torch.device("cpu")
 
     def __post_init__(self):
-        self.device = _concrete(self.device)
+        self.device = concrete_device(self.device)
 
     def to(self, device) -> "ReferenceBank":
         """Move every stored token to ``device`` (in place); later ``add`` calls store there too."""
-        self.device = _concrete(device)
+        self.device = concrete_device(device)
         self.tokens = {name: {key: (k.to(self.device), v.to(self.device)) for key, (k, v) in entries.items()}
                        for name, entries in self.tokens.items()}
         return self
@@ -182,11 +183,6 @@ class ReferenceBank:
         for name, i, layer, step in header["index"]:
             bank.add(name, layer, step, tensors[f"{name}|{i}|k"], tensors[f"{name}|{i}|v"])
         return bank
-
-
-def _concrete(device) -> torch.device:
-    """``device`` as tensors report it ("cuda" -> "cuda:0"), so it compares equal to theirs."""
-    return torch.empty(0, device=device).device
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

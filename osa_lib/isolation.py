@@ -31,6 +31,7 @@ from .attention import (AttentionStore, LayerInfo, attention_epilogue, attention
                         installed_processors, merge_heads, project_context, recorded_cross_attention, split_heads)
 from .bank import ReferenceBank
 from .masks import OVERLAP_RULES, resize_masks, subject_masks
+from .transfer import move_together, to_device
 
 __all__ = ["IsolationConfig", "LAM_RANGE", "SceneCharacter", "IsolationController", "IsolatedSelfAttention",
            "IsolatedCrossAttention", "isolated_attention", "check_mask_resolution"]
@@ -179,6 +180,8 @@ class IsolationController:
         self.resolutions: set[tuple[int, int]] | None = None  # up-block layers' (h, w), set when installed
         self._pending: list[tuple[str, str, int, torch.Tensor, torch.Tensor]] = []
         self._id_kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # ID prompts' K, V per layer
+        self._widths: dict[tuple[str, str], int] = {}  # (character, layer) -> its references' fixed width
+        self._zeros: dict[tuple, torch.Tensor] = {}  # (C, device, dtype) -> zero keys/values for padding
 
     def _check(self) -> None:
         """Refuse a controller that could only run the unmodified model or fail halfway."""
@@ -214,7 +217,9 @@ class IsolationController:
         self.store.step_callback(step_index)  # advances self.step to step_index + 1
         if not self.store.layers:
             return
-        maps = self.store.maps(places=("up",), resolution=self.mask_resolution)
+        # the maps come to the host in one copy; Otsu and the checks run there (a few hundred tiny
+        # operators, each a kernel launch and some a synchronisation on a GPU)
+        maps = self.store.maps(places=("up",), resolution=self.mask_resolution, device="cpu")
         self.masks = subject_masks(list(maps.values()), rule=self.config.overlap_rule,
                                    min_fraction=self.config.min_fraction, max_fraction=self.config.max_fraction)
         self.mask_history.append(self.masks.masks[0].clone())
@@ -298,13 +303,28 @@ class IsolationController:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        if all(k.device == self.bank.device for *_, k, _ in pending):
-            for name, layer, step, k, v in pending:
-                self.bank.add(name, layer, step, k, v)
-            return
-        flat = torch.cat([t.reshape(-1) for *_, k, v in pending for t in (k, v)]).to(self.bank.device)
-        for (name, layer, step, _, _), (k, v) in zip(pending, _unflatten(flat, [(k, v) for *_, k, v in pending])):
-            self.bank.add(name, layer, step, k, v)
+        moved = move_together([t for *_, k, v in pending for t in (k, v)], self.bank.device)
+        for i, (name, layer, step, _, _) in enumerate(pending):
+            self.bank.add(name, layer, step, moved[2 * i], moved[2 * i + 1])
+
+    def reference_width(self, name: str, layer: str) -> int:
+        """The most tokens ``name`` has at ``layer`` over the bank's stored steps, rounded up to a
+        multiple of 16: its references are padded to this width at every step, so the isolated
+        attention's key length stays the same through a scene (a GPU's attention kernels plan
+        once per shape, and the memory-efficient kernel copies a mask whose width is not a
+        multiple of 16) and the padding costs no operator per layer."""
+        key = (name, layer)
+        if key not in self._widths:
+            most = max((k.shape[0] for (l, _), (k, _) in self.bank.tokens.get(name, {}).items() if l == layer), default=0)
+            self._widths[key] = -(-most // 16) * 16
+        return self._widths[key]
+
+    def zeros(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """(n, C) zeros on ``like``'s device and dtype, cut from one cached buffer."""
+        key = (like.shape[-1], like.device, like.dtype)
+        if key not in self._zeros or self._zeros[key].shape[0] < n:
+            self._zeros[key] = like.new_zeros(max(n, 64), like.shape[-1])
+        return self._zeros[key][:n]
 
     def id_keys_values(self, attn, layer: LayerInfo, m: int, state: "_StepState"):
         """K, V (1, heads, T, d) of character m's ID prompt in this cross-attention layer; the
@@ -314,18 +334,6 @@ class IsolationController:
             context = project_context(attn, state.id_context[m])  # (1, T, D)
             self._id_kv[key] = (split_heads(attn, attn.to_k(context)), split_heads(attn, attn.to_v(context)))
         return self._id_kv[key]
-
-
-def _unflatten(flat: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
-    """Views of ``flat`` shaped like each (K, V) of ``pairs``, in order (the inverse of the
-    ``torch.cat`` of their flattened data)."""
-    offset = 0
-    for pair in pairs:
-        parts = []
-        for t in pair:
-            parts.append(flat[offset:offset + t.numel()].view(t.shape))
-            offset += t.numel()
-        yield tuple(parts)
 
 
 class _StepState:
@@ -351,21 +359,22 @@ class _StepState:
         """(M_m (M, N) bool, Â_m (M, N), present: list[bool], indices: list[(n_m,) long]) at ``hw``."""
         if hw not in self._at:
             sm = self.ctrl.masks
-            masks = resize_masks(sm.masks[0][None], hw)  # (1, M, h, w) at this layer's resolution
+            # made on the host, where the masks are, then copied (asynchronously to a GPU)
+            masks = resize_masks(sm.masks[0][None], hw)[0].flatten(1)  # (M, N) at this layer's resolution
             a_hat = sm.A_hat[0][None] * sm.ok[0][None, :, None, None]
             if a_hat.shape[-2:] != hw:
                 a_hat = F.interpolate(a_hat, size=hw, mode="area")
-            masks = masks[0].flatten(1).to(self.device)  # (M, N)
-            a_hat = a_hat[0].flatten(1).to(self.device, self.dtype)  # (M, N)
-            present = masks.any(dim=1).tolist()  # one synchronisation per step and resolution
-            indices = [m.nonzero().squeeze(1) for m in masks]  # (n_m,) token indices inside M_m
+            present = masks.any(dim=1).tolist()
+            indices = [to_device(m.nonzero().squeeze(1), self.device) for m in masks]  # (n_m,) tokens in M_m
+            masks, a_hat = to_device(masks, self.device), to_device(a_hat[0].flatten(1), self.device, self.dtype)
             self._at[hw] = (masks, a_hat, present, indices)
         return self._at[hw]
 
-    def bias(self, hw: tuple[int, int], lengths: tuple[tuple[int, int], ...]) -> torch.Tensor:
-        """Additive mask (N, N + ΣR) for isolated self-attention: 0 on the image's own keys; on
-        R_m's columns ``log(1 + w·Â_m(i))`` for queries i in M_m and -inf for every other query."""
-        key = (hw, lengths)
+    def bias(self, hw: tuple[int, int], lengths: tuple[tuple[int, int], ...], pad: int = 0) -> torch.Tensor:
+        """Additive mask (N, N + ΣR + pad) for isolated self-attention: 0 on the image's own keys;
+        on R_m's columns ``log(1 + w·Â_m(i))`` for queries i in M_m and -inf for every other
+        query; -inf on the ``pad`` zero keys that keep the width fixed (they get no weight)."""
+        key = (hw, lengths, pad)
         if key not in self._bias:
             masks, a_hat, _, _ = self.at(hw)
             n = masks.shape[1]
@@ -374,7 +383,8 @@ class _StepState:
                 allowed = torch.where(masks[m], torch.log1p(self.ctrl.config.reweight * a_hat[m]),
                                       torch.full_like(a_hat[m], float("-inf")))  # (N,)
                 columns.append(allowed[:, None].expand(n, n_r))
-            self._bias[key] = torch.cat(columns, dim=1)  # (N, N + ΣR)
+            columns.append(torch.full((n, pad), float("-inf"), dtype=self.dtype, device=self.device))
+            self._bias[key] = torch.cat(columns, dim=1)  # (N, N + ΣR + pad)
         return self._bias[key]
 
     def _references(self) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
@@ -390,14 +400,10 @@ class _StepState:
                 found.append((layer, m, k, v))
         if not found:
             return {}
-        if all(k.device == self.device and k.dtype == self.dtype for *_, k, _ in found):
-            pairs = [(k, v) for *_, k, v in found]  # the bank lives here: nothing to copy
-        else:  # one host-to-device copy per step
-            flat = torch.cat([t.reshape(-1).to(self.dtype) for *_, k, v in found for t in (k, v)])
-            pairs = list(_unflatten(flat.to(self.device), [(k, v) for *_, k, v in found]))
+        moved = move_together([t for *_, k, v in found for t in (k, v)], self.device, self.dtype)  # one copy at most
         refs = {}
-        for (layer, m, _, _), (k, v) in zip(found, pairs):
-            refs.setdefault(layer, []).append((m, k, v))
+        for i, (layer, m, _, _) in enumerate(found):
+            refs.setdefault(layer, []).append((m, moved[2 * i], moved[2 * i + 1]))
         return refs
 
 
@@ -437,8 +443,9 @@ class IsolatedSelfAttention:
     def _isolated(self, attn, q, k, v):
         """q, k, v (N, C) of one image -> F_iso (heads, N, d), or None without references.
 
-        Keys/values ``[K_x ; K_R1 ; … ; K_RM]`` with the additive mask of ``_StepState.bias``;
-        references, masks and bias come from the step's state on q's device."""
+        Keys/values ``[K_x ; K_R1 ; … ; K_RM ; 0]`` with the additive mask of ``_StepState.bias``
+        (the zeros pad the references to the scene's fixed width, -inf in the mask); references,
+        masks and bias come from the step's state on q's device."""
         ctrl = self.ctrl
         state = ctrl._see(q)
         hw = self.layer.resolution(ctrl.latent_hw)
@@ -446,9 +453,12 @@ class IsolatedSelfAttention:
         refs = [(m, k_r, v_r) for m, k_r, v_r in state.references.get(self.layer.name, ()) if present[m]]
         if not refs:
             return None
-        bias = state.bias(hw, tuple((m, k_r.shape[0]) for m, k_r, _ in refs))  # (N, N + ΣR)
-        K = torch.cat([k] + [k_r for _, k_r, _ in refs])[None]  # (1, N + ΣR, C)
-        V = torch.cat([v] + [v_r for _, _, v_r in refs])[None]
+        names = [ctrl.characters[m].name for m, _, _ in refs]
+        pad = sum(ctrl.reference_width(name, self.layer.name) for name in names) - sum(k_r.shape[0] for _, k_r, _ in refs)
+        bias = state.bias(hw, tuple((m, k_r.shape[0]) for m, k_r, _ in refs), pad)  # (N, N + ΣR + pad)
+        zeros = ctrl.zeros(pad, k)  # (pad, C)
+        K = torch.cat([k] + [k_r for _, k_r, _ in refs] + [zeros])[None]  # (1, N + ΣR + pad, C)
+        V = torch.cat([v] + [v_r for _, _, v_r in refs] + [zeros])[None]
         f_iso = F.scaled_dot_product_attention(split_heads(attn, q[None]), split_heads(attn, K),
                                                split_heads(attn, V), attn_mask=bias[None, None])
         return f_iso[0]  # (heads, N, d)

@@ -10,7 +10,8 @@ this suite catches each one.
   character's *own* ID prompt, outside ``Y_S``; the negative half runs as pretrained.
 - Isolated self-attention, the whole processor: logits ``Q·Kᵀ/√d`` over ``[K_x ; K_R1 ; K_R2]``,
   masked per region, ``+ log(1 + w·Â_m(i))`` on a character's own reference columns, merged with λ.
-- The bank tokens used at step t are the ones written at step t for that layer.
+- The bank tokens used at step t are the ones written at step t for that layer; references padded
+  to a fixed width leave the output unchanged.
 - Warm-up over several steps: latents equal vanilla's exactly until it ends, differ after.
 - The recorded maps ``A_m`` come from the prompt half of the CFG batch.
 - CSA: rate 0 is vanilla; the share of the other image's tokens it samples matches the rate.
@@ -192,6 +193,35 @@ def test_isolated_self_attention_against_hand_reference(self_attn, lam, w):
     assert torch.allclose(out[1], expected, atol=1e-5)
     assert torch.allclose(out[0], plain[0], atol=1e-6)  # negative half as pretrained
     assert (out[1] - plain[1]).abs().max() > 1e-3
+
+
+def test_isolated_keys_keep_one_width_through_a_scene_and_the_padding_gets_no_weight(self_attn, monkeypatch):
+    """A character's references are padded to its widest stored step, rounded up to 16, so the
+    attention's key length is the same at every step (a GPU plans its kernels once per shape);
+    the zero keys added get -inf, so the output equals the unpadded attention."""
+    attn, hidden = self_attn, torch.randn(2, N, C, generator=gen(33))
+    bank, g = ReferenceBank("t", HW, 4), gen(22)
+    for step, n in ((1, 3), (2, 17), (3, 5)):  # 17 tokens at most: width 32
+        bank.add("A", SELF.name, step, 2 * torch.randn(n, C, generator=g), 2 * torch.randn(n, C, generator=g))
+    widths, real_sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None:
+            widths.append(k.shape[-2])
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    chars = [SceneCharacter("A", [1], is_new=False)]
+    for step in (1, 2, 3):
+        outs = []
+        for exact in (False, True):
+            ctrl = controller(chars, IsolationConfig(lam=1.0, reweight=2.0, warmup=0.0), bank, step=step)
+            if exact:  # no padding: each step's own width
+                monkeypatch.setattr(ctrl, "reference_width", lambda name, layer: bank.get(name, layer, step)[0].shape[0])
+            with torch.no_grad():
+                outs.append(IsolatedSelfAttention(SELF, ctrl)(attn, hidden))
+        assert torch.allclose(outs[0], outs[1], atol=1e-6), f"step {step}: the padding changed the output"
+    assert widths[0::2] == [N + 32] * 3, widths  # padded: one width
+    assert widths[1::2] == [N + 3, N + 17, N + 5], widths  # the unpadded runs saw the stored counts
 
 
 @pytest.mark.parametrize("step", [1, 2, 3])
