@@ -44,15 +44,35 @@ FREE = {"detach", "view", "_unsafe_view", "alias", "t", "transpose", "expand", "
 
 class OpCounter(TorchDispatchMode):
     """Counts aten operators that launch work (views excluded) and synchronising ones,
-    attributed to "attention" while an attention processor runs and "other" otherwise."""
+    attributed to "attention" while an attention processor runs and "other" otherwise.
+
+    ``F.scaled_dot_product_attention`` counts as one operator: on a GPU one fused kernel runs it
+    (flash, memory-efficient or cuDNN), while the CPU may take the math path, whose matmuls and
+    softmax would otherwise be counted one by one."""
 
     def __init__(self):
         super().__init__()
         self.ops, self.syncs, self.where = Counter(), Counter(), "other"
         self.names: Counter = Counter()
+        self.in_sdpa = False
+
+    def sdpa(self, real):
+        def fused(*args, **kwargs):
+            if self.in_sdpa:
+                return real(*args, **kwargs)
+            self.ops[self.where] += 1
+            self.names[(self.where, "scaled_dot_product_attention")] += 1
+            self.in_sdpa = True
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.in_sdpa = False
+        return fused
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
+        if self.in_sdpa:
+            return func(*args, **(kwargs or {}))
         if name in SYNCHRONISING:
             self.syncs[self.where] += 1
         if name not in FREE:
@@ -91,11 +111,14 @@ def count(backbone, story, method: str, steps: int, bank, config: IsolationConfi
         finally:
             counter.where = before
     IsolationController.step_callback = callback
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = counter.sdpa(real_sdpa)
     try:
         with counter:
             generate_story(backbone, story, method, config=config, bank=bank, num_inference_steps=steps,
                            progress=False)
     finally:
+        torch.nn.functional.scaled_dot_product_attention = real_sdpa
         IsolationController.step_callback = original_callback
         backbone.unet.set_attn_processor = original_set
         original_set({k: getattr(p, "inner", p) for k, p in backbone.unet.attn_processors.items()})
