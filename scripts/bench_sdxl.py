@@ -128,12 +128,18 @@ def bank_coverage(bank: ReferenceBank, name: str, unet, latent_hw) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="default: cuda when available")
+    parser.add_argument("--backbone", default="sdxl-random", choices=("sdxl-random", "sdxl-tiny"),
+                        help="sdxl-tiny: the tests' tiny SDXL, to check this script in seconds")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp16 on cuda, bf16 on cpu")
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--scenes", type=int, default=4, help=f"scenes of the two-character story (<= {len(SCENES)})")
     parser.add_argument("--quick", action="store_true", help="CPU structure check: bf16, 128², 2 steps, 3 scenes")
     parser.add_argument("--methods", default="vanilla,csa,isolated")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of every method, in rotating order; times are medians over rounds and each "
+                             "ratio the median of the rounds' ratios, so a host whose speed drifts between runs "
+                             "(the H200 VM's: vanilla 1.8-3.1 s per scene) moves both sides of a ratio")
     parser.add_argument("--bank-step-stride", type=int, default=IsolationConfig.bank_step_stride,
                         help="IsolationConfig.bank_step_stride (default %(default)s)")
     parser.add_argument("--profile", action="store_true",
@@ -150,11 +156,11 @@ def main() -> None:
         parser.error("--size must be a multiple of 64 (the U-Net halves the 1/8 latent twice)")
     methods = args.methods.split(",")
     env = environment(device)
-    print(f"# bench_sdxl: sdxl-random on {device} ({env['card']}), {args.dtype or dtype}, {args.size}², "
+    print(f"# bench_sdxl: {args.backbone} on {device} ({env['card']}), {args.dtype or dtype}, {args.size}², "
           f"{args.steps} steps, {args.scenes} scenes; commit {env['commit'][:12]}", flush=True)
 
     started = time.perf_counter()
-    backbone = load_backbone("sdxl-random", device=str(device), dtype=dtype)
+    backbone = load_backbone(args.backbone, device=str(device), dtype=dtype)
     backbone.latent_shape = (backbone.latent_shape[0], args.size // 8, args.size // 8)
     build_s = time.perf_counter() - started
     n_params = sum(p.numel() for p in backbone.unet.parameters())
@@ -173,7 +179,8 @@ def main() -> None:
 
     rows, raw, isolated_bank = [], {}, None
     latent_hw = tuple(backbone.latent_shape[1:])
-    for method in methods:
+    rounds = {m: [] for m in methods}  # method -> [(s / scene, s / scene with returning characters)] per round
+    for method in [m for r in range(args.repeats) for m in methods[r % len(methods):] + methods[:r % len(methods)]]:
         nonfinite["count"] = 0
         with PeakMemory(device) as peak:
             t0 = time.perf_counter()
@@ -182,12 +189,14 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0
+        returning = [s.seconds for i, s in enumerate(result.scenes)
+                     if any(n in {c for prev in the_story.scenes[:i] for c in prev.characters} for n in s.characters)]
+        rounds[method].append((seconds / len(the_story.scenes), float(np.mean(returning)) if returning else float("nan")))
+        if method in raw:  # a later round: its time only
+            continue
         entry = {"method": method, "seconds per scene": seconds / len(the_story.scenes), "peak memory GiB": peak.peak / 2**30,
                  "non-finite images": nonfinite["count"]}
         if method == "isolated":
-            returning = [s.seconds for i, s in enumerate(result.scenes)
-                         if any(n in {c for prev in the_story.scenes[:i] for c in prev.characters} for n in s.characters)]
-            entry["seconds per scene with returning characters"] = float(np.mean(returning)) if returning else float("nan")
             with tempfile.TemporaryDirectory() as tmp:
                 path = result.bank.save(Path(tmp) / "bank.safetensors")
                 file_bytes = path.stat().st_size
@@ -206,15 +215,23 @@ def main() -> None:
         print(f"{method}: {entry['seconds per scene']:.3f} s per scene, peak {entry['peak memory GiB']:.2f} GiB"
               + (f", {nonfinite['count']} non-finite images" if nonfinite["count"] else ""), flush=True)
 
-    for method, e in raw.items():
-        row = {"method": method, "s / scene": f"{e['seconds per scene']:.3f}",
-               "× vanilla time": f"{e['seconds per scene'] / raw['vanilla']['seconds per scene']:.3f}" if "vanilla" in raw else "",
+    for method, e in raw.items():  # medians over rounds; ratios paired within a round
+        per_scene, returning = np.array(rounds[method]).T  # (rounds,) each
+        e["seconds per scene, each round"] = per_scene.tolist()
+        e["seconds per scene"] = float(np.median(per_scene))
+        row = {"method": method, "s / scene": f"{e['seconds per scene']:.3f}", "× vanilla time": "",
                "peak memory (GiB)": f"{e['peak memory GiB']:.2f}"}
-        if "seconds per scene with returning characters" in e:
+        if "vanilla" in raw:
+            vanilla = np.array(rounds["vanilla"])[:, 0]
+            e["× vanilla, each round"] = (per_scene / vanilla).tolist()
+            row["× vanilla time"] = f"{np.median(per_scene / vanilla):.3f}"
+        if method == "isolated":
+            e["seconds per scene with returning characters"] = float(np.median(returning))
             row["s / scene, returning"] = f"{e['seconds per scene with returning characters']:.3f}"
             if "vanilla" in raw:
-                row["× vanilla time"] += (f" (returning scenes: "
-                                          f"{e['seconds per scene with returning characters'] / raw['vanilla']['seconds per scene']:.3f})")
+                row["× vanilla time"] += f" (returning scenes: {np.median(returning / vanilla):.3f})"
+        if args.repeats > 1:
+            row["rounds (× vanilla)"] = ", ".join(f"{r:.2f}" for r in e.get("× vanilla, each round", per_scene))
         rows.append(row)
     bank_rows = [{"character": n, "bytes (saved bank)": f"{b['bytes']:,}", "MiB": f"{b['bytes'] / 2**20:.1f}",
                   "coverage": f"{100 * b['coverage']:.1f} %", "stored steps": b["stored steps"], "layers": b["layers"],
@@ -233,8 +250,11 @@ def main() -> None:
                                                for f in (0.1, 0.25)}} for label, kw in options]
 
     lines = [f"# bench_sdxl: {env['card']}, {str(dtype).replace('torch.', '')}, {args.size}², {args.steps} steps",
-             "", f"Full-size SDXL base architecture with random weights (`load_backbone('sdxl-random')`), "
-                 f"a two-character story of {len(the_story.scenes)} scenes, all methods in one run"
+             "", (f"Full-size SDXL base architecture with random weights (`load_backbone('sdxl-random')`), "
+                  if args.backbone == "sdxl-random" else f"`load_backbone('{args.backbone}')`, ")
+                 + f"a two-character story of {len(the_story.scenes)} scenes, all methods in one run"
+                 + (f", {args.repeats} rounds in rotating order (medians; ratios paired within a round)"
+                    if args.repeats > 1 else "")
                  + (" (`--quick`: a structure check, CPU times)" if args.quick else "") + ".", "",
              "| setting | value |", "|---|---|",
              *[f"| {k} | {v} |" for k, v in {**env, "device": str(device), "U-Net parameters": f"{n_params:,}",
