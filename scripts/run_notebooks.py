@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import math
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -146,18 +148,36 @@ def plan(names: list[str], pairs: list[tuple[str, str]], quick: bool,
     return runs
 
 
+#: Papermill in a child process: the kernel's client (zmq sockets, an asyncio loop) is not shared
+#: between the runner's threads. The notebook's folder goes to the kernel through nbclient's resources.
+_EXECUTE = ("import json, sys, papermill; a = json.loads(sys.argv[1]); "
+            "papermill.execute_notebook(a['input'], a['output'], parameters=a['parameters'], "
+            "resources={'metadata': {'path': a['folder']}}, kernel_name='python3', progress_bar=False, "
+            "execution_timeout=a['cell_timeout'])")
+CELL_TIMEOUT_S = 1800  # a cell that runs longer has hung: the main job fails instead of waiting forever
+
+
 def run(path: Path, parameters: dict, out_dir: Path) -> float:
-    """Execute one notebook; its kernel starts in the notebook's folder (its relative paths, such as
-    ``../data/stories``, resolve there). The folder goes to the kernel itself, through nbclient's
-    ``resources``, not papermill's ``cwd=``, which only sets this process's working directory for
-    the kernel to inherit. The threads of ``run_all`` share that directory, and papermill moves it
-    for a moment on every notebook read and write, so a fresh-clone run once started notebooks 04
-    and 05 in the repository root ("no such story file")."""
+    """Execute one notebook in its own process; its kernel starts in the notebook's folder (its
+    relative paths, such as ``../data/stories``, resolve there).
+
+    Each notebook gets a process of its own because the runner's threads, sharing one process, got
+    in each other's way twice on a fresh clone: papermill moves the process's working directory for a
+    moment on every notebook read and write (notebooks 04 and 05 once started in the repository
+    root: "no such story file"), and once a kernel was left waiting forever on a widget cell of
+    notebook 01 while the others finished.
+
+    Raises:
+        RunnerError: when the notebook fails (papermill's traceback is printed above it).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    papermill.execute_notebook(str(path), str(out_dir / path.name), parameters=parameters,
-                               resources={"metadata": {"path": str(path.parent)}}, kernel_name="python3",
-                               progress_bar=False)
+    job = {"input": str(path), "output": str(out_dir / path.name), "parameters": parameters,
+           "folder": str(path.parent), "cell_timeout": CELL_TIMEOUT_S}
+    done = subprocess.run([sys.executable, "-c", _EXECUTE, json.dumps(job)])
+    if done.returncode:
+        raise RunnerError(f"{path.name} failed (papermill exit status {done.returncode}, its traceback above); "
+                          f"the partly executed copy is {out_dir / path.name}")
     return time.time() - started
 
 
@@ -182,7 +202,10 @@ def main(argv: list[str] | None = None) -> None:
         if missing:
             print(f"note: {path.stem} declares no {missing}; it runs without them", flush=True)
     started = time.time()
-    times = run_all(runs, args.out, max(1, args.jobs))
+    try:
+        times = run_all(runs, args.out, max(1, args.jobs))
+    except RunnerError as error:
+        sys.exit(f"run_notebooks: {error}")
     print(timing_table({p.stem: times[p.stem] for p, _ in runs}, wall=time.time() - started), flush=True)
 
 
@@ -206,7 +229,7 @@ def run_all(runs: list[tuple[Path, dict]], out_dir: Path, jobs: int) -> dict[str
 
     if jobs == 1 or len(runs) == 1:
         return {path.stem: one(path, parameters) for path, parameters in runs}
-    from concurrent.futures import ThreadPoolExecutor  # threads only wait: the work is in each notebook's kernel
+    from concurrent.futures import ThreadPoolExecutor  # threads only wait on each notebook's process
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by each kernel's torch at start
     with ThreadPoolExecutor(jobs) as pool:
         rank = {prefix: i for i, prefix in enumerate(START_ORDER)}

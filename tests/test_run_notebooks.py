@@ -106,3 +106,30 @@ def test_a_kernel_starts_in_its_notebooks_folder_whatever_the_shared_working_dir
     runner.run(folder / "where.ipynb", {}, tmp_path / "out")
     printed = json.loads((tmp_path / "out" / "where.ipynb").read_text())["cells"][0]["outputs"][0]["text"]
     assert "".join(printed).strip() == str(folder)
+
+
+def _notebook(folder: Path, name: str, source: str) -> Path:
+    import nbformat
+    folder.mkdir(parents=True, exist_ok=True)
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(source)]
+    nbformat.write(notebook, folder / name)
+    return folder / name
+
+
+def test_each_notebook_runs_in_a_process_of_its_own(tmp_path):
+    """The kernel's client lives in a child process, not in the runner whose threads share one
+    process (a fresh-clone run once left notebook 01's kernel waiting forever on a widget cell while
+    the other threads' notebooks finished): the kernel's parent is not this process."""
+    import json
+    import os
+    path = _notebook(tmp_path / "notebooks", "parent.ipynb", "import os\nprint(os.getppid())")
+    runner.run(path, {}, tmp_path / "out")
+    printed = json.loads((tmp_path / "out" / "parent.ipynb").read_text())["cells"][0]["outputs"][0]["text"]
+    assert int("".join(printed)) != os.getpid()
+
+
+def test_a_failing_notebook_stops_the_main_job_naming_it(tmp_path):
+    path = _notebook(tmp_path / "notebooks", "broken.ipynb", "raise ValueError('planted')")
+    with pytest.raises(runner.RunnerError, match=r"broken.ipynb failed \(papermill exit status 1"):
+        runner.run(path, {}, tmp_path / "out")
