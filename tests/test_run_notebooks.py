@@ -133,3 +133,10 @@ def test_a_failing_notebook_stops_the_main_job_naming_it(tmp_path):
     path = _notebook(tmp_path / "notebooks", "broken.ipynb", "raise ValueError('planted')")
     with pytest.raises(runner.RunnerError, match=r"broken.ipynb failed \(papermill exit status 1"):
         runner.run(path, {}, tmp_path / "out")
+
+
+def test_a_cell_past_its_time_limit_gets_a_second_kernel_then_stops_the_job(tmp_path, capsys):
+    path = _notebook(tmp_path / "notebooks", "slow.ipynb", "import time\ntime.sleep(60)")
+    with pytest.raises(runner.RunnerError, match=r"slow.ipynb failed \(a cell ran past 2 s twice\)"):
+        runner.run(path, {}, tmp_path / "out", cell_timeout=2)
+    assert capsys.readouterr().out.count("a cell ran past 2 s") == 2
