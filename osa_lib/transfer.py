@@ -21,7 +21,7 @@ def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None =
     """``t`` on ``device`` in ``dtype``; from the host to a GPU through pinned memory, without
     waiting for the GPU (the pinned buffer is kept until the copy is done by torch's caching
     host allocator)."""
-    device = concrete_device(device)
+    device = torch.device(device)  # only its type is read: no need to make it concrete
     if dtype is not None and t.dtype != dtype and t.device.type == "cpu":
         t = t.to(dtype)  # convert on the host, then copy the converted values once
     if device.type == "cuda" and t.device.type == "cpu":
