@@ -81,36 +81,39 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def attributed(counter: OpCounter, where: str, fn):
+    """``fn``, with the operators it dispatches counted under ``where``."""
+    def call(*args, **kwargs):
+        before, counter.where = counter.where, where
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            counter.where = before
+    return call
+
+
+class _Counted:
+    """An attention processor wrapped so the counter knows when an attention layer runs."""
+    _counted = True
+
+    def __init__(self, inner, counter: OpCounter):
+        self.inner, self._call = inner, attributed(counter, "attention", inner)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+
 def count(backbone, story, method: str, steps: int, bank, config: IsolationConfig):
     counter = OpCounter()
-    processors_seen = []
-
-    def wrap(processor):
-        def call(*args, **kwargs):
-            before, counter.where = counter.where, "attention"
-            try:
-                return processor(*args, **kwargs)
-            finally:
-                counter.where = before
-        return call
-
     original_set = backbone.unet.set_attn_processor
 
     def set_wrapped(processors):  # every processor installed during the run is wrapped
-        wrapped = {k: (p if getattr(p, "_counted", False) else _Counted(p, wrap)) for k, p in processors.items()}
-        processors_seen.append(len(wrapped))
-        return original_set(wrapped)
+        return original_set({k: (p if getattr(p, "_counted", False) else _Counted(p, counter))
+                             for k, p in processors.items()})
     backbone.unet.set_attn_processor = set_wrapped
     backbone.unet.set_attn_processor(dict(backbone.unet.attn_processors))  # vanilla's own processors too
     original_callback = IsolationController.step_callback
-
-    def callback(self, *args, **kwargs):
-        before, counter.where = counter.where, "step callback"
-        try:
-            return original_callback(self, *args, **kwargs)
-        finally:
-            counter.where = before
-    IsolationController.step_callback = callback
+    IsolationController.step_callback = attributed(counter, "step callback", original_callback)
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
     torch.nn.functional.scaled_dot_product_attention = counter.sdpa(real_sdpa)
     try:
@@ -123,17 +126,6 @@ def count(backbone, story, method: str, steps: int, bank, config: IsolationConfi
         backbone.unet.set_attn_processor = original_set
         original_set({k: getattr(p, "inner", p) for k, p in backbone.unet.attn_processors.items()})
     return counter
-
-
-class _Counted:
-    """A processor wrapped so the counter knows when an attention layer runs."""
-    _counted = True
-
-    def __init__(self, inner, wrap):
-        self.inner, self._call = inner, wrap(inner)
-
-    def __call__(self, *args, **kwargs):
-        return self._call(*args, **kwargs)
 
 
 def main() -> None:
