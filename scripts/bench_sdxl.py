@@ -230,8 +230,8 @@ def main() -> None:
             row["s / scene, returning"] = f"{e['seconds per scene with returning characters']:.3f}"
             if "vanilla" in raw:
                 row["× vanilla time"] += f" (returning scenes: {np.median(returning / vanilla):.3f})"
-        if args.repeats > 1:
-            row["rounds (× vanilla)"] = ", ".join(f"{r:.2f}" for r in e.get("× vanilla, each round", per_scene))
+        if args.repeats > 1 and "vanilla" in raw:
+            row["rounds (× vanilla)"] = ", ".join(f"{r:.2f}" for r in e["× vanilla, each round"])
         rows.append(row)
     bank_rows = [{"character": n, "bytes (saved bank)": f"{b['bytes']:,}", "MiB": f"{b['bytes'] / 2**20:.1f}",
                   "coverage": f"{100 * b['coverage']:.1f} %", "stored steps": b["stored steps"], "layers": b["layers"],
