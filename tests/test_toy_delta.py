@@ -1,0 +1,59 @@
+"""osa_lib.toy.delta: a fine-tune stored as the tensors it changed, rebuilt on its base."""
+import json
+
+import pytest
+import torch
+
+from osa_lib.toy.delta import apply_delta, main, save_delta, weights_fingerprint
+from osa_lib.toy.model import ToyPipeline, build_toy_pipeline
+
+
+@pytest.fixture
+def base_and_tuned(tmp_path):
+    """A tiny untrained pipeline and a copy with two up-block self-attention tensors changed."""
+    base = build_toy_pipeline(seed=0, text_layers=0)
+    base.save_pretrained(tmp_path / "base")
+    tuned = build_toy_pipeline(seed=0, text_layers=0)
+    names = sorted(k for k in tuned.unet.state_dict() if k.startswith("up_blocks.") and ".attn1.to_q." in k)[:2]
+    with torch.no_grad():
+        for name in names:
+            tuned.unet.state_dict()[name].add_(0.25)
+    tuned.save_pretrained(tmp_path / "tuned")
+    (tmp_path / "tuned" / "training.json").write_text(json.dumps({"step": 7, "minutes": 1.0, "resumes": 0}))
+    return tmp_path, base, tuned, names
+
+
+def test_delta_holds_only_the_changed_tensors_and_rebuilds_the_fine_tune_exactly(base_and_tuned):
+    tmp_path, base, tuned, names = base_and_tuned
+    stored = save_delta(tmp_path / "tuned", tmp_path / "base", tmp_path / "d.safetensors", note="recipe")
+    assert stored == sorted("unet." + n for n in names)
+    rebuilt = apply_delta(tmp_path / "d.safetensors", tmp_path / "base", tmp_path / "rebuilt")
+    reloaded = ToyPipeline.from_pretrained(tmp_path / "rebuilt")
+    assert weights_fingerprint(reloaded) == weights_fingerprint(tuned) == weights_fingerprint(rebuilt)
+    assert weights_fingerprint(reloaded) != weights_fingerprint(base)
+    assert json.loads((tmp_path / "rebuilt" / "training.json").read_text())["step"] == 7
+    assert not (tmp_path / "rebuilt.tmp").exists()
+
+
+def test_delta_refuses_another_base_and_a_file_that_is_not_a_delta(base_and_tuned):
+    tmp_path, base, tuned, names = base_and_tuned
+    save_delta(tmp_path / "tuned", tmp_path / "base", tmp_path / "d.safetensors")
+    other = build_toy_pipeline(seed=1, text_layers=0)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="other weights than"):
+        apply_delta(tmp_path / "d.safetensors", tmp_path / "other", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read the fine-tune delta"):
+        apply_delta(tmp_path / "junk.safetensors", tmp_path / "base", tmp_path / "out")
+    with pytest.raises(ValueError, match="different architectures"):
+        build_toy_pipeline(seed=0, text_layers=1).save_pretrained(tmp_path / "wider")
+        save_delta(tmp_path / "wider", tmp_path / "base", tmp_path / "e.safetensors")
+
+
+def test_delta_command_line_round_trip(base_and_tuned, capsys):
+    tmp_path, base, tuned, names = base_and_tuned
+    main(["save", str(tmp_path / "tuned"), "--base", str(tmp_path / "base"), "--out", str(tmp_path / "d.safetensors")])
+    assert "2 tensors" in capsys.readouterr().out
+    main(["apply", str(tmp_path / "d.safetensors"), "--base", str(tmp_path / "base"), "--out", str(tmp_path / "r")])
+    assert weights_fingerprint(ToyPipeline.from_pretrained(tmp_path / "r")) == weights_fingerprint(tuned)
