@@ -218,6 +218,22 @@ def test_preservation_loss_is_the_mse_to_the_frozen_model_on_rows_without_a_refe
         train(steps=1, batch_size=8, out=tmp_path / "other", preserve=1.0)
 
 
+def test_preserve_from_holds_rows_at_the_named_model_not_at_the_start(tmp_path, monkeypatch):
+    """A fine-tune continued from a rebuilt delta keeps the original model as its teacher."""
+    from osa_lib.toy import train as training
+    from osa_lib.toy.delta import weights_fingerprint
+    from osa_lib.toy.model import build_toy_pipeline
+    build_toy_pipeline(seed=3).save_pretrained(tmp_path / "start")
+    original = build_toy_pipeline(seed=4)
+    original.save_pretrained(tmp_path / "original")
+    teachers = []
+    monkeypatch.setattr(training, "_preservation_loss",
+                        lambda teacher, prediction, *rest: teachers.append(weights_fingerprint(teacher)) or prediction.sum() * 0)
+    training.train(steps=1, batch_size=8, out=tmp_path / "model", init_from=tmp_path / "start", pair_rate=0.5,
+                   train_only="up-self-attention", preserve=1.0, preserve_from=tmp_path / "original")
+    assert teachers == [weights_fingerprint(original)]
+
+
 def test_guidance_is_tuned_on_validation_prompts_never_on_held_out_ones(toy, load_script):
     from osa_lib.toy import world
     from osa_lib.toy.model import DEFAULT_GUIDANCE

@@ -120,7 +120,7 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
           text_dim: int = 128, phrase_wise: bool = True, levels: int = 3, pair_rate: float = 0.0,
           workers: int = 1, whole_share: float = 0.5, pair_timesteps: str = "same", pair_min_t: int = 0,
           pair_plain_loss: bool = True, train_only: str = "all", pair_reweight: float = 0.0,
-          preserve: float = 0.0) -> dict:
+          preserve: float = 0.0, preserve_from: Path | None = None) -> dict:
     """Train (or resume) and return the last logged statistics."""
     ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -170,10 +170,13 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
         resumes = 0
     if init_from is not None and step > 0:
         print(f"--init-from {init_from} ignored: continuing the run above")
-    if preserve > 0 and init_from is None:
-        raise ValueError("--preserve keeps the model close to the one it fine-tunes: give that model with --init-from")
-    # the model being fine-tuned, frozen: what rows without a reference should still predict
-    teacher = ToyPipeline.from_pretrained(init_from).to(device) if preserve > 0 else None
+    teacher_dir = preserve_from or init_from
+    if preserve > 0 and teacher_dir is None:
+        raise ValueError("--preserve keeps the model close to the one it fine-tunes: give that model with --init-from "
+                         "(or the model to stay close to with --preserve-from)")
+    # frozen: what rows without a reference should still predict (the model being fine-tuned, or
+    # the one a resumed fine-tune first started from, so drift does not add up over restarts)
+    teacher = ToyPipeline.from_pretrained(teacher_dir).to(device) if preserve > 0 else None
     loader = torch.utils.data.DataLoader(SceneStream(batch_size, data_seed, pair_rate=pair_rate, whole_share=whole_share), batch_size=None,
                                          num_workers=workers, prefetch_factor=4, persistent_workers=True,
                                          worker_init_fn=lambda _: torch.set_num_threads(1))
@@ -409,6 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preserve", type=float, default=0.0,
                         help="weight of a term keeping rows without a reference at the --init-from model's "
                              "prediction, at every timestep (0: none): copying learned, drawing kept")
+    parser.add_argument("--preserve-from", type=Path, default=None,
+                        help="the model --preserve holds rows without a reference at (default: --init-from); "
+                             "give the original model when continuing a fine-tune rebuilt with osa_lib.toy.delta")
     parser.add_argument("--pair-plain-loss", action=argparse.BooleanOptionalAction, default=True,
                         help="pair targets' loss without Min-SNR weighting (which nearly ignores high noise)")
     parser.add_argument("--train-only", choices=TRAIN_ONLY, default="all",
@@ -426,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
           text_dim=args.text_dim, phrase_wise=args.phrase_wise, levels=args.levels,
           pair_rate=args.pair_rate, workers=args.workers, whole_share=args.whole_share,
           pair_timesteps=args.pair_timesteps, pair_min_t=args.pair_min_t, pair_plain_loss=args.pair_plain_loss,
-          pair_reweight=args.pair_reweight, train_only=args.train_only, preserve=args.preserve)
+          pair_reweight=args.pair_reweight, train_only=args.train_only, preserve=args.preserve,
+          preserve_from=args.preserve_from)
 
 
 if __name__ == "__main__":
