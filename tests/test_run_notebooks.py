@@ -1,23 +1,23 @@
 """The notebook runner refuses a bad command line before any notebook runs (issue 15)."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "run_notebooks.py")
-runner = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(runner)
 
 
 @pytest.fixture
-def ran(monkeypatch):
+def runner(load_script):
+    return load_script("run_notebooks")
+
+
+@pytest.fixture
+def ran(runner, monkeypatch):
     calls = []
     monkeypatch.setattr(runner, "run", lambda path, parameters, out: calls.append((path.stem, parameters)) or 0.0)
     return calls
 
 
-def refused(ran, argv, message):
+def refused(runner, ran, argv, message):
     with pytest.raises(SystemExit) as info:
         runner.main(argv)
     assert ran == [], "nothing may run when the command line is refused"
@@ -25,15 +25,15 @@ def refused(ran, argv, message):
     return str(info.value)
 
 
-def test_an_unknown_notebook_among_known_ones_stops_everything(ran):
-    text = refused(ran, ["01", "99_nothing"], "unknown notebook name(s) ['99_nothing']")
+def test_an_unknown_notebook_among_known_ones_stops_everything(runner, ran):
+    text = refused(runner, ran, ["01", "99_nothing"], "unknown notebook name(s) ['99_nothing']")
     assert "01_cross_attention" in text and "05_open_questions" in text
 
 
-def test_unknown_and_misspelt_parameters_list_the_accepted_ones_with_types(ran):
-    text = refused(ran, ["-p", "bogus", "1"], "unknown parameter(s) ['bogus']")
+def test_unknown_and_misspelt_parameters_list_the_accepted_ones_with_types(runner, ran):
+    text = refused(runner, ran, ["-p", "bogus", "1"], "unknown parameter(s) ['bogus']")
     assert "num_steps: int = 25" in text and "lams: str" in text
-    refused(ran, ["01", "-p", "backbone", "sdxl"], "unknown parameter(s) ['backbone']")  # it is backbone_name
+    refused(runner, ran, ["01", "-p", "backbone", "sdxl"], "unknown parameter(s) ['backbone']")  # it is backbone_name
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -41,25 +41,25 @@ def test_unknown_and_misspelt_parameters_list_the_accepted_ones_with_types(ran):
     ("num_steps", "2.5", "give an integer"),
     ("quick", "maybe", "give true or false"),
 ])
-def test_values_that_do_not_parse_as_the_declared_type_are_refused(ran, name, value, message):
-    refused(ran, ["01", "-p", name, value], message)
+def test_values_that_do_not_parse_as_the_declared_type_are_refused(runner, ran, name, value, message):
+    refused(runner, ran, ["01", "-p", name, value], message)
 
 
-def test_lists_are_passed_the_way_the_notebook_declares_them(ran):
+def test_lists_are_passed_the_way_the_notebook_declares_them(runner, ran):
     runner.main(["05", "-p", "lams", "0,1"])
     runner.main(["05", "-p", "lams", "[0, 1.1]"])
     assert [params["lams"] for _, params in ran] == ["0,1", "0,1.1"]  # lams is a comma-separated str
 
 
-def test_a_parameter_goes_only_to_the_notebooks_that_declare_it(ran):
+def test_a_parameter_goes_only_to_the_notebooks_that_declare_it(runner, ran):
     runner.main(["01", "03", "-p", "backbone_name", "sdxl-tiny", "-p", "seed", "4"])
     assert sorted(ran) == [("01_cross_attention", {"backbone_name": "sdxl-tiny", "seed": 4}),
                            ("03_cv_overlap", {"seed": 4})]
 
 
-def test_quick_never_overrides_an_explicit_parameter(ran):
-    refused(ran, ["01", "--quick", "-p", "num_steps", "10"], "--quick replaces ['num_steps'] in 01_cross_attention")
-    refused(ran, ["05", "--quick", "-p", "lams", "0,1,2"], "--quick replaces ['lams'] in 05_open_questions")
+def test_quick_never_overrides_an_explicit_parameter(runner, ran):
+    refused(runner, ran, ["01", "--quick", "-p", "num_steps", "10"], "--quick replaces ['num_steps'] in 01_cross_attention")
+    refused(runner, ran, ["05", "--quick", "-p", "lams", "0,1,2"], "--quick replaces ['lams'] in 05_open_questions")
     runner.main(["01", "--quick", "-p", "seed", "4"])  # quick does not touch the seed
     runner.main(["01", "--quick", "-p", "quick", "false"])  # the explicit -p wins
     runner.main(["04", "--quick", "-p", "story_file", "x.yaml"])  # quick draws story_file itself
@@ -67,7 +67,7 @@ def test_quick_never_overrides_an_explicit_parameter(ran):
                                              {"story_file": "x.yaml", "quick": True}]
 
 
-def test_the_main_job_ends_with_per_notebook_times_and_their_total():
+def test_the_main_job_ends_with_per_notebook_times_and_their_total(runner):
     table = runner.timing_table({"01_cross_attention": 40.2, "05_open_questions": 219.6})
     lines = table.splitlines()
     assert lines[0] == "notebook times:"
@@ -75,7 +75,7 @@ def test_the_main_job_ends_with_per_notebook_times_and_their_total():
     assert lines[3].split() == ["total", "260", "s", "(4.3", "min)"]
 
 
-def test_every_notebook_runs_once_whether_one_or_two_at_a_time(ran, capsys):
+def test_every_notebook_runs_once_whether_one_or_two_at_a_time(runner, ran, capsys):
     runner.main(["--jobs", "1"])
     in_order = list(ran)
     assert [stem for stem, _ in in_order] == [p.stem for p in runner.notebooks([])]  # reading order
@@ -86,7 +86,7 @@ def test_every_notebook_runs_once_whether_one_or_two_at_a_time(ran, capsys):
     assert out.count("notebook times:") == 2 and "elapsed" in out
 
 
-def test_a_kernel_starts_in_its_notebooks_folder_whatever_the_shared_working_directory(tmp_path, monkeypatch):
+def test_a_kernel_starts_in_its_notebooks_folder_whatever_the_shared_working_directory(runner, tmp_path, monkeypatch):
     """``run`` hands each kernel its notebook's folder (relative paths resolve there) instead of
     relying on the runner's working directory, which the threads of ``run_all`` share and papermill
     changes for a moment on every read and write: a fresh-clone run started notebooks 04 and 05 in
@@ -117,7 +117,7 @@ def _notebook(folder: Path, name: str, source: str) -> Path:
     return folder / name
 
 
-def test_each_notebook_runs_in_a_process_of_its_own(tmp_path):
+def test_each_notebook_runs_in_a_process_of_its_own(runner, tmp_path):
     """The kernel's client lives in a child process, not in the runner whose threads share one
     process (a fresh-clone run once left notebook 01's kernel waiting forever on a widget cell while
     the other threads' notebooks finished): the kernel's parent is not this process."""
@@ -129,13 +129,13 @@ def test_each_notebook_runs_in_a_process_of_its_own(tmp_path):
     assert int("".join(printed)) != os.getpid()
 
 
-def test_a_failing_notebook_stops_the_main_job_naming_it(tmp_path):
+def test_a_failing_notebook_stops_the_main_job_naming_it(runner, tmp_path):
     path = _notebook(tmp_path / "notebooks", "broken.ipynb", "raise ValueError('planted')")
     with pytest.raises(runner.RunnerError, match=r"broken.ipynb failed \(papermill exit status 1"):
         runner.run(path, {}, tmp_path / "out")
 
 
-def test_a_cell_past_its_time_limit_gets_a_second_kernel_then_stops_the_job(tmp_path, capsys):
+def test_a_cell_past_its_time_limit_gets_a_second_kernel_then_stops_the_job(runner, tmp_path, capsys):
     path = _notebook(tmp_path / "notebooks", "slow.ipynb", "import time\ntime.sleep(60)")
     with pytest.raises(runner.RunnerError, match=r"slow.ipynb failed \(a cell ran past 2 s twice\)"):
         runner.run(path, {}, tmp_path / "out", cell_timeout=2)
