@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 
 
-
 @pytest.fixture
 def runner(load_script):
     return load_script("run_notebooks")
