@@ -51,6 +51,17 @@ def test_delta_refuses_another_base_and_a_file_that_is_not_a_delta(base_and_tune
         save_delta(tmp_path / "wider", tmp_path / "base", tmp_path / "e.safetensors")
 
 
+def test_drift_below_atol_is_left_out_and_everything_above_it_kept(base_and_tuned):
+    tmp_path, base, tuned, names = base_and_tuned
+    drifted = ToyPipeline.from_pretrained(tmp_path / "tuned")
+    with torch.no_grad():
+        drifted.text_encoder.state_dict()["embeddings.token_embedding.weight"].add_(2e-6)
+    drifted.save_pretrained(tmp_path / "drifted")
+    assert len(save_delta(tmp_path / "drifted", tmp_path / "base", tmp_path / "d.safetensors")) == 3
+    assert save_delta(tmp_path / "drifted", tmp_path / "base", tmp_path / "d.safetensors", atol=1e-5) == \
+        sorted("unet." + n for n in names)
+
+
 def test_delta_command_line_round_trip(base_and_tuned, capsys):
     tmp_path, base, tuned, names = base_and_tuned
     main(["save", str(tmp_path / "tuned"), "--base", str(tmp_path / "base"), "--out", str(tmp_path / "d.safetensors")])

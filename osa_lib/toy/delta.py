@@ -44,17 +44,20 @@ def weights_fingerprint(pipe: ToyPipeline) -> str:
     return digest.hexdigest()
 
 
-def save_delta(model_dir: Path, base_dir: Path, out: Path, note: str = "") -> list[str]:
-    """Write to ``out`` (atomically) the tensors of ``model_dir`` that differ from ``base_dir``'s;
-    returns their names. Both folders must hold the same architecture."""
+def save_delta(model_dir: Path, base_dir: Path, out: Path, note: str = "", atol: float = 0.0) -> list[str]:
+    """Write to ``out`` (atomically) the tensors of ``model_dir`` that differ from ``base_dir``'s
+    by more than ``atol`` anywhere; returns their names. Both folders must hold the same
+    architecture. ``atol`` > 0 drops rounding drift: runs before the EMA fix of 2026-11-27 averaged
+    frozen tensors with themselves, which moved them by up to 3e-6."""
     model, base = ToyPipeline.from_pretrained(model_dir), ToyPipeline.from_pretrained(base_dir)
     tuned, original = _state(model), _state(base)
     if tuned.keys() != original.keys() or any(tuned[k].shape != original[k].shape for k in tuned):
         raise ValueError(f"{model_dir} and {base_dir} are different architectures: a delta needs the model "
                          "folder a fine-tune started from as --base")
-    changed = {k: v.contiguous() for k, v in tuned.items() if not torch.equal(v, original[k])}
+    changed = {k: v.contiguous() for k, v in tuned.items()
+               if not torch.equal(v, original[k]) and float((v - original[k]).abs().max()) > atol}
     record = Path(model_dir) / TRAINING_RECORD
-    metadata = {"base_fingerprint": weights_fingerprint(base), "base": str(base_dir), "note": note,
+    metadata = {"base_fingerprint": weights_fingerprint(base), "base": str(base_dir), "note": note, "atol": str(atol),
                 "training": record.read_text() if record.exists() else "{}"}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,13 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     save.add_argument("--base", type=Path, required=True, help="the folder it was fine-tuned from")
     save.add_argument("--out", type=Path, required=True, help="a .safetensors file")
     save.add_argument("--note", default="", help="the recipe, kept in the file's metadata")
+    save.add_argument("--atol", type=float, default=0.0,
+                      help="treat tensors that moved by at most this much as unchanged (rounding drift)")
     apply = commands.add_parser("apply", help="rebuild a fine-tuned pipeline folder")
     apply.add_argument("delta", type=Path)
     apply.add_argument("--base", type=Path, required=True)
     apply.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "save":
-        names = save_delta(args.model, args.base, args.out, args.note)
+        names = save_delta(args.model, args.base, args.out, args.note, args.atol)
         print(f"wrote {args.out}: {len(names)} tensors, {args.out.stat().st_size / 1e6:.2f} MB")
     else:
         apply_delta(args.delta, args.base, args.out)

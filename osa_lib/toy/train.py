@@ -230,13 +230,16 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
 
 @torch.no_grad()
 def _ema_update(ema: dict, pipe: ToyPipeline, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * weights, for every floating-point tensor."""
+    """ema <- decay * ema + (1 - decay) * weights, for every floating-point tensor that learns;
+    frozen parameters are left as they are (averaging one with itself drifts by rounding)."""
     for name, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
         state = module.state_dict()
-        floats = [k for k, v in state.items() if v.dtype.is_floating_point]
+        frozen = {k for k, p in module.named_parameters() if not p.requires_grad}
+        floats = [k for k, v in state.items() if v.dtype.is_floating_point and k not in frozen]
         averaged = [ema[name][k] for k in floats]
-        torch._foreach_mul_(averaged, decay)
-        torch._foreach_add_(averaged, [state[k].detach() for k in floats], alpha=1 - decay)
+        if averaged:  # a part may be frozen whole
+            torch._foreach_mul_(averaged, decay)
+            torch._foreach_add_(averaged, [state[k].detach() for k in floats], alpha=1 - decay)
         for k, v in state.items():
             if not v.dtype.is_floating_point:
                 ema[name][k].copy_(v)
