@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Continue issue 13's fine-tune of the toy model's up-block self-attention from its committed state:
+#   bash scripts/continue_finetune.sh 100        # minutes; CPU by default
+# It rebuilds the fine-tune from data/toy_finetune/up_self_attention.safetensors on data/toy_model
+# (osa_lib.toy.delta), trains it on with data/toy_finetune/recipe.txt, the preservation term still
+# holding rows without a reference at data/toy_model, and writes the new delta to $DELTA_OUT (by
+# default over the committed one: compare before committing; data/toy_finetune/README.md says how).
+# The run's folders are in $WORK (git-ignored runs/ by default); a run cut short still exports its
+# last checkpoint, so the save step can be run again by hand.
+# Environment: DEVICE (cpu), BATCH (64), WORKERS (1), THREADS (2), WORK (runs/finetune), DELTA_OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MINUTES="${1:?give the minutes to train, e.g. 100}"
+PY="${PY:-.venv/bin/python}"; DEVICE="${DEVICE:-cpu}"; BATCH="${BATCH:-64}"; WORKERS="${WORKERS:-1}"
+THREADS="${THREADS:-2}"; WORK="${WORK:-runs/finetune}"
+DELTA=data/toy_finetune/up_self_attention.safetensors; DELTA_OUT="${DELTA_OUT:-$DELTA}"
+rm -rf "$WORK/start" "$WORK/tuned" "$WORK/tuned_ckpt"
+mkdir -p "$WORK"
+"$PY" -m osa_lib.toy.delta apply "$DELTA" --base data/toy_model --out "$WORK/start"
+# shellcheck disable=SC2046  # the recipe is a list of flags
+"$PY" -m osa_lib.toy.train --device "$DEVICE" --init-from "$WORK/start" --preserve-from data/toy_model \
+  $(cat data/toy_finetune/recipe.txt) --batch-size "$BATCH" --workers "$WORKERS" --threads "$THREADS" \
+  --max-minutes "$MINUTES" --save-every 200 --out "$WORK/tuned" --ckpt-dir "$WORK/tuned_ckpt"
+"$PY" -m osa_lib.toy.delta save "$WORK/tuned" --base data/toy_model --out "$DELTA_OUT" \
+  --note "continued for $MINUTES min on $DEVICE at batch $BATCH with $(cat data/toy_finetune/recipe.txt)"
