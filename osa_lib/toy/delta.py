@@ -1,8 +1,8 @@
 """A fine-tune of the toy model stored as the tensors it changed, so a run cut by a session's end
 can be committed in well under a megabyte and continued by the next session.
 
-    python -m osa_lib.toy.delta save runs/attnI --base data/toy_model --out data/toy_finetune/attn.safetensors
-    python -m osa_lib.toy.delta apply data/toy_finetune/attn.safetensors --base data/toy_model --out runs/attn_start
+    python -m osa_lib.toy.delta save runs/finetune/tuned --base data/toy_model --out data/toy_finetune/up_self_attention.safetensors
+    python -m osa_lib.toy.delta apply data/toy_finetune/up_self_attention.safetensors --base data/toy_model --out runs/finetune/start
 
 A fine-tune of the up blocks' self-attention only (``train --train-only up-self-attention``)
 changes 107 k of 3.8 M parameters: 0.4 MB in fp32, against 16 MB for the model folder. The file
