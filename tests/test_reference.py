@@ -165,3 +165,32 @@ def test_reference_share_with_reweighting_moves_attention_to_the_reference():
     boosted = reference_share(pipe, n_pairs=4, timesteps=(900,), reweight=16.0)
     assert [r["layer"] for r in boosted] == [r["layer"] for r in plain]
     assert all(b["share"] > p["share"] for b, p in zip(boosted, plain))
+
+
+def test_drawn_references_are_the_models_drawings_read_back_by_the_analyzer():
+    """``drawn_references``: each reference is the model's drawing of its caption (without the colour
+    word for an uncoloured story's first scene), its truth the analyzer's reading of that drawing;
+    the probe on drawn references keeps only the samples whose reference was drawn."""
+    from osa_lib.toy.analyzer import analyze_image, largest_detection
+    from osa_lib.toy.appearance import drawn_references, probe_references
+    pipe = ToyPipeline.from_pretrained(world.__file__.rsplit("/osa_lib/", 1)[0] + "/data/toy_model")
+    pipe.set_progress_bar_config(disable=True)
+    rendered, _ = probe_references(6, seed=0)
+    for colour_named in (True, False):
+        drawn = drawn_references(pipe, rendered, seed=0, colour_named=colour_named)
+        assert len(drawn) == 6 and any(d is not None for d in drawn)
+        for d, r in zip(drawn, rendered):
+            if d is None:
+                continue
+            named = [w for w in d.caption.split() if w in world.COLOURS]
+            assert named == ([r.characters[0].colour] if colour_named else []), d.caption
+            read = largest_detection(analyze_image(d.image), r.characters[0].shape)
+            assert read is not None and (read.colour, read.mark) == (d.characters[0].colour, d.characters[0].mark)
+            assert d.masks.shape == (1, 32, 32) and np.array_equal(d.masks[0], read.mask)
+            assert not np.array_equal(d.image, r.image), "a drawing, not the rendered scene"
+    settings = (("none", (), (0.0, 1.0)),)
+    drawn = drawn_references(pipe, rendered, seed=0, colour_named=False)
+    rows = appearance_scores(pipe, n_samples=6, settings=settings, references="drawn-uncoloured")
+    assert rows[0]["n"] == sum(d is not None for d in drawn)
+    with pytest.raises(ValueError, match="references must be one of"):
+        appearance_scores(pipe, n_samples=2, settings=settings, references="painted")

@@ -2,6 +2,7 @@
 
     python -m osa_lib.toy.appearance                   # the shipped model
     python -m osa_lib.toy.appearance --model DIR --samples 64
+    python -m osa_lib.toy.appearance --model DIR --quick --references drawn-uncoloured
 
 The method's isolated self-attention carries a character's look from its first scene into later
 ones only if the U-Net copies appearance from the keys/values it is shown. This probe asks that
@@ -15,6 +16,12 @@ Per setting (which up-block layers see the reference, during which share of the 
 how often the drawn character takes the reference's colour family, its mark (kind and tone), and
 its size (within 1 px). "none" shows no reference: the model's own rate of drawing that colour,
 i.e. chance. Every setting uses the same noise and references, so rows are paired.
+
+``--references drawn`` / ``drawn-uncoloured`` shows the model's own drawings of the references
+(``drawn_references``) instead of rendered scenes: what a story's bank holds. An uncoloured story's
+first scene is drawn from a prompt without a colour, and on the fine-tunes of issue 13 such
+references are copied far less than rendered or colour-named ones
+(``results/toy_attn_only_finetune.md``, fifth run).
 
 ``reference_benefit`` (``--benefit``) asks why: on training-style reference pairs
 (``world.sample_pair``), the denoising loss of the targets with and without their reference
@@ -38,8 +45,8 @@ from .analyzer import analyze_image, largest_detection
 from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline, images_to_latents, latents_to_images
 from .reference import reference_attention
 
-__all__ = ["PROBE_SETTINGS", "probe_references", "sample_with_reference", "appearance_scores", "format_table",
-           "reference_benefit", "reference_share", "main"]
+__all__ = ["PROBE_SETTINGS", "REFERENCE_KINDS", "probe_references", "drawn_references", "sample_with_reference",
+           "appearance_scores", "format_table", "reference_benefit", "reference_share", "main"]
 
 # (name, up-block resolutions that see the reference (None: all, (): none), share of steps (from, to))
 PROBE_SETTINGS = (
@@ -65,6 +72,33 @@ def probe_references(n: int, seed: int = 0) -> tuple[list[world.Scene], list[str
         references.append(reference)
         prompts.append(f"a {shape} in the {scene}")
     return references, prompts
+
+
+#: what the probe shows as references: rendered scenes (as training does), or the model's own
+#: drawings of them from their captions, with the colour named or, as a story's uncoloured first
+#: scene gives it, without
+REFERENCE_KINDS = ("rendered", "drawn", "drawn-uncoloured")
+
+
+def drawn_references(pipe: ToyPipeline, references: list[world.Scene], seed: int = 0, colour_named: bool = True,
+                     steps: int = DEFAULT_STEPS) -> list[world.Scene | None]:
+    """The model's own drawings of ``references``' characters, as a story's bank would hold them:
+    each caption sampled (without its colour word when not ``colour_named``), then the named shape
+    read back by the analyzer, whose colour family, details and mask become the reference's truth.
+    None where the shape is not drawn."""
+    captions = [r.caption if colour_named else world.make_caption(r.scene, r.characters, [False]) for r in references]
+    images = pipe(captions, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed + 7919))  # (B, 32, 32, 3)
+    drawn = []
+    for image, caption, reference in zip(images, captions, references):
+        d = largest_detection(analyze_image(image), reference.characters[0].shape)
+        if d is None:
+            drawn.append(None)
+            continue
+        character = world.Character(shape=d.shape, colour=d.colour, hue=d.hue, value=d.value, size=d.size,
+                                    mark=d.mark, mark_tone=d.mark_tone, center=d.center)
+        drawn.append(world.Scene(reference.scene, [character], caption, reference.relation,
+                                 image=np.round(image * 255).astype(np.uint8), masks=d.mask[None]))
+    return drawn
 
 
 @torch.no_grad()
@@ -113,14 +147,23 @@ def _read(image: np.ndarray, reference: world.Character) -> dict:
 
 
 def appearance_scores(pipe: ToyPipeline, n_samples: int = 48, seed: int = 0, settings=PROBE_SETTINGS,
-                      steps: int = DEFAULT_STEPS) -> list[dict]:
+                      steps: int = DEFAULT_STEPS, references: str = "rendered") -> list[dict]:
     """One row per setting: share of drawn samples that took the reference's colour family, mark
-    and size, the share drawn at all, and the count."""
-    references, prompts = probe_references(n_samples, seed)
+    and size, the share drawn at all, and the count. ``references`` (``REFERENCE_KINDS``): drawn
+    ones keep only the samples whose reference was drawn, so ``n`` may be below ``n_samples``."""
+    if references not in REFERENCE_KINDS:
+        raise ValueError(f"references must be one of {REFERENCE_KINDS}, got {references!r}")
+    scenes, prompts = probe_references(n_samples, seed)
+    if references != "rendered":
+        drawn = drawn_references(pipe, scenes, seed, colour_named=references == "drawn", steps=steps)
+        scenes, prompts = [d for d in drawn if d is not None], [p for d, p in zip(drawn, prompts) if d is not None]
+    if not scenes:
+        nan = float("nan")
+        return [{"setting": name, "colour": nan, "mark": nan, "size": nan, "drawn": nan, "n": 0} for name, *_ in settings]
     rows = []
     for name, resolutions, step_range in settings:
-        images = sample_with_reference(pipe, prompts, references, seed, resolutions, step_range, steps)
-        reads = [_read(img, r.characters[0]) for img, r in zip(images, references)]
+        images = sample_with_reference(pipe, prompts, scenes, seed, resolutions, step_range, steps)
+        reads = [_read(img, r.characters[0]) for img, r in zip(images, scenes)]
         drawn = [r for r in reads if r["drawn"]]
         share = {k: float(np.mean([r[k] for r in drawn])) if drawn else float("nan") for k in ("colour", "mark", "size")}
         rows.append({"setting": name, **share, "drawn": len(drawn) / len(reads), "n": len(reads)})
@@ -201,6 +244,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="only the 'none' and 'up, all steps' rows")
+    parser.add_argument("--references", choices=REFERENCE_KINDS, default="rendered",
+                        help="rendered scenes (as training shows them), or the model's drawings of them from their "
+                             "captions: 'drawn-uncoloured' is what an uncoloured story's bank holds")
     parser.add_argument("--benefit", action="store_true", help="also the loss with and without the reference")
     parser.add_argument("--share", action="store_true",
                         help="also the share of attention the shared character's queries give the reference")
@@ -214,7 +260,8 @@ def main(argv=None) -> None:
     pipe.set_progress_bar_config(disable=True)
     started = time.time()
     settings = PROBE_SETTINGS[:2] if args.quick else PROBE_SETTINGS
-    lines = [format_table(appearance_scores(pipe, args.samples, args.seed, settings))]
+    lines = [f"References: {args.references}.\n",
+             format_table(appearance_scores(pipe, args.samples, args.seed, settings, references=args.references))]
     if args.benefit:
         lines.append("\n| t | loss without reference | loss with reference |\n|---|---|---|")
         lines += [f"| {r['t']} | {r['loss without reference']:.4f} | {r['loss with reference']:.4f} |"
