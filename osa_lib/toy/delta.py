@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .model import ToyPipeline
-from .train import TRAINING_RECORD
+from .train import TRAINING_RECORD, swap_in_folder
 
 __all__ = ["weights_fingerprint", "save_delta", "apply_delta", "main"]
 
@@ -104,9 +104,7 @@ def apply_delta(delta: Path, base_dir: Path, out: Path) -> ToyPipeline:
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp)
     (tmp / TRAINING_RECORD).write_text(metadata.get("training", "{}"))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    swap_in_folder(tmp, out)
     return pipe
 
 

@@ -98,6 +98,12 @@ def _export(pipe: ToyPipeline, ema_state: dict, out: Path, step: int = 0, elapse
     export.save_pretrained(tmp)
     (tmp / TRAINING_RECORD).write_text(json.dumps({"step": step, "minutes": round(elapsed / 60, 1),
                                                        "resumes": resumes}))
+    swap_in_folder(tmp, out)
+
+
+def swap_in_folder(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` at ``out``; an existing ``out`` stays whole until the new one
+    is in place (renamed to ``.old``, removed last)."""
     if out.exists():
         old = out.with_name(out.name + ".old")
         os.replace(out, old)
