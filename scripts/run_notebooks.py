@@ -29,11 +29,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from queue import Empty
 
 import nbformat
 import papermill
 
-__all__ = ["RunnerError", "notebooks", "declared_parameters", "quick_replaces", "parse_value", "plan", "run_all", "timing_table", "main"]
+__all__ = ["RunnerError", "poll_in_slices", "execute_in_child", "notebooks", "declared_parameters", "quick_replaces", "parse_value", "plan", "run_all", "timing_table", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -148,23 +149,60 @@ def plan(names: list[str], pairs: list[tuple[str, str]], quick: bool,
     return runs
 
 
-#: Papermill in a child process: the kernel's client (zmq sockets, an asyncio loop) is not shared
-#: between the runner's threads. The notebook's folder goes to the kernel through nbclient's
-#: resources. A cell past its time limit exits with TIMED_OUT.
+#: Papermill runs in a child process of its own (``execute_in_child``): the kernel's client (zmq
+#: sockets, an asyncio loop) is not shared between the runner's threads. A cell past its time limit
+#: exits with TIMED_OUT.
 _EXECUTE = """
-import json, sys, papermill
-from nbclient.exceptions import CellTimeoutError
-a = json.loads(sys.argv[1])
-try:
-    papermill.execute_notebook(a["input"], a["output"], parameters=a["parameters"], kernel_name="python3",
-                               resources={"metadata": {"path": a["folder"]}}, progress_bar=False,
-                               execution_timeout=a["cell_timeout"])
-except CellTimeoutError as error:
-    print(f"cell time limit: {error}", file=sys.stderr)
-    sys.exit(3)
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from run_notebooks import execute_in_child
+sys.exit(execute_in_child(json.loads(sys.argv[1])))
 """
 TIMED_OUT = 3
 CELL_TIMEOUT_S = 900  # no cell of the main job takes 5 minutes on 2 busy cores; one past 15 has hung
+POLL_SLICE_S = 1.0  # the longest the client waits on a socket before looking at it again
+
+
+def poll_in_slices(get_msg, slice_s: float = POLL_SLICE_S):
+    """``get_msg`` (jupyter_client's async channel method) that waits at most ``slice_s`` at a time
+    and looks again until its own ``timeout`` (``None``: forever) has passed.
+
+    Why: pyzmq's asyncio poll can miss the wake-up of a message that has arrived (nbclient issue
+    #312, widget cells). The client then sleeps until the poll's timeout, where pyzmq looks at the
+    socket once more and finds the message. nbclient waits for a cell's reply with the whole cell
+    time limit as that timeout, so notebook 01's widget cell, which the kernel had answered in
+    70 ms (its reply is stamped 12:26:52.709), finished after exactly 900.0 s on a fresh clone
+    (2026-11-27). Slices bound such a miss to ``slice_s``."""
+    async def get_msg_in_slices(self, timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = slice_s if deadline is None else min(slice_s, max(0.0, deadline - time.monotonic()))
+            try:
+                return await get_msg(self, timeout=left)
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    get_msg_in_slices.sliced = True
+    return get_msg_in_slices
+
+
+def execute_in_child(job: dict) -> int:
+    """Execute one notebook with papermill, the kernel client's sockets polled in slices
+    (``poll_in_slices``); the notebook's folder goes to the kernel through nbclient's resources.
+    Returns the exit status: 0, or ``TIMED_OUT`` when a cell passed ``job["cell_timeout"]``."""
+    from jupyter_client.channels import AsyncZMQSocketChannel
+    from nbclient.exceptions import CellTimeoutError
+    if not getattr(AsyncZMQSocketChannel.get_msg, "sliced", False):
+        AsyncZMQSocketChannel.get_msg = poll_in_slices(AsyncZMQSocketChannel.get_msg)
+    try:
+        papermill.execute_notebook(job["input"], job["output"], parameters=job["parameters"],
+                                   kernel_name="python3", resources={"metadata": {"path": job["folder"]}},
+                                   progress_bar=False, execution_timeout=job["cell_timeout"])
+    except CellTimeoutError as error:
+        print(f"cell time limit: {error}", file=sys.stderr)
+        return TIMED_OUT
+    return 0
 
 
 def run(path: Path, parameters: dict, out_dir: Path, cell_timeout: float = CELL_TIMEOUT_S) -> float:
@@ -175,9 +213,9 @@ def run(path: Path, parameters: dict, out_dir: Path, cell_timeout: float = CELL_
     Each notebook gets a process of its own because the runner's threads, sharing one process, got
     in each other's way on a fresh clone: papermill moves the process's working directory for a
     moment on every notebook read and write (notebooks 04 and 05 once started in the repository
-    root: "no such story file"). The retry is for a hang seen twice on a fresh clone, threads and
-    processes alike: notebook 01's widget cell never ran (no output, the kernel idle and answering
-    other clients) while the other notebooks' kernels were shutting down.
+    root: "no such story file"). A cell that still hangs gets one more kernel: notebook 01's widget
+    cell waited out the whole limit three times on fresh clones, for a reply the kernel had sent at
+    once (``poll_in_slices`` explains it and bounds that wait to a second now).
 
     Raises:
         RunnerError: when the notebook fails, or times out twice (papermill's traceback is above it).
@@ -187,7 +225,7 @@ def run(path: Path, parameters: dict, out_dir: Path, cell_timeout: float = CELL_
     job = {"input": str(path), "output": str(out_dir / path.name), "parameters": parameters,
            "folder": str(path.parent), "cell_timeout": cell_timeout}
     for attempt in (1, 2):
-        status = subprocess.run([sys.executable, "-c", _EXECUTE, json.dumps(job)]).returncode
+        status = subprocess.run([sys.executable, "-c", _EXECUTE, json.dumps(job), str(Path(__file__).parent)]).returncode
         if status != TIMED_OUT:
             break
         print(f"  {path.stem}: a cell ran past {cell_timeout:.0f} s (attempt {attempt} of 2)", flush=True)
@@ -226,8 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     print(timing_table({p.stem: times[p.stem] for p, _ in runs}, wall=time.time() - started), flush=True)
 
 
-START_ORDER = ("01", "04", "03", "05", "02")  # side by side: 04 fills the cache 05 reads; 01 (short)
-#: runs while the others start, not while their kernels shut down (see ``run``)
+START_ORDER = ("01", "04", "03", "05", "02")  # side by side: 04 fills the cache 05 reads; 01 is short
 
 
 def run_all(runs: list[tuple[Path, dict]], out_dir: Path, jobs: int) -> dict[str, float]:

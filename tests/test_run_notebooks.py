@@ -118,8 +118,7 @@ def _notebook(folder: Path, name: str, source: str) -> Path:
 
 def test_each_notebook_runs_in_a_process_of_its_own(runner, tmp_path):
     """The kernel's client lives in a child process, not in the runner whose threads share one
-    process (a fresh-clone run once left notebook 01's kernel waiting forever on a widget cell while
-    the other threads' notebooks finished): the kernel's parent is not this process."""
+    process (and papermill's working-directory moves with it): the kernel's parent is not this process."""
     import json
     import os
     path = _notebook(tmp_path / "notebooks", "parent.ipynb", "import os\nprint(os.getppid())")
@@ -139,3 +138,63 @@ def test_a_cell_past_its_time_limit_gets_a_second_kernel_then_stops_the_job(runn
     with pytest.raises(runner.RunnerError, match=r"slow.ipynb failed \(a cell ran past 2 s twice\)"):
         runner.run(path, {}, tmp_path / "out", cell_timeout=2)
     assert capsys.readouterr().out.count("a cell ran past 2 s") == 2
+
+
+class _MissedWakeUpChannel:
+    """A channel whose poll never wakes for a message, as pyzmq's did for notebook 01's widget cell:
+    ``get_msg`` sleeps its whole timeout, then finds the message if it has arrived by then."""
+
+    def __init__(self, arrives_after: float | None):
+        import time
+        self.arrives_at = None if arrives_after is None else time.monotonic() + arrives_after
+        self.calls = 0
+
+    async def get_msg(self, timeout=None):
+        import asyncio
+        import time
+        from queue import Empty
+        self.calls += 1
+        await asyncio.sleep(3600 if timeout is None else timeout)
+        if self.arrives_at is not None and time.monotonic() >= self.arrives_at:
+            return {"reply": "sent long ago"}
+        raise Empty
+
+
+def test_a_missed_wake_up_costs_a_slice_not_the_cell_time_limit(runner):
+    import asyncio
+    import time
+    for timeout in (30.0, None):  # the cell's limit, and nbclient's wait for outputs (no limit)
+        channel = _MissedWakeUpChannel(arrives_after=0.1)
+        get_msg = runner.poll_in_slices(_MissedWakeUpChannel.get_msg, slice_s=0.05)
+        started = time.monotonic()
+        assert asyncio.run(get_msg(channel, timeout=timeout)) == {"reply": "sent long ago"}
+        assert time.monotonic() - started < 1.0 and channel.calls >= 2
+
+
+def test_slices_still_end_at_the_callers_timeout(runner):
+    import asyncio
+    import time
+    from queue import Empty
+    channel = _MissedWakeUpChannel(arrives_after=None)
+    get_msg = runner.poll_in_slices(_MissedWakeUpChannel.get_msg, slice_s=0.05)
+    started = time.monotonic()
+    with pytest.raises(Empty):
+        asyncio.run(get_msg(channel, timeout=0.3))
+    assert 0.3 <= time.monotonic() - started < 1.0
+    with pytest.raises(Empty):
+        asyncio.run(get_msg(channel, timeout=0))
+
+
+def test_the_child_process_polls_the_kernels_sockets_in_slices(runner, tmp_path, monkeypatch):
+    """``execute_in_child`` installs ``poll_in_slices`` on jupyter_client's async channel (what
+    nbclient's client uses) before papermill starts, once however often it is called."""
+    from jupyter_client.channels import AsyncZMQSocketChannel
+    monkeypatch.setattr(AsyncZMQSocketChannel, "get_msg", AsyncZMQSocketChannel.get_msg)
+    seen = []
+    monkeypatch.setattr(runner.papermill, "execute_notebook",
+                        lambda *a, **k: seen.append(AsyncZMQSocketChannel.get_msg))
+    job = {"input": "in.ipynb", "output": str(tmp_path / "out.ipynb"), "parameters": {},
+           "folder": str(tmp_path), "cell_timeout": 5}
+    assert runner.execute_in_child(job) == 0 and runner.execute_in_child(job) == 0
+    assert all(getattr(get_msg, "sliced", False) for get_msg in seen)
+    assert seen[0] is seen[1]  # not wrapped twice
