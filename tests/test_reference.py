@@ -194,3 +194,30 @@ def test_drawn_references_are_the_models_drawings_read_back_by_the_analyzer():
     assert rows[0]["n"] == sum(d is not None for d in drawn)
     with pytest.raises(ValueError, match="references must be one of"):
         appearance_scores(pipe, n_samples=2, settings=settings, references="painted")
+
+
+def test_reference_captions_rewrite_only_the_colour_word_the_reference_shows(monkeypatch):
+    """``--reference-captions``: the references' tokens are computed with their caption as made,
+    with the colour family each one shows named, or with no colour word; the images stay."""
+    from osa_lib.toy import appearance
+    pipe = ToyPipeline.from_pretrained(world.__file__.rsplit("/osa_lib/", 1)[0] + "/data/toy_model")
+    pipe.set_progress_bar_config(disable=True)
+    shown = {}
+    real = appearance.sample_with_reference
+    def spy(pipe, prompts, references, *args, **kwargs):
+        shown["references"] = references
+        return real(pipe, prompts, references, *args, **kwargs)
+    monkeypatch.setattr(appearance, "sample_with_reference", spy)
+    rendered, _ = appearance.probe_references(4, seed=0)
+    settings = (("none", (), (0.0, 1.0)),)
+    for kind, captions in (("rendered", "uncoloured"), ("drawn-uncoloured", "colour-named"), ("rendered", "kept")):
+        appearance.appearance_scores(pipe, n_samples=4, settings=settings, references=kind, captions=captions)
+        for ref in shown["references"]:
+            named = [w for w in ref.caption.split() if w in world.COLOURS]
+            assert named == {"uncoloured": [], "colour-named": [ref.characters[0].colour],
+                             "kept": [ref.characters[0].colour]}[captions], ref.caption
+            assert ref.characters[0].shape in ref.caption and ref.scene in ref.caption
+        if kind == "rendered":
+            assert all(np.array_equal(a.image, b.image) for a, b in zip(shown["references"], rendered))
+    with pytest.raises(ValueError, match="captions must be one of"):
+        appearance.recaption(rendered[0], "bold")

@@ -21,7 +21,9 @@ i.e. chance. Every setting uses the same noise and references, so rows are paire
 (``drawn_references``) instead of rendered scenes: what a story's bank holds. An uncoloured story's
 first scene is drawn from a prompt without a colour, and on the fine-tunes of issue 13 such
 references are copied far less than rendered or colour-named ones
-(``results/toy_attn_only_finetune.md``, fifth run).
+(``results/toy_attn_only_finetune.md``, fifth run). ``--reference-captions colour-named`` /
+``uncoloured`` shows the same references with their caption rewritten, the colour word of what they
+show put in or left out, to tell the image's part from the caption's.
 
 ``reference_benefit`` (``--benefit``) asks why: on training-style reference pairs
 (``world.sample_pair``), the denoising loss of the targets with and without their reference
@@ -32,6 +34,7 @@ character's queries give the reference's tokens at all, per layer and timestep.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from contextlib import nullcontext
@@ -45,7 +48,7 @@ from .analyzer import analyze_image, largest_detection
 from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline, images_to_latents, latents_to_images
 from .reference import reference_attention
 
-__all__ = ["PROBE_SETTINGS", "REFERENCE_KINDS", "probe_references", "drawn_references", "sample_with_reference",
+__all__ = ["PROBE_SETTINGS", "REFERENCE_KINDS", "REFERENCE_CAPTIONS", "recaption", "probe_references", "drawn_references", "sample_with_reference",
            "appearance_scores", "format_table", "reference_benefit", "reference_share", "main"]
 
 # (name, up-block resolutions that see the reference (None: all, (): none), share of steps (from, to))
@@ -78,6 +81,19 @@ def probe_references(n: int, seed: int = 0) -> tuple[list[world.Scene], list[str
 #: drawings of them from their captions, with the colour named or, as a story's uncoloured first
 #: scene gives it, without
 REFERENCE_KINDS = ("rendered", "drawn", "drawn-uncoloured")
+#: the caption a reference's tokens are computed with: the one it was made from, or rewritten with
+#: the colour family it shows named, or with no colour word
+REFERENCE_CAPTIONS = ("kept", "colour-named", "uncoloured")
+
+
+def recaption(reference: world.Scene, captions: str) -> world.Scene:
+    """``reference`` with its caption as ``captions`` (``REFERENCE_CAPTIONS``) asks."""
+    if captions not in REFERENCE_CAPTIONS:
+        raise ValueError(f"captions must be one of {REFERENCE_CAPTIONS}, got {captions!r}")
+    if captions == "kept":
+        return reference
+    caption = world.make_caption(reference.scene, reference.characters, [captions == "colour-named"])
+    return dataclasses.replace(reference, caption=caption)
 
 
 def drawn_references(pipe: ToyPipeline, references: list[world.Scene], seed: int = 0, colour_named: bool = True,
@@ -147,16 +163,18 @@ def _read(image: np.ndarray, reference: world.Character) -> dict:
 
 
 def appearance_scores(pipe: ToyPipeline, n_samples: int = 48, seed: int = 0, settings=PROBE_SETTINGS,
-                      steps: int = DEFAULT_STEPS, references: str = "rendered") -> list[dict]:
+                      steps: int = DEFAULT_STEPS, references: str = "rendered", captions: str = "kept") -> list[dict]:
     """One row per setting: share of drawn samples that took the reference's colour family, mark
     and size, the share drawn at all, and the count. ``references`` (``REFERENCE_KINDS``): drawn
-    ones keep only the samples whose reference was drawn, so ``n`` may be below ``n_samples``."""
+    ones keep only the samples whose reference was drawn, so ``n`` may be below ``n_samples``.
+    ``captions`` (``REFERENCE_CAPTIONS``): the caption each reference's tokens are computed with."""
     if references not in REFERENCE_KINDS:
         raise ValueError(f"references must be one of {REFERENCE_KINDS}, got {references!r}")
     scenes, prompts = probe_references(n_samples, seed)
     if references != "rendered":
         drawn = drawn_references(pipe, scenes, seed, colour_named=references == "drawn", steps=steps)
         scenes, prompts = [d for d in drawn if d is not None], [p for d, p in zip(drawn, prompts) if d is not None]
+    scenes = [recaption(scene, captions) for scene in scenes]
     if not scenes:
         nan = float("nan")
         return [{"setting": name, "colour": nan, "mark": nan, "size": nan, "drawn": nan, "n": 0} for name, *_ in settings]
@@ -247,6 +265,9 @@ def main(argv=None) -> None:
     parser.add_argument("--references", choices=REFERENCE_KINDS, default="rendered",
                         help="rendered scenes (as training shows them), or the model's drawings of them from their "
                              "captions: 'drawn-uncoloured' is what an uncoloured story's bank holds")
+    parser.add_argument("--reference-captions", choices=REFERENCE_CAPTIONS, default="kept",
+                        help="the caption a reference's tokens are computed with: its own, or rewritten with the "
+                             "colour it shows named, or without a colour word")
     parser.add_argument("--benefit", action="store_true", help="also the loss with and without the reference")
     parser.add_argument("--share", action="store_true",
                         help="also the share of attention the shared character's queries give the reference")
@@ -260,8 +281,9 @@ def main(argv=None) -> None:
     pipe.set_progress_bar_config(disable=True)
     started = time.time()
     settings = PROBE_SETTINGS[:2] if args.quick else PROBE_SETTINGS
-    lines = [f"References: {args.references}.\n",
-             format_table(appearance_scores(pipe, args.samples, args.seed, settings, references=args.references))]
+    lines = [f"References: {args.references}, captions {args.reference_captions}.\n",
+             format_table(appearance_scores(pipe, args.samples, args.seed, settings, references=args.references,
+                                            captions=args.reference_captions))]
     if args.benefit:
         lines.append("\n| t | loss without reference | loss with reference |\n|---|---|---|")
         lines += [f"| {r['t']} | {r['loss without reference']:.4f} | {r['loss with reference']:.4f} |"
