@@ -45,6 +45,7 @@ import torch
 from . import world
 from ..figures import write_results
 from .analyzer import analyze_image, largest_detection
+from .drawn_pool import drawn_references
 from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline, images_to_latents, latents_to_images
 from .reference import reference_attention
 
@@ -94,27 +95,6 @@ def recaption(reference: world.Scene, captions: str) -> world.Scene:
         return reference
     caption = world.make_caption(reference.scene, reference.characters, [captions == "colour-named"])
     return dataclasses.replace(reference, caption=caption)
-
-
-def drawn_references(pipe: ToyPipeline, references: list[world.Scene], seed: int = 0, colour_named: bool = True,
-                     steps: int = DEFAULT_STEPS) -> list[world.Scene | None]:
-    """The model's own drawings of ``references``' characters, as a story's bank would hold them:
-    each caption sampled (without its colour word when not ``colour_named``), then the named shape
-    read back by the analyzer, whose colour family, details and mask become the reference's truth.
-    None where the shape is not drawn."""
-    captions = [r.caption if colour_named else world.make_caption(r.scene, r.characters, [False]) for r in references]
-    images = pipe(captions, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed + 7919))  # (B, 32, 32, 3)
-    drawn = []
-    for image, caption, reference in zip(images, captions, references):
-        d = largest_detection(analyze_image(image), reference.characters[0].shape)
-        if d is None:
-            drawn.append(None)
-            continue
-        character = world.Character(shape=d.shape, colour=d.colour, hue=d.hue, value=d.value, size=d.size,
-                                    mark=d.mark, mark_tone=d.mark_tone, center=d.center)
-        drawn.append(world.Scene(reference.scene, [character], caption, reference.relation,
-                                 image=np.round(image * 255).astype(np.uint8), masks=d.mask[None]))
-    return drawn
 
 
 @torch.no_grad()

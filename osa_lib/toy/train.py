@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
+from .drawn_pool import load_pool
 from .model import DEFAULT_MODEL_DIR, LATENT_SIZE, TEXT_BLOCKS, ToyPipeline, build_toy_pipeline, images_to_latents
 from .reference import reference_attention
 from .world import HELD_OUT_TRIPLES, _dilate, sample_pair, sample_scene
@@ -48,18 +49,31 @@ class SceneStream(torch.utils.data.IterableDataset):
     pixels that may look, as the method's isolated self-attention allows: the shared character's
     region (grown by one pixel) or, a share ``whole_share`` of the time, every pixel; and
     ``query_weight`` (B, 16, 16) the target character's own coverage, the stand-in for the method's
-    ``Â`` when training with its re-weighting (zero outside pair targets)."""
+    ``Â`` when training with its re-weighting (zero outside pair targets).
+
+    With a ``drawn_pool`` (``osa_lib.toy.drawn_pool``), a share ``drawn_share`` of the pairs take
+    their reference from it: the model's own drawing of an uncoloured caption, what an uncoloured
+    story's bank holds, with a target rendered from the character as the analyzer read it."""
 
     def __init__(self, batch_size: int, seed: int, p_empty_caption: float = 0.1, pair_rate: float = 0.0,
-                 whole_share: float = 0.5):
+                 whole_share: float = 0.5, drawn_pool: list | None = None, drawn_share: float = 0.0):
         self.batch_size, self.seed, self.p_empty_caption = batch_size, seed, p_empty_caption
         self.pairs, self.whole_share = int(round(pair_rate * batch_size / 2)), whole_share
+        if drawn_share > 0 and not drawn_pool:
+            raise ValueError("drawn_share > 0 needs a drawn pool (--drawn-pool FILE, written by osa_lib.toy.drawn_pool)")
+        self.drawn_pool, self.drawn_share = drawn_pool or [], drawn_share
+
+    def _reference(self, rng: np.random.Generator):
+        """A drawn reference from the pool (a share ``drawn_share`` of the time), else None (rendered)."""
+        if self.drawn_share > 0 and rng.random() < self.drawn_share:
+            return self.drawn_pool[int(rng.integers(len(self.drawn_pool)))]
+        return None
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng(self.seed + (info.id * 7919 if info else 0))
         while True:
-            pairs = [sample_pair(rng, exclude=HELD_OUT_TRIPLES) for _ in range(self.pairs)]
+            pairs = [sample_pair(rng, exclude=HELD_OUT_TRIPLES, reference=self._reference(rng)) for _ in range(self.pairs)]
             plain = [sample_scene(rng, exclude=HELD_OUT_TRIPLES) for _ in range(self.batch_size - 2 * self.pairs)]
             scenes = [p[0] for p in pairs] + [p[1] for p in pairs] + plain
             images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2)
@@ -126,7 +140,8 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
           text_dim: int = 128, phrase_wise: bool = True, levels: int = 3, pair_rate: float = 0.0,
           workers: int = 1, whole_share: float = 0.5, pair_timesteps: str = "same", pair_min_t: int = 0,
           pair_plain_loss: bool = True, train_only: str = "all", pair_reweight: float = 0.0,
-          preserve: float = 0.0, preserve_from: Path | None = None) -> dict:
+          preserve: float = 0.0, preserve_from: Path | None = None, drawn_pool: Path | None = None,
+          drawn_share: float = 0.0) -> dict:
     """Train (or resume) and return the last logged statistics."""
     ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +198,10 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
     # frozen: what rows without a reference should still predict (the model being fine-tuned, or
     # the one a resumed fine-tune first started from, so drift does not add up over restarts)
     teacher = ToyPipeline.from_pretrained(teacher_dir).to(device) if preserve > 0 else None
-    loader = torch.utils.data.DataLoader(SceneStream(batch_size, data_seed, pair_rate=pair_rate, whole_share=whole_share), batch_size=None,
+    pool = load_pool(drawn_pool) if drawn_pool is not None else None
+    stream = SceneStream(batch_size, data_seed, pair_rate=pair_rate, whole_share=whole_share, drawn_pool=pool,
+                         drawn_share=drawn_share)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None,
                                          num_workers=workers, prefetch_factor=4, persistent_workers=True,
                                          worker_init_fn=lambda _: torch.set_num_threads(1))
     torch.manual_seed(seed + step)
@@ -424,6 +442,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preserve-from", type=Path, default=None,
                         help="the model --preserve holds rows without a reference at (default: --init-from); "
                              "give the original model when continuing a fine-tune rebuilt with osa_lib.toy.delta")
+    parser.add_argument("--drawn-pool", type=Path, default=None,
+                        help="the model's own drawings of uncoloured captions (python -m osa_lib.toy.drawn_pool), "
+                             "references for a share --drawn-share of the pairs")
+    parser.add_argument("--drawn-share", type=float, default=0.0,
+                        help="share of reference pairs whose reference comes from --drawn-pool")
     parser.add_argument("--pair-plain-loss", action=argparse.BooleanOptionalAction, default=True,
                         help="pair targets' loss without Min-SNR weighting (which nearly ignores high noise)")
     parser.add_argument("--train-only", choices=TRAIN_ONLY, default="all",
@@ -442,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
           pair_rate=args.pair_rate, workers=args.workers, whole_share=args.whole_share,
           pair_timesteps=args.pair_timesteps, pair_min_t=args.pair_min_t, pair_plain_loss=args.pair_plain_loss,
           pair_reweight=args.pair_reweight, train_only=args.train_only, preserve=args.preserve,
-          preserve_from=args.preserve_from)
+          preserve_from=args.preserve_from, drawn_pool=args.drawn_pool, drawn_share=args.drawn_share)
 
 
 if __name__ == "__main__":

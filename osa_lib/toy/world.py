@@ -256,7 +256,8 @@ def render_scene(scene: str, characters: list[Character], rng: np.random.Generat
     for k, c in enumerate(characters):
         body = shape_mask(c.shape, c.center, c.size)
         image[body] = c.rgb
-        image[_mark_mask(c, body)] = MARK_RGB[c.mark_tone]
+        if c.mark != "none":  # a character read from a drawing without a mark has no tone ("none")
+            image[_mark_mask(c, body)] = MARK_RGB[c.mark_tone]
         masks[:k] &= ~body  # later characters occlude earlier ones
         masks[k] = body
     show_colour = show_colour or [True] * len(characters)
@@ -297,20 +298,24 @@ def sample_scene(rng: np.random.Generator, n_characters: int | None = None,
 
 
 def sample_pair(rng: np.random.Generator, p_drop_shared_colour: float = 0.6,
-                exclude: set[tuple[str, str, str]] | frozenset = frozenset()) -> tuple[Scene, Scene, int, int]:
+                exclude: set[tuple[str, str, str]] | frozenset = frozenset(),
+                reference: Scene | None = None) -> tuple[Scene, Scene, int, int]:
     """Two scenes that share one character, identical in every detail but its position: the
     training data that teaches the toy model to copy appearance through self-attention
     (``osa_lib.toy.reference``).
 
-    The reference has 1-2 characters with their colours named as usual; the target has 1-3, and
-    its caption leaves the shared character's colour out with probability ``p_drop_shared_colour``.
+    The reference has 1-2 characters with their colours named as usual, or is the given
+    one-character ``reference`` (such as the model's own drawing, ``osa_lib.toy.drawn_pool``); the
+    target has 1-3, and its caption leaves the shared character's colour out with probability
+    ``p_drop_shared_colour``.
 
     Returns:
         (reference, target, index of the shared character in the reference, index in the target).
     """
+    given = reference
     for _ in range(1000):
-        reference = sample_scene(rng, n_characters=int(rng.choice([1, 2], p=[0.6, 0.4])), exclude=exclude)
-        i_ref = int(rng.integers(len(reference.characters)))
+        reference = given or sample_scene(rng, n_characters=int(rng.choice([1, 2], p=[0.6, 0.4])), exclude=exclude)
+        i_ref = 0 if given else int(rng.integers(len(reference.characters)))
         shared = reference.characters[i_ref]
         n = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
         scene = str(rng.choice(SCENES))
