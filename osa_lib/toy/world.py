@@ -314,8 +314,9 @@ def sample_pair(rng: np.random.Generator, p_drop_shared_colour: float = 0.6,
     """
     given = reference
     for _ in range(1000):
-        reference = given or sample_scene(rng, n_characters=int(rng.choice([1, 2], p=[0.6, 0.4])), exclude=exclude)
-        i_ref = 0 if given else int(rng.integers(len(reference.characters)))
+        reference = given if given is not None else sample_scene(
+            rng, n_characters=int(rng.choice([1, 2], p=[0.6, 0.4])), exclude=exclude)
+        i_ref = 0 if given is not None else int(rng.integers(len(reference.characters)))
         shared = reference.characters[i_ref]
         n = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
         scene = str(rng.choice(SCENES))
