@@ -63,7 +63,7 @@ def draw_pool(pipe: ToyPipeline, n: int, seed: int = 0, batch_size: int = 64, pr
     rng = np.random.default_rng(seed)
     pool = []
     for start in range(0, n, batch_size):
-        rendered = [world.sample_scene(rng, n_characters=1, p_drop_colour=1.0, exclude=world.HELD_OUT_TRIPLES)
+        rendered = [world.sample_scene(rng, n_characters=1, exclude=world.HELD_OUT_TRIPLES)  # colour word dropped when drawn
                     for _ in range(min(batch_size, n - start))]
         pool += [d for d in drawn_references(pipe, rendered, seed + start, colour_named=False) if d is not None]
         if progress is not None:
