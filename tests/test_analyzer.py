@@ -97,3 +97,21 @@ def test_union_iou_ignores_which_mask_is_whose():
     undrawn = [{"image": 2, "mask": a, "truth_mask": None}, {"image": 2, "mask": b, "truth_mask": b}]
     assert _union_iou(swapped) == {"mean": 1.0, "n_images": 1}
     assert _union_iou(swapped + half + undrawn) == {"mean": 0.75, "n_images": 2}
+
+
+def test_largest_detection_refuses_a_flood_bigger_than_any_world_character():
+    # isolated attention at high w can paint a character's colour over half the image; a square
+    # template still fits it, so without a size limit such a flood counted as "the square, drawn"
+    from dataclasses import replace
+    rng = np.random.default_rng(5)
+    largest = replace(world.sample_character(rng, "square", "blue"), size=world.SIZE_RANGE[1], mark="none",
+                      mark_tone="none", center=(16.0, 16.0))
+    flood = replace(largest, size=12.0)  # 23x23 px of blue: half the image
+    read = {}
+    for name, c in (("largest", largest), ("flood", flood)):
+        image = world.render_scene("meadow", [c], np.random.default_rng(0)).image
+        (det,) = analyze_image(image)
+        assert det.shape == "square" and det.score >= analyzer.MIN_SCORE  # the template fits both
+        read[name] = analyzer.largest_detection([det], "square")
+    assert read["largest"] is not None and abs(read["largest"].size - world.SIZE_RANGE[1]) < 0.5
+    assert read["flood"] is None

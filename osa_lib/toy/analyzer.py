@@ -58,13 +58,17 @@ from osa_lib.toy import world
 
 __all__ = [
     "DetectedCharacter", "analyze_image", "match_characters", "mask_iou", "evaluate_analyzer",
-    "CHROMA_THRESHOLD", "MIN_AREA", "MIN_SCORE", "largest_detection",
+    "CHROMA_THRESHOLD", "MIN_AREA", "MIN_SCORE", "MAX_SIZE", "largest_detection",
 ]
 
 HW = world.IMAGE_SIZE
 CHROMA_THRESHOLD = 0.45  # backgrounds <= 0.37, characters >= 0.72 (0.9 * value >= 0.8)
 MIN_AREA = 12  # pixels; the smallest visible character in world scenes is ~35 px
 MIN_SCORE = 0.6  # a detection whose best shape template fits worse than this is a blob, not that shape
+#: a detection larger than any character the world draws (its largest radius plus a pixel of blurred
+#: edge) is a flood of colour, not that shape: isolated attention at high w can paint a character's
+#: colour over half the image, which a square template still fits (results/toy_attn_only_finetune.md)
+MAX_SIZE = world.SIZE_RANGE[1] + 1.0
 _FAMILIES = tuple(world.COLOURS)
 _FAMILY_HUES = np.array([world.COLOURS[f] for f in _FAMILIES], np.float32)  # (5,)
 # size thresholds for the template search: a template of size s holds pixels with g <= s
@@ -372,11 +376,12 @@ def analyze_image(image) -> list[DetectedCharacter]:
 
 
 def largest_detection(detected: list[DetectedCharacter], shape: str) -> DetectedCharacter | None:
-    """The largest detection of ``shape`` that fits its template at least ``MIN_SCORE`` (None: not drawn).
+    """The largest detection of ``shape`` that fits its template at least ``MIN_SCORE`` and is no
+    larger than ``MAX_SIZE`` (None: not drawn).
 
     The one rule every toy measurement uses to decide which detection "is" a named character.
     """
-    found = [d for d in detected if d.shape == shape and d.score >= MIN_SCORE]
+    found = [d for d in detected if d.shape == shape and d.score >= MIN_SCORE and d.size <= MAX_SIZE]
     return max(found, key=lambda d: d.mask.sum()) if found else None
 
 
