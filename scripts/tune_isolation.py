@@ -15,6 +15,7 @@ highest colour kept wins; the winner goes, by hand, into the model folder's ``is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,30 @@ CANDIDATES = {METHOD_DEFAULTS: {}, "w 16, warm-up 20 %, every 3rd step": dict(re
               **weight_candidates([1.0, 4.0, 8.0, 16.0, 32.0])}
 
 
+def parse_configs(text: str) -> dict:
+    """``--configs``: ``;``-separated candidates, each ``field=value,...`` of ``IsolationConfig``.
+
+    >>> parse_configs("reweight=16,warmup=0,lam=0.5; reweight=4")
+    {'reweight=16, warmup=0, lam=0.5': {'reweight': 16.0, 'warmup': 0.0, 'lam': 0.5}, 'reweight=4': {'reweight': 4.0}}
+    """
+    fields = {f.name: f.type for f in dataclasses.fields(IsolationConfig)}
+    candidates = {}
+    for spec in filter(None, (part.strip() for part in text.split(";"))):
+        config = {}
+        for item in spec.split(","):
+            name, sep, value = (piece.strip() for piece in item.partition("="))
+            if not sep or name not in fields:
+                raise SystemExit(f"--configs: {item.strip()!r} is not field=value with a field of IsolationConfig "
+                                 f"({', '.join(fields)}); e.g. --configs 'reweight=16,warmup=0,lam=0.5'")
+            kind = fields[name] if isinstance(fields[name], str) else fields[name].__name__
+            config[name] = (value.lower() in ("1", "true", "yes") if kind == "bool"
+                            else None if value.lower() == "none"
+                            else int(value) if kind.startswith("int") else value if kind == "str" else float(value))
+        IsolationConfig(**config)  # a value out of range fails here, before anything runs
+        candidates[", ".join(item.strip() for item in spec.split(","))] = config
+    return candidates
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="toy pipeline folder (default data/toy_model)")
@@ -52,6 +77,9 @@ def main(argv=None) -> None:
     parser.add_argument("--weights", type=lambda text: [float(w) for w in text.split(",")], default=None,
                         help="comma-separated w values to try with no warm-up and every step, instead of "
                              "the built-in candidates (METHOD.md's defaults always run too), e.g. 16,64,128")
+    parser.add_argument("--configs", type=parse_configs, default=None,
+                        help="';'-separated IsolationConfig candidates, each 'field=value,...', tried after "
+                             "--weights' (or instead of the built-in ones), e.g. 'reweight=16,warmup=0,lam=0.5'")
     parser.add_argument("--md", default=None, help="also write the table here, with the command, commit and machine")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -61,7 +89,8 @@ def main(argv=None) -> None:
     stories = [load_story(root / f"{name}.yaml").with_seed_offset(VALIDATION_OFFSET) for name in STORIES]
     scorer = StoryScorer(backbone, args.seeds, **({} if args.steps is None else {"num_inference_steps": args.steps}))
     runs = {"vanilla": ("vanilla", None)}
-    candidates = CANDIDATES if args.weights is None else weight_candidates(args.weights)
+    candidates = CANDIDATES if args.weights is None and args.configs is None else \
+        {**weight_candidates(args.weights or []), **(args.configs or {})}
     runs.update({name: ("isolated", IsolationConfig(**fields)) for name, fields in candidates.items()})
     lines = []
 

@@ -38,3 +38,19 @@ def test_weights_flag_tries_each_w_with_no_warm_up_and_every_step(load_script):
                                 "w 16, no warm-up, every step", "w 64, no warm-up, every step"]
     assert candidates["w 64, no warm-up, every step"] == dict(reweight=64.0, warmup=0.0, bank_step_stride=1)
     assert candidates["METHOD.md (w 1, warm-up 20 %, every 3rd step)"] == {}
+
+
+def test_configs_flag_parses_fields_of_isolation_config_and_refuses_others(load_script):
+    import pytest
+    tune = load_script("tune_isolation")
+    candidates = tune.parse_configs("reweight=16,warmup=0,lam=0.5 ; isolated_cross=false,bank_step_stride=2,"
+                                    "mask_resolution=none,overlap_rule=argmax")
+    assert candidates == {"reweight=16, warmup=0, lam=0.5": dict(reweight=16.0, warmup=0.0, lam=0.5),
+                          "isolated_cross=false, bank_step_stride=2, mask_resolution=none, overlap_rule=argmax":
+                              dict(isolated_cross=False, bank_step_stride=2, mask_resolution=None, overlap_rule="argmax")}
+    assert type(candidates["isolated_cross=false, bank_step_stride=2, mask_resolution=none, overlap_rule=argmax"]
+                ["bank_step_stride"]) is int
+    with pytest.raises(SystemExit, match="not field=value"):
+        tune.parse_configs("strength=3")
+    with pytest.raises(ValueError, match="lam"):
+        tune.parse_configs("lam=9")  # out of range: refused before anything runs
