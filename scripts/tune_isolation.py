@@ -30,7 +30,7 @@ from osa_lib.experiments import StoryScorer, mean_and_sem  # noqa: E402
 VALIDATION_OFFSET = 500_000  # scripts/evaluate_stories.py shifts by k * 1000, k < its --seeds
 STORIES = ("toy_uncoloured_single", "toy_uncoloured_pair", "toy_uncoloured_newcomer")
 METHOD_DEFAULTS = "METHOD.md (w 1, warm-up 20 %, every 3rd step)"
-COLUMNS = ("colour kept", "IIS-toy", "attribute accuracy", "mixing rate")
+COLUMNS = ("colour kept", "IIS-toy", "attribute accuracy", "mixing rate", "flood rate")
 
 
 def weight_candidates(weights: list[float]) -> dict:

@@ -127,3 +127,22 @@ def test_uncoloured_characters_drawn_in_one_colour_count_as_mixed():
     metrics = toy_story_metrics(UNCOLOURED, rendered_uncoloured([(box, tri), (box, red_tri), (box, tri)]), details=True)
     assert metrics["mixed scenes"] == 1 and metrics["multi-character scenes"] == 3, metrics
     assert metrics["colour kept"] == pytest.approx(100 * 3 / 4), metrics  # Tri lost its blue once
+
+
+def test_a_flood_of_colour_is_not_the_character_and_counts_in_the_flood_rate():
+    # isolated attention at high w can paint the reference's colour over half the image; before
+    # analyzer.MAX_SIZE such a square-ish flood counted as the square, drawn and in its colour
+    rng = np.random.default_rng(6)
+    box, tri = world.sample_character(rng, "square", "red"), world.sample_character(rng, "triangle", "blue")
+    scenes = []
+    for k, scene in enumerate(UNCOLOURED.scenes):
+        flood = k == 1
+        placed = [dataclasses.replace(box, center=(16.0, 16.0), size=12.0)] if flood else \
+            [dataclasses.replace(c, center=corner) for c, corner in zip((box, tri), [(8.0, 8.0), (24.0, 24.0)])]
+        image = world.render_scene(scene.prompt.split()[-1], placed, np.random.default_rng(k)).image / 255.0
+        scenes.append(SceneResult(k, scene.prompt, scene.characters, scene.seed, image, 0.1))
+    metrics = toy_story_metrics(UNCOLOURED, StoryResult("rendered", scenes), details=True)
+    assert metrics["flood rate"] == pytest.approx(100 / 3), metrics
+    assert metrics["attribute accuracy"] == pytest.approx(100 * 4 / 6), metrics  # neither is drawn in the flood
+    assert metrics["colour kept"] == 100, metrics  # Box and Tri: 1 of 1 later appearance each
+    assert "flood rate" not in toy_story_metrics(UNCOLOURED, StoryResult("rendered", scenes))

@@ -15,6 +15,9 @@
   uncoloured character's colour is the one it is drawn in there.
 - **TIS-toy** (%): facts of the scene prompt the image shows (scene, each named shape and
   colour), the toy stand-in for CLIP text-image similarity.
+- **flood rate** (%, with ``details``): scenes holding a patch of character colour larger than any
+  character the world draws (``analyzer.MAX_SIZE``). No character is read from such a patch, so a
+  method that floods the image loses attribute accuracy; this says why.
 
 Higher is better for all but the mixing rate. The paper's SDXL metrics live in
 ``osa_lib.sdxl_metrics``.
@@ -24,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import world
-from .analyzer import analyze_image, largest_detection
+from .analyzer import MAX_SIZE, analyze_image, largest_detection
 
 __all__ = ["identity_terms", "detail_similarity", "IDENTITY_DETAILS", "id_colours", "read_scene", "is_mixed",
            "colour_kept", "toy_story_metrics", "METRIC_NAMES", "classify_scene", "check_prompt"]
@@ -57,9 +60,10 @@ def id_colours(story) -> dict[str, str | None]:
             for n, c in story.characters.items()}
 
 
-def read_scene(story, scene, image) -> dict:
-    """The analyzer's detection of each character of ``scene`` in ``image`` (None: not drawn)."""
-    detected = analyze_image(image)
+def read_scene(story, scene, image, detected: list | None = None) -> dict:
+    """The analyzer's detection of each character of ``scene`` in ``image`` (None: not drawn);
+    ``detected``: ``analyze_image(image)`` when already computed."""
+    detected = analyze_image(image) if detected is None else detected
     return {n: largest_detection(detected, story.characters[n].word) for n in scene.characters}
 
 
@@ -88,9 +92,11 @@ def toy_story_metrics(story, result, details: bool = False) -> dict:
     """
     id_colour = id_colours(story)
     drawn: dict[str, list] = {n: [] for n in story.characters}
-    attribute_hits, mixing, mixing_sizes, tis = [], [], [], []
+    attribute_hits, mixing, mixing_sizes, tis, flooded = [], [], [], [], []
     for scene, res in zip(story.scenes, result.scenes):
-        found = read_scene(story, scene, res.image)
+        detected = analyze_image(res.image)
+        flooded.append(any(d.size > MAX_SIZE for d in detected))
+        found = read_scene(story, scene, res.image, detected)
         for name, d in found.items():
             attribute_hits.append(d is not None and id_colour[name] in (None, d.colour))
             if d is not None:
@@ -114,6 +120,7 @@ def toy_story_metrics(story, result, details: bool = False) -> dict:
         metrics["mixed scenes"], metrics["multi-character scenes"] = int(sum(mixing)), len(mixing)
         two = [mixed for mixed, size in zip(mixing, mixing_sizes) if size == 2]
         metrics["mixed two-character scenes"], metrics["two-character scenes"] = int(sum(two)), len(two)
+        metrics["flood rate"] = 100 * float(np.mean(flooded))
         for detail in IDENTITY_DETAILS:
             metrics[f"IIS-toy {detail}"] = 100 * float(np.mean([p[detail] for p in pairs])) if pairs else float("nan")
     return metrics
