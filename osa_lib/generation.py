@@ -244,6 +244,7 @@ def _recorded_masks(store: AttentionStore, counts: list[int], config: IsolationC
             out.append(None)
             continue
         masks = subject_masks([a[b:b + 1, :m] for a in maps], rule=config.overlap_rule,
-                              min_fraction=config.min_fraction, max_fraction=config.max_fraction)
+                              min_fraction=config.min_fraction, max_fraction=config.max_fraction,
+                              area_cap=config.mask_area_cap)
         out.append(masks.masks[0].cpu().numpy())  # maps stay on the U-Net's device
     return out

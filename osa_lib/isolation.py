@@ -58,6 +58,12 @@ class IsolationConfig:
         mask_resolution: feature-map height of the up-block layers whose maps make the masks
             (None: the smallest one, ``AttentionStore.mask_resolution``).
         min_fraction / max_fraction: masks outside these pixel fractions are unreliable.
+        mask_area_cap: keep at most this fraction of the image's pixels in a character's mask,
+            those of highest ``Â_m``; None (default): the whole mask, as the paper. Not in the paper:
+            on a small model the early steps' maps are diffuse, Otsu keeps half the image, and
+            copying the reference there paints its colour over it, which feeds the next step's map
+            (a flood, ``results/toy_attn_only_finetune.md``); a cap near the largest share of the
+            image a character covers keeps the copying every step in a region of plausible size.
         bank_step_stride: write a new character's references at every k-th step after warm-up
             only; a later scene reads the nearest stored step (``ReferenceBank.nearest_step``).
             Warm-up steps are never stored: nothing reads them. Default 3, a deviation from the
@@ -83,6 +89,7 @@ class IsolationConfig:
     mask_resolution: int | None = None
     min_fraction: float = 0.01
     max_fraction: float = 0.9
+    mask_area_cap: float | None = None
     bank_step_stride: int = 3
     bank_layer_stride: int = 1
 
@@ -107,6 +114,8 @@ class IsolationConfig:
                                                        "isolate (use lam=0 for the unmodified model).")
         number("min_fraction", 0.0, 1.0, high_open=True)
         number("max_fraction", 0.0, 1.0, low_open=True)
+        if self.mask_area_cap is not None:
+            number("mask_area_cap", 0.0, 1.0, low_open=True, fix="None keeps Otsu's mask whole (the paper).")
         if self.min_fraction >= self.max_fraction:
             raise ValueError(f"IsolationConfig.min_fraction={self.min_fraction!r} must be below "
                              f"max_fraction={self.max_fraction!r}; otherwise every mask is refused and the "
@@ -221,7 +230,8 @@ class IsolationController:
         # operators, each a kernel launch and some a synchronisation on a GPU)
         maps = self.store.maps(places=("up",), resolution=self.mask_resolution, device="cpu")
         self.masks = subject_masks(list(maps.values()), rule=self.config.overlap_rule,
-                                   min_fraction=self.config.min_fraction, max_fraction=self.config.max_fraction)
+                                   min_fraction=self.config.min_fraction, max_fraction=self.config.max_fraction,
+                                   area_cap=self.config.mask_area_cap)
         self.mask_history.append(self.masks.masks[0].clone())
         if self.step >= self.warmup_steps:
             for m, reason in enumerate(self.masks.reasons[0]):

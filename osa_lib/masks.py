@@ -23,6 +23,7 @@ tensors out, no model, no global state. Shapes use ``B`` images, ``M`` character
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "resize_masks",
     "resolve_overlaps",
     "subject_masks",
+    "top_fraction",
 ]
 
 #: Accepted values of ``rule`` in :func:`resolve_overlaps`; ``"lower_cv"`` is the paper's.
@@ -434,6 +436,14 @@ class SubjectMasks:
     reasons: list[list[str]]
 
 
+def top_fraction(A_hat: Tensor, fraction: float) -> Tensor:
+    """bool ``(B, M, H, W)``: each map's ``ceil(fraction·H·W)`` highest pixels (ties at the cut kept)."""
+    flat = A_hat.flatten(-2)  # (B, M, N)
+    k = max(1, math.ceil(fraction * flat.shape[-1]))
+    cut = flat.topk(k, dim=-1).values[..., -1:]  # (B, M, 1): the k-th highest value
+    return (flat >= cut).view_as(A_hat)
+
+
 def subject_masks(
     layer_maps: list[Tensor] | Tensor,
     rule: str = "lower_cv",
@@ -441,11 +451,12 @@ def subject_masks(
     min_fraction: float = 0.01,
     max_fraction: float = 0.9,
     eps: float = 1e-8,
+    area_cap: float | None = None,
 ) -> SubjectMasks:
     """Masks ``M_m`` and normalised maps ``Â_m`` for one step, from the recorded ``A_m``.
 
-    aggregate over layers -> normalise -> Otsu -> reliability -> resolve overlaps among the
-    reliable characters -> re-check. Unreliable characters are dropped *before* overlap
+    aggregate over layers -> normalise -> Otsu -> (area cap) -> reliability -> resolve overlaps
+    among the reliable characters -> re-check. Unreliable characters are dropped *before* overlap
     resolution, because they fall back to the original branch and must not take pixels from a
     reliable character; a character left with (nearly) no pixels after resolution is flagged too.
 
@@ -457,6 +468,9 @@ def subject_masks(
         min_fraction (float): see :func:`reliability`.
         max_fraction (float): see :func:`reliability`.
         eps (float): constant-map tolerance.
+        area_cap (float | None): keep at most this fraction of the pixels in an Otsu mask, those
+            with the highest ``Â_m`` (ties kept); None: Otsu's mask whole, as the paper. Not in
+            the paper: see ``IsolationConfig.mask_area_cap``.
 
     Returns:
         SubjectMasks: masks, raw_masks, A_hat, thresholds, cv, ok, reasons.
@@ -467,6 +481,8 @@ def subject_masks(
     A_hat = normalize_maps(A, eps)  # (B, M, H, W)
     thr = otsu_threshold(A_hat, nbins)  # (B, M)
     raw = A_hat > thr[..., None, None]  # (B, M, H, W)
+    if area_cap is not None:
+        raw = raw & top_fraction(A_hat, area_cap)
     cv = coefficient_of_variation(A, eps)  # (B, M)
 
     ok, reasons = reliability(raw, A, min_fraction, max_fraction, eps)

@@ -1,5 +1,7 @@
 """Tests for osa_lib.masks: torch Otsu against scikit-image, and the mask pipeline on known cases."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -363,3 +365,42 @@ def test_subject_masks_keep_pixels_strictly_above_the_threshold():
     assert out.thresholds[0, 0].item() == threshold_otsu(A[0, 0].numpy()) == 1 / 512
     assert not out.raw_masks[0, 0, 4, 0] and out.raw_masks[0, 0, :4].all()
     assert out.raw_masks.sum() == 32
+
+
+def test_area_cap_keeps_the_highest_pixels_of_an_otsu_mask():
+    from osa_lib.masks import top_fraction
+    # hand-written: a 4x4 map, values 0..15; the top 25 % are the 4 highest, ties at the cut kept
+    A = torch.arange(16.0).view(1, 1, 4, 4)
+    assert top_fraction(A, 0.25)[0, 0].flatten().tolist() == [False] * 12 + [True] * 4
+    assert top_fraction(A, 0.2)[0, 0].sum() == 4  # ceil(0.2 * 16) = 4
+    tied = torch.tensor([[5.0, 5.0, 5.0, 1.0]]).view(1, 1, 2, 2)
+    assert top_fraction(tied, 0.25)[0, 0].sum() == 3  # the 1st highest ties with two more
+    # a broad blob whose Otsu mask holds about half the image; the cap keeps its 10 % core
+    blob = _blob(16, 16, 0.52, 0.47, 0.35)[None, None]  # (1, 1, 16, 16), off the grid: no ties
+    whole, capped = subject_masks([blob]), subject_masks([blob], area_cap=0.1)
+    assert whole.masks.float().mean() > 0.3
+    assert capped.masks.sum() == math.ceil(0.1 * 256)
+    assert (capped.masks <= whole.masks).all()  # inside Otsu's mask
+    core = blob[0, 0] >= blob[0, 0].flatten().topk(26).values[-1]
+    assert torch.equal(capped.masks[0, 0], core)
+    # a cap above the Otsu mask's size changes nothing
+    assert torch.equal(subject_masks([blob], area_cap=0.95).masks, whole.masks)
+
+
+def test_area_cap_is_validated_and_bounds_every_mask_of_a_story():
+    from osa_lib import IsolationConfig, generate_story, load_backbone
+    from osa_lib.story import Story, StoryCharacter, StoryScene
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="mask_area_cap"):
+            IsolationConfig(mask_area_cap=bad)
+    assert IsolationConfig().mask_area_cap is None  # the paper: Otsu's mask whole
+    story = Story({"Orb": StoryCharacter("Orb", "circle", "a circle")},
+                  [StoryScene("a circle in the snow", ["Orb"], 1), StoryScene("a circle in the night", ["Orb"], 2)])
+    backbone = load_backbone("toy", device="cpu")
+    seen = {}
+    for cap in (None, 0.05):
+        result = generate_story(backbone, story, "isolated", config=IsolationConfig(mask_area_cap=cap, warmup=0.0),
+                                num_inference_steps=4, progress=False)
+        seen[cap] = [float(np.mean(s.masks)) for s in result.scenes]  # each scene's last masks, 8x8
+    assert max(seen[None]) > 0.1  # Otsu alone keeps more than the cap
+    assert 0 < max(seen[0.05]) <= math.ceil(0.05 * 64) / 64
