@@ -468,9 +468,9 @@ def subject_masks(
         min_fraction (float): see :func:`reliability`.
         max_fraction (float): see :func:`reliability`.
         eps (float): constant-map tolerance.
-        area_cap (float | None): keep at most this fraction of the pixels in an Otsu mask, those
-            with the highest ``Â_m`` (ties kept); None: Otsu's mask whole, as the paper. Not in
-            the paper: see ``IsolationConfig.mask_area_cap``.
+        area_cap (float | None): keep in an Otsu mask at most this fraction of the image's pixels,
+            those with the highest ``Â_m`` (ties kept); None: Otsu's mask whole, as the paper. Not
+            in the paper: see ``IsolationConfig.mask_area_cap``.
 
     Returns:
         SubjectMasks: masks, raw_masks, A_hat, thresholds, cv, ok, reasons.
