@@ -104,7 +104,7 @@ def toy_story_metrics(story, result, details: bool = False) -> dict:
         if len(scene.characters) > 1:
             mixing.append(is_mixed(found, id_colour))
             mixing_sizes.append(len(scene.characters))
-        check = check_prompt(res.image, scene.prompt)
+        check = check_prompt(res.image, scene.prompt, detected)
         facts = [check["scene_ok"]] + [r["ok"] for r in check["characters"]]
         tis.append(np.mean(facts))
     pairs = [identity_terms(ds[i], ds[j]) for ds in drawn.values()
@@ -142,10 +142,11 @@ def classify_scene(image: np.ndarray, character_mask: np.ndarray | None = None) 
     return min(distances, key=distances.get)
 
 
-def check_prompt(image: np.ndarray, prompt: str) -> dict:
-    """Which facts of a toy prompt the image shows: scene, and per character shape and colour."""
+def check_prompt(image: np.ndarray, prompt: str, detected: list | None = None) -> dict:
+    """Which facts of a toy prompt the image shows: scene, and per character shape and colour;
+    ``detected``: ``analyze_image(image)`` when already computed."""
     parsed = world.parse_caption(prompt)
-    detected = analyze_image(image)
+    detected = analyze_image(image) if detected is None else detected
     union = np.zeros(image.shape[:2], bool)
     for d in detected:
         union |= d.mask
