@@ -53,18 +53,18 @@ def parse_configs(text: str) -> dict:
     fields = {f.name: f.type for f in dataclasses.fields(IsolationConfig)}
     candidates = {}
     for spec in filter(None, (part.strip() for part in text.split(";"))):
-        config = {}
-        for item in spec.split(","):
+        config, items = {}, [item.strip() for item in spec.split(",")]
+        for item in items:
             name, sep, value = (piece.strip() for piece in item.partition("="))
             if not sep or name not in fields:
-                raise SystemExit(f"--configs: {item.strip()!r} is not field=value with a field of IsolationConfig "
+                raise SystemExit(f"--configs: {item!r} is not field=value with a field of IsolationConfig "
                                  f"({', '.join(fields)}); e.g. --configs 'reweight=16,warmup=0,lam=0.5'")
             kind = fields[name] if isinstance(fields[name], str) else fields[name].__name__
             config[name] = (value.lower() in ("1", "true", "yes") if kind == "bool"
                             else None if value.lower() == "none"
                             else int(value) if kind.startswith("int") else value if kind == "str" else float(value))
         IsolationConfig(**config)  # a value out of range fails here, before anything runs
-        candidates[", ".join(item.strip() for item in spec.split(","))] = config
+        candidates[", ".join(items)] = config
     return candidates
 
 
