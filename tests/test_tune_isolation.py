@@ -54,3 +54,37 @@ def test_configs_flag_parses_fields_of_isolation_config_and_refuses_others(load_
         tune.parse_configs("strength=3")
     with pytest.raises(ValueError, match="lam"):
         tune.parse_configs("lam=9")  # out of range: refused before anything runs
+
+
+def test_pick_best_keeps_named_characters_within_the_tolerance(load_script):
+    tune = load_script("tune_isolation")
+    summary = {"floods named ones": (95.0, 70.0), "keeps them": (60.0, 86.0), "keeps them less": (40.0, 88.0),
+               "nothing drawn later": (float("nan"), 90.0)}
+    assert tune.pick_best(summary, vanilla_named=None)[0] == "floods named ones"
+    best, note = tune.pick_best(summary, vanilla_named=88.0)  # 88 - 3 = 85: the first run is out
+    assert best == "keeps them" and "within 3 points" in note
+    best, note = tune.pick_best({"a": (95.0, 70.0), "b": (60.0, 80.0)}, vanilla_named=88.0)
+    assert best == "a" and "misses" in note  # none qualifies: the highest colour kept, flagged
+
+
+def test_named_flag_adds_the_named_stories_columns_on_validation_seeds(tmp_path, monkeypatch, load_script):
+    tune = load_script("tune_isolation")
+    monkeypatch.setattr(tune, "CANDIDATES", {"defaults": {}})
+    monkeypatch.setattr(tune, "NAMED_STORIES", ("toy_newcomer",))
+    seen = []
+    real = tune.StoryScorer.seed_metrics
+
+    def spy(self, story, method, config=None, k=0):
+        seen.append((story.source, story.scenes[0].seed))
+        return real(self, story, method, config, k)
+
+    monkeypatch.setattr(tune.StoryScorer, "seed_metrics", spy)
+    tune.main(["--seeds", "1", "--steps", "2", "--threads", "1", "--named", "--md", str(tmp_path / "t.md")])
+    text = (tmp_path / "t.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| run |"))
+    assert header.endswith("| named: attribute accuracy | named: TIS-toy |")
+    rows = [line for line in text.splitlines() if line.startswith("| vanilla |") or line.startswith("| defaults |")]
+    assert len(rows) == 2 and all(len(r.split(" | ")) == len(header.split(" | ")) for r in rows)
+    assert len(seen) == 2 * (3 + 1)  # vanilla and one candidate, three uncoloured stories and one named
+    assert all(seed > tune.VALIDATION_OFFSET for _, seed in seen)
+    assert sum("toy_newcomer" in source for source, _ in seen) == 2  # the named story, once per run
