@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -258,7 +259,7 @@ def main() -> None:
                  + (" (`--quick`: a structure check, CPU times)" if args.quick else "") + ".", "",
              "| setting | value |", "|---|---|",
              *[f"| {k} | {v} |" for k, v in {**env, "device": str(device), "U-Net parameters": f"{n_params:,}",
-                                             "build seconds": f"{build_s:.1f}", "command": " ".join(sys.argv)}.items()],
+                                             "build seconds": f"{build_s:.1f}", "command": shlex.join(sys.argv)}.items()],
              "", "## Time and memory", "", markdown_table(rows), "",
              "## Reference bank, measured from the saved bank", "",
              markdown_table(bank_rows) if bank_rows else "(isolated not run)", "",

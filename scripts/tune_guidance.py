@@ -12,6 +12,7 @@ what the prompt names; the scale with the best mean of the single- and two-chara
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def main() -> None:
     if args.md:
         from osa_lib.figures import write_results
         write_results(args.md, "Toy guidance scale on validation prompts", "\n".join(lines),
-                      "python scripts/tune_guidance.py " + " ".join(sys.argv[1:]))
+                      "python scripts/tune_guidance.py " + shlex.join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

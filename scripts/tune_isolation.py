@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -160,7 +161,7 @@ def main(argv=None) -> None:
     if args.md:
         from osa_lib.figures import write_results
         write_results(args.md, "Isolated attention's switches for a toy model, on validation seeds", "\n".join(lines),
-                      "python scripts/tune_isolation.py " + " ".join(sys.argv[1:] if argv is None else argv))
+                      "python scripts/tune_isolation.py " + shlex.join(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

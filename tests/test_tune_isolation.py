@@ -88,3 +88,14 @@ def test_named_flag_adds_the_named_stories_columns_on_validation_seeds(tmp_path,
     assert len(seen) == 2 * (3 + 1)  # vanilla and one candidate, three uncoloured stories and one named
     assert all(seed > tune.VALIDATION_OFFSET for _, seed in seen)
     assert sum("toy_newcomer" in source for source, _ in seen) == 2  # the named story, once per run
+
+
+def test_report_command_quotes_arguments_a_shell_would_split(tmp_path, monkeypatch, load_script):
+    import shlex
+    tune = load_script("tune_isolation")
+    monkeypatch.setattr(tune, "STORIES", ("toy_uncoloured_single",))
+    argv = ["--seeds", "1", "--steps", "2", "--threads", "1", "--configs", "lam=0; lam=0.5", "--md", str(tmp_path / "t.md")]
+    tune.main(argv)
+    line = next(line for line in (tmp_path / "t.md").read_text().splitlines() if "scripts/tune_isolation.py" in line)
+    command = line.split("`")[1]
+    assert shlex.split(command)[2:] == argv  # pasted back into a shell, the same arguments

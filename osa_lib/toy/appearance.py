@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -278,7 +279,7 @@ def main(argv=None) -> None:
     lines.append(f"\n({args.samples} samples per setting, {time.time() - started:.0f} s)")
     print("\n".join(lines))
     if args.md:
-        command = "python -m osa_lib.toy.appearance " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python -m osa_lib.toy.appearance " + shlex.join(sys.argv[1:] if argv is None else argv)
         write_results(args.md, "Does appearance travel through self-attention? (toy probe)", "\n".join(lines), command)
 
 

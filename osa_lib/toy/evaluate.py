@@ -20,8 +20,9 @@ Five measurements (targets from the foundation issue and issue 13):
 from __future__ import annotations
 
 import argparse
-import sys
 import json
+import shlex
+import sys
 
 import numpy as np
 from tqdm import tqdm
@@ -157,7 +158,7 @@ def main(argv=None) -> None:
     result = evaluate_model(backbone, seeds_per_prompt=args.seeds)
     print(format_report(result))
     if args.md:
-        command = "python -m osa_lib.toy.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python -m osa_lib.toy.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
         write_results(args.md, "Toy model quality on held-out prompts", format_report(result), command)
     if args.json:
         with open(args.json, "w") as f:
