@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from pathlib import Path
 
 
@@ -339,6 +341,12 @@ def results_header(command: str) -> str:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     return (f"Written by `{command}` at commit {commit} on {platform.node() or 'an unnamed machine'} "
             f"({device}, {platform.system()}, torch {torch.__version__}). Do not edit by hand: re-run the command.")
+
+
+def command_line(program: str, argv: list[str] | None = None) -> str:
+    """The command a results file records: ``program`` and its arguments (``sys.argv[1:]`` when
+    ``argv`` is None), quoted so that it pastes back into a shell as given."""
+    return f"{program} {shlex.join(sys.argv[1:] if argv is None else argv)}"
 
 
 def write_results(path, title: str, body: str, command: str) -> Path:

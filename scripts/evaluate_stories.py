@@ -38,7 +38,6 @@ import dataclasses
 import io
 import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -271,8 +270,8 @@ def report(args, argv, state, backbone, config, models, rows, n_jobs, started) -
             report_sdxl(rows, args)
     print(text.getvalue(), end="")
     if args.md:
-        from osa_lib.figures import write_results
-        command = "python scripts/evaluate_stories.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        from osa_lib.figures import command_line, write_results
+        command = command_line("python scripts/evaluate_stories.py", argv)
         write_results(args.md, f"Story metrics on the {args.backbone} backbone",
                       f"{n_jobs} story seeds x {len(args.methods)} methods, {state.num_processes} process(es), "
                       f"{time.perf_counter() - started:.0f} s. Isolated attention ran with {_differences(config)}.\n\n"

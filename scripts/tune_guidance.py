@@ -12,7 +12,6 @@ what the prompt names; the scale with the best mean of the single- and two-chara
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -70,9 +69,9 @@ def main() -> None:
     say(f"\nbest guidance scale on validation prompts: {best[0]:g} (the toy backbone uses "
         f"{backbone.default_guidance:g})")
     if args.md:
-        from osa_lib.figures import write_results
+        from osa_lib.figures import command_line, write_results
         write_results(args.md, "Toy guidance scale on validation prompts", "\n".join(lines),
-                      "python scripts/tune_guidance.py " + shlex.join(sys.argv[1:]))
+                      command_line("python scripts/tune_guidance.py"))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -159,9 +158,9 @@ def main(argv=None) -> None:
     say(f"\nHighest colour kept{note}: **{best}** ({summary[best][0]:.1f} %). The model being tuned runs with "
         f"{backbone.isolation_defaults or 'METHOD.md defaults'} now; {time.perf_counter() - started:.0f} s.")
     if args.md:
-        from osa_lib.figures import write_results
+        from osa_lib.figures import command_line, write_results
         write_results(args.md, "Isolated attention's switches for a toy model, on validation seeds", "\n".join(lines),
-                      "python scripts/tune_isolation.py " + shlex.join(sys.argv[1:] if argv is None else argv))
+                      command_line("python scripts/tune_isolation.py", argv))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
-import sys
 import time
 from contextlib import nullcontext
 
@@ -44,7 +42,7 @@ import numpy as np
 import torch
 
 from . import world
-from ..figures import write_results
+from ..figures import command_line, write_results
 from .analyzer import analyze_image, largest_detection
 from .drawn_pool import drawn_references
 from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline, images_to_latents, latents_to_images
@@ -279,7 +277,7 @@ def main(argv=None) -> None:
     lines.append(f"\n({args.samples} samples per setting, {time.time() - started:.0f} s)")
     print("\n".join(lines))
     if args.md:
-        command = "python -m osa_lib.toy.appearance " + shlex.join(sys.argv[1:] if argv is None else argv)
+        command = command_line("python -m osa_lib.toy.appearance", argv)
         write_results(args.md, "Does appearance travel through self-attention? (toy probe)", "\n".join(lines), command)
 
 

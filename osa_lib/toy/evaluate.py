@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 
 import numpy as np
 from tqdm import tqdm
@@ -30,7 +28,7 @@ from tqdm import tqdm
 from ..backbones import load_backbone
 from ..experiments import generate_with_maps, mask_iou_records
 from . import world
-from ..figures import write_results
+from ..figures import command_line, write_results
 from .analyzer import analyze_image, mask_iou
 from .metrics import check_prompt
 
@@ -158,7 +156,7 @@ def main(argv=None) -> None:
     result = evaluate_model(backbone, seeds_per_prompt=args.seeds)
     print(format_report(result))
     if args.md:
-        command = "python -m osa_lib.toy.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
+        command = command_line("python -m osa_lib.toy.evaluate", argv)
         write_results(args.md, "Toy model quality on held-out prompts", format_report(result), command)
     if args.json:
         with open(args.json, "w") as f:
