@@ -245,6 +245,6 @@ def _recorded_masks(store: AttentionStore, counts: list[int], config: IsolationC
             continue
         masks = subject_masks([a[b:b + 1, :m] for a in maps], rule=config.overlap_rule,
                               min_fraction=config.min_fraction, max_fraction=config.max_fraction,
-                              area_cap=config.mask_area_cap)
+                              area_cap=config.mask_area_cap, one_region=config.one_region)
         out.append(masks.masks[0].cpu().numpy())  # maps stay on the U-Net's device
     return out

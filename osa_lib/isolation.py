@@ -64,6 +64,10 @@ class IsolationConfig:
             copying the reference there paints its colour over it, which feeds the next step's map
             (a flood, ``results/toy_attn_only_finetune.md``); a cap near the largest share of the
             image a character covers keeps the copying every step in a region of plausible size.
+        one_region: keep only the 4-connected region of each mask with the most ``Â_m``
+            (``masks.strongest_region``). Not in the paper: a small model's first masks fall apart
+            into patches, and copying the reference into each draws the character twice. False
+            (default): every region, as the paper.
         bank_step_stride: write a new character's references at every k-th step after warm-up
             only; a later scene reads the nearest stored step (``ReferenceBank.nearest_step``).
             Warm-up steps are never stored: nothing reads them. Default 3, a deviation from the
@@ -90,6 +94,7 @@ class IsolationConfig:
     min_fraction: float = 0.01
     max_fraction: float = 0.9
     mask_area_cap: float | None = None
+    one_region: bool = False
     bank_step_stride: int = 3
     bank_layer_stride: int = 1
 
@@ -123,7 +128,7 @@ class IsolationConfig:
         if self.overlap_rule not in OVERLAP_RULES:
             raise ValueError(f"IsolationConfig.overlap_rule={self.overlap_rule!r} is unknown; "
                              f"choose one of {list(OVERLAP_RULES)} ('lower_cv' is the paper's).")
-        for name in ("isolated_self", "isolated_cross"):
+        for name in ("isolated_self", "isolated_cross", "one_region"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"IsolationConfig.{name}={getattr(self, name)!r} must be True or False")
         r = self.mask_resolution
@@ -231,7 +236,7 @@ class IsolationController:
         maps = self.store.maps(places=("up",), resolution=self.mask_resolution, device="cpu")
         self.masks = subject_masks(list(maps.values()), rule=self.config.overlap_rule,
                                    min_fraction=self.config.min_fraction, max_fraction=self.config.max_fraction,
-                                   area_cap=self.config.mask_area_cap)
+                                   area_cap=self.config.mask_area_cap, one_region=self.config.one_region)
         self.mask_history.append(self.masks.masks[0].clone())
         if self.step >= self.warmup_steps:
             for m, reason in enumerate(self.masks.reasons[0]):

@@ -41,6 +41,7 @@ __all__ = [
     "reliability",
     "resize_masks",
     "resolve_overlaps",
+    "strongest_region",
     "subject_masks",
     "top_fraction",
 ]
@@ -444,6 +445,34 @@ def top_fraction(A_hat: Tensor, fraction: float) -> Tensor:
     return (flat >= cut).view_as(A_hat)
 
 
+def strongest_region(masks: Tensor, A_hat: Tensor) -> Tensor:
+    """bool ``(B, M, H, W)``: of each mask's 4-connected regions, the one with the most ``Â_m``.
+
+    A character is one object; in a small model's first steps the maps are diffuse and Otsu's
+    mask falls apart into several patches, and copying the reference into each of them draws the
+    character more than once (``results/toy_attn_only_finetune.md``, "Ninth look"). Not in the paper.
+
+    Regions are found by propagating the largest pixel index through each mask's 4-neighbours
+    until it settles (at most one pass per pixel of the longest path inside a region).
+    """
+    H, W = masks.shape[-2:]
+    index = torch.arange(1, H * W + 1, dtype=torch.float32, device=masks.device).view(H, W)
+    labels = torch.where(masks, index, torch.zeros(())).float()  # (B, M, H, W); 0 outside
+    while True:
+        padded = F.pad(labels, (1, 1, 1, 1))
+        neighbours = torch.stack([labels, padded[..., :-2, 1:-1], padded[..., 2:, 1:-1],
+                                  padded[..., 1:-1, :-2], padded[..., 1:-1, 2:]]).amax(dim=0)
+        spread = torch.where(masks, neighbours, torch.zeros(()))  # a region's largest index, spreading
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    flat, weight = labels.flatten(-2).long(), _as_float(A_hat).flatten(-2)  # (B, M, N)
+    mass = torch.zeros(*flat.shape[:-1], H * W + 1, device=masks.device).scatter_add_(-1, flat, weight)
+    mass[..., 0] = -1.0  # the background is never a region
+    best = mass.argmax(dim=-1, keepdim=True)  # (B, M, 1): label of the region with the most Â
+    return ((flat == best) & masks.flatten(-2)).view_as(masks)
+
+
 def subject_masks(
     layer_maps: list[Tensor] | Tensor,
     rule: str = "lower_cv",
@@ -452,10 +481,11 @@ def subject_masks(
     max_fraction: float = 0.9,
     eps: float = 1e-8,
     area_cap: float | None = None,
+    one_region: bool = False,
 ) -> SubjectMasks:
     """Masks ``M_m`` and normalised maps ``Â_m`` for one step, from the recorded ``A_m``.
 
-    aggregate over layers -> normalise -> Otsu -> (area cap) -> reliability -> resolve overlaps
+    aggregate over layers -> normalise -> Otsu -> (area cap) -> (one region) -> reliability -> resolve overlaps
     among the reliable characters -> re-check. Unreliable characters are dropped *before* overlap
     resolution, because they fall back to the original branch and must not take pixels from a
     reliable character; a character left with (nearly) no pixels after resolution is flagged too.
@@ -471,6 +501,8 @@ def subject_masks(
         area_cap (float | None): keep in an Otsu mask at most this fraction of the image's pixels,
             those with the highest ``Â_m`` (ties kept); None: Otsu's mask whole, as the paper. Not
             in the paper: see ``IsolationConfig.mask_area_cap``.
+        one_region (bool): keep only each mask's region with the most ``Â_m``
+            (:func:`strongest_region`); False: every region, as the paper.
 
     Returns:
         SubjectMasks: masks, raw_masks, A_hat, thresholds, cv, ok, reasons.
@@ -483,6 +515,8 @@ def subject_masks(
     raw = A_hat > thr[..., None, None]  # (B, M, H, W)
     if area_cap is not None:
         raw = raw & top_fraction(A_hat, area_cap)
+    if one_region:
+        raw = strongest_region(raw, A_hat)
     cv = coefficient_of_variation(A, eps)  # (B, M)
 
     ok, reasons = reliability(raw, A, min_fraction, max_fraction, eps)

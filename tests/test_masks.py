@@ -387,6 +387,42 @@ def test_area_cap_keeps_the_highest_pixels_of_an_otsu_mask():
     assert torch.equal(subject_masks([blob], area_cap=0.95).masks, whole.masks)
 
 
+def test_strongest_region_keeps_the_4_connected_region_with_the_most_a_hat():
+    from osa_lib.masks import strongest_region
+    # hand-written 5x5 mask of three 4-connected regions (a diagonal touch does not join them):
+    #   row 0: X X . . .     region a: 2 pixels at Â 0.9 (mass 1.8)
+    #   row 1: . . X . .     region b: 1 pixel, diagonal to a, Â 0.1
+    #   rows 3-4, cols 3-4   region c: 4 pixels at Â 0.3 (mass 1.2): the largest, not the strongest
+    mask = torch.zeros(5, 5, dtype=torch.bool)
+    mask[0, 0:2] = mask[1, 2] = mask[3:5, 3:5] = True
+    A_hat = torch.full((5, 5), 0.1)
+    A_hat[0, 0:2], A_hat[3:5, 3:5], A_hat[2, 2] = 0.9, 0.3, 1.0  # (2, 2) is outside the mask
+    expected = torch.zeros(5, 5, dtype=torch.bool)
+    expected[0, 0:2] = True
+    # batched: (B=2, M=2); the second character has only region c, the second image an empty mask
+    masks = torch.stack([torch.stack([mask, mask & (A_hat == 0.3)]), torch.zeros(2, 5, 5, dtype=torch.bool)])
+    out = strongest_region(masks, A_hat.expand(2, 2, 5, 5))
+    assert torch.equal(out[0, 0], expected)
+    assert torch.equal(out[0, 1], mask & (A_hat == 0.3))  # one region: kept whole
+    assert not out[1].any()  # nothing to keep stays empty
+    # a U-shaped region whose arms join only at the bottom row is one region
+    u = torch.zeros(4, 4, dtype=torch.bool)
+    u[:, 0] = u[:, 3] = u[3, :] = True
+    assert torch.equal(strongest_region(u[None, None], torch.rand(1, 1, 4, 4))[0, 0], u)
+
+
+def test_one_region_is_off_by_default_and_keeps_one_patch_of_each_mask():
+    from osa_lib import IsolationConfig
+    assert IsolationConfig().one_region is False  # the paper: every region of Otsu's mask
+    with pytest.raises(ValueError, match="one_region"):
+        IsolationConfig(one_region=1)
+    # two separate blobs, the right one brighter: Otsu keeps both, one_region the brighter only
+    A = _blob(16, 16, 0.3, 0.25, 0.12) * 0.7 + _blob(16, 16, 0.3, 0.75, 0.12)
+    both, one = subject_masks([A[None, None]]), subject_masks([A[None, None]], one_region=True)
+    assert both.masks[0, 0, :, :8].any() and both.masks[0, 0, :, 8:].any()
+    assert not one.masks[0, 0, :, :8].any() and torch.equal(one.masks[0, 0, :, 8:], both.masks[0, 0, :, 8:])
+
+
 def test_area_cap_is_validated_and_bounds_every_mask_of_a_story():
     from osa_lib import IsolationConfig, generate_story, load_backbone
     from osa_lib.story import Story, StoryCharacter, StoryScene
