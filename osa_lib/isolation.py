@@ -53,6 +53,11 @@ class IsolationConfig:
         reweight: w in ``log(1 + w·Â_m(i))``; 0 turns re-weighting off (the paper's "Re = ×").
         beta: β, the share of the ID-prompt features inside a character's mask.
         warmup: fraction of denoising steps before the isolated branch starts.
+        end: fraction of denoising steps after which it stops (the original branch alone, as in
+            the warm-up); 1 (default, the paper): it runs to the last step. Not in the paper: a
+            model that learned to copy its references only at high noise (issue 13's fine-tune
+            trains its pairs at t ≥ 700) has never seen them at low noise, where they bend the
+            shape it draws. Only the steps in [warmup, end) are stored in the bank.
         isolated_self / isolated_cross: switch each half of the branch for ablations.
         overlap_rule: "lower_cv" (paper), "higher_cv" or "argmax".
         mask_resolution: feature-map height of the up-block layers whose maps make the masks
@@ -87,6 +92,7 @@ class IsolationConfig:
     reweight: float = 1.0
     beta: float = 1.0
     warmup: float = 0.2
+    end: float = 1.0
     isolated_self: bool = True
     isolated_cross: bool = True
     overlap_rule: str = "lower_cv"
@@ -117,6 +123,12 @@ class IsolationConfig:
         number("beta", 0.0, 1.0, fix="It is the share of the ID prompt's features inside a mask.")
         number("warmup", 0.0, 1.0, high_open=True, fix="It is a fraction of the steps; 1 or more would never "
                                                        "isolate (use lam=0 for the unmodified model).")
+        number("end", 0.0, 1.0, low_open=True, fix="It is a fraction of the steps; 1 (the paper) runs the "
+                                                  "isolated branch to the last step.")
+        if self.end <= self.warmup:
+            raise ValueError(f"IsolationConfig.end={self.end!r} must be above warmup={self.warmup!r}: the isolated "
+                             f"branch runs in the steps between them, so it would never run (use lam=0 for the "
+                             f"unmodified model).")
         number("min_fraction", 0.0, 1.0, high_open=True)
         number("max_fraction", 0.0, 1.0, low_open=True)
         if self.mask_area_cap is not None:
@@ -183,6 +195,7 @@ class IsolationController:
         self.mask_history: list[torch.Tensor] = []
         self.messages: list[str] = []
         self.warmup_steps = math.ceil(self.config.warmup * self.num_steps)
+        self.end_steps = math.ceil(self.config.end * self.num_steps)  # the branch runs in [warmup_steps, end_steps)
         # layer calls: which ran this step, and the device state they read
         self.ran_layers: set[str] = set()  # layers run since the last step_callback
         self.device: torch.device | None = None  # the queries' device and dtype, seen in the first layer call
@@ -238,7 +251,7 @@ class IsolationController:
                                    min_fraction=self.config.min_fraction, max_fraction=self.config.max_fraction,
                                    area_cap=self.config.mask_area_cap, one_region=self.config.one_region)
         self.mask_history.append(self.masks.masks[0].clone())
-        if self.step >= self.warmup_steps:
+        if self.warmup_steps <= self.step < self.end_steps:
             for m, reason in enumerate(self.masks.reasons[0]):
                 if reason:
                     msg = (f"step {self.step}: {self.characters[m].name}: {reason}; "
@@ -256,8 +269,9 @@ class IsolationController:
 
     @property
     def isolating(self) -> bool:
-        """True once warm-up is over and masks exist."""
-        return self.masks is not None and self.step >= self.warmup_steps and self.config.lam != 0
+        """True once warm-up is over, before ``end``, when masks exist."""
+        return (self.masks is not None and self.warmup_steps <= self.step < self.end_steps
+                and self.config.lam != 0)
 
     def enter_layer(self, layer: LayerInfo, batch: int) -> None:
         """Called by each processor: refuse what the method cannot do instead of running vanilla.
@@ -303,8 +317,8 @@ class IsolationController:
     # --- bank writes: kept on the device during a step, moved in one copy at its end -------
     def writes_bank(self, layer: LayerInfo) -> bool:
         """Does this layer store a new character's references at the current step?"""
-        if not (self.write_bank and self.bank is not None) or self.step < self.warmup_steps:
-            return False  # warm-up steps are never read (the isolated branch starts after them)
+        if not (self.write_bank and self.bank is not None) or not self.warmup_steps <= self.step < self.end_steps:
+            return False  # steps outside [warmup, end) are never read (the isolated branch does not run)
         if (self.step - self.warmup_steps) % max(1, self.config.bank_step_stride):
             return False
         return self.bank_layers is None or layer.name in self.bank_layers

@@ -317,6 +317,28 @@ def test_warmup_spans_several_steps_then_isolation_acts(tiny, two_characters):
         assert (ours[-1] - vanilla[-1]).abs().max() > 1e-4
 
 
+def test_end_stops_isolation_after_its_step_and_the_bank_keeps_only_the_steps_between(tiny, two_characters):
+    story = parse_story(two_characters, "end")
+    first_two = parse_story({**two_characters, "scenes": two_characters["scenes"][:2]}, "first scenes")
+    window = IsolationConfig(warmup=0.25, end=0.5, bank_step_stride=1)  # 8 steps: isolated at steps 2 and 3
+    first = generate_story(tiny, first_two, "isolated", config=window, num_inference_steps=WARMUP_STEPS, progress=False)
+    assert {s for name in first.bank.characters for (_, s) in first.bank.tokens[name]} == {2, 3}
+    scene = story.scenes[2]
+    chars = [SceneCharacter(n, tiny.token_positions(scene.prompt, story.characters[n].word),
+                            tiny.encode_text([story.characters[n].id_prompt])[0], is_new=False) for n in scene.characters]
+    for end, expected_end in ((0.5, 4), (0.55, 5), (0.75, 6)):  # ceil: 4.4 -> 5 steps, 6 exactly -> 6
+        runs = {}
+        for stop in (end, 1.0):
+            ctrl = IsolationController(chars, tuple(tiny.latent_shape[1:]), WARMUP_STEPS,
+                                       IsolationConfig(warmup=0.0, end=stop), first.bank, write_bank=False)
+            runs[stop] = per_step_latents(tiny, scene.prompt, scene.seed, WARMUP_STEPS, ctrl)
+        assert ctrl.end_steps == WARMUP_STEPS and math.ceil(end * WARMUP_STEPS) == expected_end
+        for i in range(expected_end):  # steps 0 .. end-1 as isolated to the last step
+            assert torch.equal(runs[end][i], runs[1.0][i]), f"end {end}: step {i} differs before the end"
+        assert (runs[end][expected_end] - runs[1.0][expected_end]).abs().max() > 1e-6, \
+            f"end {end}: isolation did not stop at step {expected_end}"
+
+
 # --- CSA (StoryDiffusion's Consistent Self-Attention) -----------------------------------------------
 def test_csa_at_rate_zero_is_vanilla(tiny, two_characters):
     story = parse_story(two_characters, "csa")
