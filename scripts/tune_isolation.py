@@ -11,9 +11,9 @@ never the 0..19,000 offsets that ``scripts/evaluate_stories.py`` reports on. The
 highest colour kept wins; the winner goes, by hand, into the model folder's ``isolation.json``.
 
 ``--named`` also runs the named-colour stories (``NAMED_STORIES``) on the same kind of seeds and
-prints their attribute accuracy and TIS-toy per run; the winner is then the highest colour kept among
-the runs whose named-colour attribute accuracy is within ``NAMED_TOLERANCE`` points of vanilla's (the
-issue's target). Without it a setting can win that keeps uncoloured characters' colour by losing
+prints their attribute accuracy, how often a returning character is drawn at all, and TIS-toy per
+run; the winner is then the highest colour kept among the runs whose named-colour attribute accuracy
+is within ``NAMED_TOLERANCE`` points of vanilla's (the issue's target). Without it a setting can win that keeps uncoloured characters' colour by losing
 named characters (``results/toy_attn_only_finetune.md``, "Eighth look").
 
     python scripts/tune_isolation.py --model runs/new --seeds 6 --md results/toy_isolation_tuning.md
@@ -39,7 +39,7 @@ STORIES = ("toy_uncoloured_single", "toy_uncoloured_pair", "toy_uncoloured_newco
 METHOD_DEFAULTS = "METHOD.md (w 1, warm-up 20 %, every 3rd step)"
 COLUMNS = ("colour kept", "IIS-toy", "attribute accuracy", "mixing rate", "flood rate")
 NAMED_STORIES = ("toy_newcomer", "toy_single_journey", "toy_touching", "toy_trio", "toy_two_contrasting")
-NAMED_COLUMNS = ("attribute accuracy", "TIS-toy")  # of the named-colour stories, with --named
+NAMED_COLUMNS = ("attribute accuracy", "returning drawn", "TIS-toy")  # of the named-colour stories, with --named
 NAMED_TOLERANCE = 3.0  # points of named-colour attribute accuracy a winner may lose against vanilla
 
 

@@ -70,6 +70,7 @@ def test_a_character_in_its_partners_colour_is_mixing(pair):
     counts = toy_story_metrics(STORY, result, details=True)
     assert (counts["mixed scenes"], counts["multi-character scenes"]) == (1, 3)
     assert (counts["mixed two-character scenes"], counts["two-character scenes"]) == (1, 3)
+    assert counts["returning drawn"] == 100  # drawn, though in the wrong colour
 
 
 def test_mixing_and_neglect_rows_and_lambda_zero():
@@ -144,5 +145,6 @@ def test_a_flood_of_colour_is_not_the_character_and_counts_in_the_flood_rate():
     metrics = toy_story_metrics(UNCOLOURED, StoryResult("rendered", scenes), details=True)
     assert metrics["flood rate"] == pytest.approx(100 / 3), metrics
     assert metrics["attribute accuracy"] == pytest.approx(100 * 4 / 6), metrics  # neither is drawn in the flood
+    assert metrics["returning drawn"] == pytest.approx(100 * 2 / 4), metrics  # neither in the flood, both after it
     assert metrics["colour kept"] == 100, metrics  # Box and Tri: 1 of 1 later appearance each
     assert "flood rate" not in toy_story_metrics(UNCOLOURED, StoryResult("rendered", scenes))

@@ -82,7 +82,7 @@ def test_named_flag_adds_the_named_stories_columns_on_validation_seeds(tmp_path,
     tune.main(["--seeds", "1", "--steps", "2", "--threads", "1", "--named", "--md", str(tmp_path / "t.md")])
     text = (tmp_path / "t.md").read_text()
     header = next(line for line in text.splitlines() if line.startswith("| run |"))
-    assert header.endswith("| named: attribute accuracy | named: TIS-toy |")
+    assert header.endswith("| named: attribute accuracy | named: returning drawn | named: TIS-toy |")
     rows = [line for line in text.splitlines() if line.startswith("| vanilla |") or line.startswith("| defaults |")]
     assert len(rows) == 2 and all(len(r.split(" | ")) == len(header.split(" | ")) for r in rows)
     assert len(seen) == 2 * (3 + 1)  # vanilla and one candidate, three uncoloured stories and one named

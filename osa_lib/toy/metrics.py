@@ -18,6 +18,10 @@
 - **flood rate** (%, with ``details``): scenes holding a patch of character colour larger than any
   character the world draws (``analyzer.MAX_SIZE``). No character is read from such a patch, so a
   method that floods the image loses attribute accuracy; this says why.
+- **returning drawn** (%, with ``details``): of each character's appearances after its first scene
+  (where isolated attention reads its references), the share the analyzer finds at all, in any
+  colour. Attribute accuracy falls when a character is drawn in another colour or not drawn (bent
+  out of its shape, drawn twice and merged); this says which.
 
 Higher is better for all but the mixing rate. The paper's SDXL metrics live in
 ``osa_lib.sdxl_metrics``.
@@ -92,7 +96,7 @@ def toy_story_metrics(story, result, details: bool = False) -> dict:
     """
     id_colour = id_colours(story)
     drawn: dict[str, list] = {n: [] for n in story.characters}
-    attribute_hits, mixing, mixing_sizes, tis, flooded = [], [], [], [], []
+    attribute_hits, mixing, mixing_sizes, tis, flooded, returning_drawn, seen = [], [], [], [], [], [], set()
     for scene, res in zip(story.scenes, result.scenes):
         detected = analyze_image(res.image)
         flooded.append(any(d.size > MAX_SIZE for d in detected))
@@ -101,6 +105,9 @@ def toy_story_metrics(story, result, details: bool = False) -> dict:
             attribute_hits.append(d is not None and id_colour[name] in (None, d.colour))
             if d is not None:
                 drawn[name].append(d)
+            if name in seen:
+                returning_drawn.append(d is not None)
+        seen.update(found)
         if len(scene.characters) > 1:
             mixing.append(is_mixed(found, id_colour))
             mixing_sizes.append(len(scene.characters))
@@ -121,6 +128,7 @@ def toy_story_metrics(story, result, details: bool = False) -> dict:
         two = [mixed for mixed, size in zip(mixing, mixing_sizes) if size == 2]
         metrics["mixed two-character scenes"], metrics["two-character scenes"] = int(sum(two)), len(two)
         metrics["flood rate"] = 100 * float(np.mean(flooded))
+        metrics["returning drawn"] = 100 * float(np.mean(returning_drawn)) if returning_drawn else float("nan")
         for detail in IDENTITY_DETAILS:
             metrics[f"IIS-toy {detail}"] = 100 * float(np.mean([p[detail] for p in pairs])) if pairs else float("nan")
     return metrics
