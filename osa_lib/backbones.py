@@ -374,10 +374,13 @@ def read_isolation_defaults(folder: Path) -> dict:
     """The ``IsolationConfig`` fields a model folder's ``isolation.json`` sets (``{"defaults":
     {field: value}, "why": "..."}``; none without the file), checked as ``IsolationConfig`` checks them."""
     path = Path(folder) / "isolation.json"
-    if not path.exists():
-        return {}
+    return parse_isolation_defaults(path) if path.exists() else {}
+
+
+def parse_isolation_defaults(path: Path) -> dict:
+    """The ``defaults`` of an ``isolation.json`` file, checked as ``IsolationConfig`` checks them."""
     try:
-        defaults = json.loads(path.read_text())["defaults"]
+        defaults = json.loads(Path(path).read_text())["defaults"]
         IsolationConfig(**defaults)
     except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path} is not a valid isolation defaults file ({type(error).__name__}: {error}). It "

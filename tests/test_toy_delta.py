@@ -51,6 +51,21 @@ def test_delta_refuses_another_base_and_a_file_that_is_not_a_delta(base_and_tune
         save_delta(tmp_path / "wider", tmp_path / "base", tmp_path / "e.safetensors")
 
 
+def test_apply_copies_the_fine_tunes_isolation_switches_and_refuses_a_bad_file(base_and_tuned):
+    from osa_lib import IsolationConfig, load_backbone
+    tmp_path, base, tuned, names = base_and_tuned
+    save_delta(tmp_path / "tuned", tmp_path / "base", tmp_path / "d.safetensors")
+    (tmp_path / "isolation.json").write_text('{"defaults": {"mask_area_cap": 0.1, "warmup": 0.0}, "why": "test"}')
+    main(["apply", str(tmp_path / "d.safetensors"), "--base", str(tmp_path / "base"), "--out", str(tmp_path / "with"),
+          "--isolation", str(tmp_path / "isolation.json")])
+    assert load_backbone("toy", model_id=str(tmp_path / "with"), device="cpu").isolation_config() == \
+        IsolationConfig(mask_area_cap=0.1, warmup=0.0)
+    (tmp_path / "bad.json").write_text('{"defaults": {"mask_area_cap": 2}}')
+    with pytest.raises(ValueError, match=r"bad.json is not a valid isolation defaults file .*mask_area_cap=2"):
+        apply_delta(tmp_path / "d.safetensors", tmp_path / "base", tmp_path / "out", tmp_path / "bad.json")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
 def test_drift_below_atol_is_left_out_and_everything_above_it_kept(base_and_tuned):
     tmp_path, base, tuned, names = base_and_tuned
     drifted = ToyPipeline.from_pretrained(tmp_path / "tuned")

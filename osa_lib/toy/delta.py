@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..backbones import parse_isolation_defaults
 from .model import ToyPipeline
 from .train import TRAINING_RECORD, swap_in_folder
 
@@ -81,10 +82,13 @@ def _read_delta(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def apply_delta(delta: Path, base_dir: Path, out: Path) -> ToyPipeline:
+def apply_delta(delta: Path, base_dir: Path, out: Path, isolation: Path | None = None) -> ToyPipeline:
     """The pipeline of ``base_dir`` with the tensors of ``delta`` put in, written to ``out``
-    (atomically: a temp folder, then a rename) with the run's ``training.json``."""
+    (atomically: a temp folder, then a rename) with the run's ``training.json``, and with
+    ``isolation`` (an ``isolation.json`` of the switches tuned for this fine-tune) when given."""
     tensors, metadata = _read_delta(Path(delta))
+    if isolation is not None:
+        parse_isolation_defaults(isolation)  # refused before anything is written, as load_backbone would
     pipe = ToyPipeline.from_pretrained(base_dir)
     if weights_fingerprint(pipe) != metadata["base_fingerprint"]:
         raise ValueError(f"{delta} was trained on top of other weights than {base_dir} (it names "
@@ -104,6 +108,8 @@ def apply_delta(delta: Path, base_dir: Path, out: Path) -> ToyPipeline:
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp)
     (tmp / TRAINING_RECORD).write_text(metadata.get("training", "{}"))
+    if isolation is not None:
+        shutil.copyfile(isolation, tmp / "isolation.json")
     swap_in_folder(tmp, out)
     return pipe
 
@@ -122,12 +128,14 @@ def main(argv: list[str] | None = None) -> None:
     apply.add_argument("delta", type=Path)
     apply.add_argument("--base", type=Path, required=True)
     apply.add_argument("--out", type=Path, required=True)
+    apply.add_argument("--isolation", type=Path, default=None,
+                       help="an isolation.json of the switches tuned for this fine-tune, copied into --out")
     args = parser.parse_args(argv)
     if args.command == "save":
         names = save_delta(args.model, args.base, args.out, args.note, args.atol)
         print(f"wrote {args.out}: {len(names)} tensors, {args.out.stat().st_size / 1e6:.2f} MB")
     else:
-        apply_delta(args.delta, args.base, args.out)
+        apply_delta(args.delta, args.base, args.out, args.isolation)
         print(f"wrote {args.out} = {args.base} + {args.delta}")
 
 
