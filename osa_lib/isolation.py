@@ -253,7 +253,7 @@ class IsolationController:
                                    min_fraction=self.config.min_fraction, max_fraction=self.config.max_fraction,
                                    area_cap=self.config.mask_area_cap, one_region=self.config.one_region)
         self.mask_history.append(self.masks.masks[0].clone())
-        if self.warmup_steps <= self.step < self.end_steps:
+        if self.in_window:
             for m, reason in enumerate(self.masks.reasons[0]):
                 if reason:
                     msg = (f"step {self.step}: {self.characters[m].name}: {reason}; "
@@ -270,10 +270,14 @@ class IsolationController:
         return self.store.mask_resolution()
 
     @property
+    def in_window(self) -> bool:
+        """The current step lies in [warm-up, end): the steps the isolated branch runs and stores."""
+        return self.warmup_steps <= self.step < self.end_steps
+
+    @property
     def isolating(self) -> bool:
-        """True once warm-up is over, before ``end``, when masks exist."""
-        return (self.masks is not None and self.warmup_steps <= self.step < self.end_steps
-                and self.config.lam != 0)
+        """True in the window of steps, when masks exist."""
+        return self.masks is not None and self.in_window and self.config.lam != 0
 
     def enter_layer(self, layer: LayerInfo, batch: int) -> None:
         """Called by each processor: refuse what the method cannot do instead of running vanilla.
@@ -319,7 +323,7 @@ class IsolationController:
     # --- bank writes: kept on the device during a step, moved in one copy at its end -------
     def writes_bank(self, layer: LayerInfo) -> bool:
         """Does this layer store a new character's references at the current step?"""
-        if not (self.write_bank and self.bank is not None) or not self.warmup_steps <= self.step < self.end_steps:
+        if not (self.write_bank and self.bank is not None and self.in_window):
             return False  # steps outside [warmup, end) are never read (the isolated branch does not run)
         if (self.step - self.warmup_steps) % max(1, self.config.bank_step_stride):
             return False

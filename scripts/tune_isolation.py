@@ -13,8 +13,9 @@ highest colour kept wins; the winner goes, by hand, into the model folder's ``is
 ``--named`` also runs the named-colour stories (``NAMED_STORIES``) on the same kind of seeds and
 prints their attribute accuracy, how often a returning character is drawn at all, and TIS-toy per
 run; the winner is then the highest colour kept among the runs whose named-colour attribute accuracy
-is within ``NAMED_TOLERANCE`` points of vanilla's (the issue's target). Without it a setting can win that keeps uncoloured characters' colour by losing
-named characters (``results/toy_attn_only_finetune.md``, "Eighth look").
+is within ``NAMED_TOLERANCE`` points of vanilla's (the issue's target). Without it a setting can win
+that keeps uncoloured characters' colour by losing named characters
+(``results/toy_attn_only_finetune.md``, "Eighth look").
 
     python scripts/tune_isolation.py --model runs/new --seeds 6 --md results/toy_isolation_tuning.md
     python scripts/tune_isolation.py --model runs/new --seeds 6 --named --configs 'mask_area_cap=0.2'
