@@ -134,6 +134,44 @@ def test_training_batches_give_each_pair_target_its_own_character_as_a_hat():
         torch.testing.assert_close(query_weight[2 + k], expected)
 
 
+def test_core_region_keeps_the_pixels_nearest_the_centre_up_to_the_area():
+    """A 3x3 block centred at (3, 3) of a 10x10 image: 5 % of the image keeps the centre and its four
+    edge neighbours (distance 1; the corners are at sqrt 2); a mask smaller than the area stays whole."""
+    from osa_lib.toy.train import core_region
+    block = np.zeros((10, 10), dtype=bool)
+    block[2:5, 2:5] = True
+    plus = np.zeros_like(block)
+    plus[3, 2:5] = plus[2:5, 3] = True
+    np.testing.assert_array_equal(core_region(block, 0.05), plus)
+    np.testing.assert_array_equal(core_region(block, 0.09), block)
+    np.testing.assert_array_equal(core_region(block, 0.5), block)
+    assert core_region(block, 0.01).sum() == 1 and core_region(block, 0.01)[3, 3]
+
+
+def test_training_pairs_with_a_core_area_show_only_the_characters_cores():
+    """``SceneStream(core_area=a)`` with no whole pairs: each target's visible reference tokens and
+    its looking queries are the two characters' cores (at latent size), inside their masks; without
+    it, the whole reference character and the target grown by a pixel, as before."""
+    from osa_lib.toy.train import SceneStream, core_region
+    from osa_lib.toy.world import _dilate
+    pool = lambda m: torch.nn.functional.avg_pool2d(torch.from_numpy(m).float()[None, None], 2)[0, 0]
+    for core_area in (0.08, None):
+        stream = SceneStream(8, seed=5, p_empty_caption=0.0, pair_rate=0.5, whole_share=0.0, core_area=core_area)
+        _, _, partner, ref_mask, query_mask, _ = next(iter(stream))
+        rng = np.random.default_rng(5)  # the stream's draws: its pairs first, then two whole-share draws each
+        for k in range(2):
+            reference, target, i_ref, i_tgt = world.sample_pair(rng, exclude=world.HELD_OUT_TRIPLES)
+            if core_area is None:
+                seen, looking = reference.masks[i_ref], _dilate(target.masks[i_tgt])
+            else:
+                seen, looking = core_region(reference.masks[i_ref], core_area), core_region(target.masks[i_tgt], core_area)
+                assert seen.sum() <= core_area * seen.size and looking.sum() < target.masks[i_tgt].sum()
+            torch.testing.assert_close(ref_mask[2 + k], pool(seen))
+            torch.testing.assert_close(query_mask[2 + k], pool(looking))
+    with pytest.raises(ValueError, match="core_area"):
+        SceneStream(8, seed=0, pair_rate=0.5, core_area=0.0)
+
+
 def test_probe_rows_are_shares_and_no_reference_is_the_paired_baseline():
     pipe = ToyPipeline.from_pretrained(world.__file__.rsplit("/osa_lib/", 1)[0] + "/data/toy_model")
     settings = (("none", (), (0.0, 1.0)), ("up, all steps", None, (0.0, 1.0)))

@@ -32,7 +32,7 @@ from .model import DEFAULT_MODEL_DIR, LATENT_SIZE, TEXT_BLOCKS, ToyPipeline, bui
 from .reference import reference_attention
 from .world import HELD_OUT_TRIPLES, _dilate, sample_pair, sample_scene
 
-__all__ = ["SceneStream", "shift_captions", "train", "main"]
+__all__ = ["SceneStream", "core_region", "shift_captions", "train", "main"]
 
 TRAINING_RECORD = "training.json"
 
@@ -53,12 +53,21 @@ class SceneStream(torch.utils.data.IterableDataset):
 
     With a ``drawn_pool`` (``osa_lib.toy.drawn_pool``), a share ``drawn_share`` of the pairs take
     their reference from it: the model's own drawing of an uncoloured caption, what an uncoloured
-    story's bank holds, with a target rendered from the character as the analyzer read it."""
+    story's bank holds, with a target rendered from the character as the analyzer read it.
+
+    With ``core_area`` (a share of the image), the pairs that are not "whole" show the method's
+    view instead of the whole character: only the reference's core (its pixels nearest its centre,
+    at most that share of the image) and only the target's core may look, as isolated attention
+    does with masks capped by ``IsolationConfig.mask_area_cap``."""
 
     def __init__(self, batch_size: int, seed: int, p_empty_caption: float = 0.1, pair_rate: float = 0.0,
-                 whole_share: float = 0.5, drawn_pool: list | None = None, drawn_share: float = 0.0):
+                 whole_share: float = 0.5, drawn_pool: list | None = None, drawn_share: float = 0.0,
+                 core_area: float | None = None):
         self.batch_size, self.seed, self.p_empty_caption = batch_size, seed, p_empty_caption
         self.pairs, self.whole_share = int(round(pair_rate * batch_size / 2)), whole_share
+        if core_area is not None and not 0 < core_area <= 1:
+            raise ValueError(f"core_area must be a share of the image in (0, 1], got {core_area}")
+        self.core_area = core_area
         if drawn_share > 0 and not drawn_pool:
             raise ValueError("drawn_share > 0 needs a drawn pool (--drawn-pool FILE, written by osa_lib.toy.drawn_pool)")
         self.drawn_pool, self.drawn_share = drawn_pool or [], drawn_share
@@ -68,6 +77,10 @@ class SceneStream(torch.utils.data.IterableDataset):
         if self.drawn_share > 0 and rng.random() < self.drawn_share:
             return self.drawn_pool[int(rng.integers(len(self.drawn_pool)))]
         return None
+
+    def _region(self, mask: np.ndarray) -> np.ndarray:
+        """The reference tokens a target may see: the character's mask, or its core with ``core_area``."""
+        return core_region(mask, self.core_area) if self.core_area else mask
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -85,11 +98,28 @@ class SceneStream(torch.utils.data.IterableDataset):
             for k, (reference, target, i_ref, i_tgt) in enumerate(pairs):
                 query_weight[self.pairs + k] = torch.from_numpy(target.masks[i_tgt]).float()
                 whole = rng.random() < self.whole_share
-                ref_mask[self.pairs + k] = 1.0 if whole else torch.from_numpy(reference.masks[i_ref]).float()
+                ref_mask[self.pairs + k] = 1.0 if whole else torch.from_numpy(self._region(reference.masks[i_ref])).float()
                 if rng.random() >= self.whole_share:
-                    query_mask[self.pairs + k] = torch.from_numpy(_dilate(target.masks[i_tgt])).float()
+                    looking = (core_region(target.masks[i_tgt], self.core_area) if self.core_area
+                               else _dilate(target.masks[i_tgt]))
+                    query_mask[self.pairs + k] = torch.from_numpy(looking).float()
             pooled = (F.avg_pool2d(m[:, None], 2)[:, 0] for m in (ref_mask, query_mask, query_weight))
             yield (images.float() / 127.5 - 1.0, captions, partner, *pooled)
+
+
+def core_region(mask: np.ndarray, area: float) -> np.ndarray:
+    """(H, W) bool mask -> (H, W) bool: its pixels nearest its centroid, at most ``area`` of the
+    image (all of them when the mask is smaller): the training stand-in for a mask capped by
+    ``IsolationConfig.mask_area_cap``, which keeps the pixels where ``Â`` is highest."""
+    ys, xs = np.nonzero(mask)
+    keep = int(area * mask.size)
+    if len(ys) <= keep:
+        return mask.astype(bool)
+    distance = (ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2
+    nearest = np.argsort(distance, kind="stable")[:keep]
+    core = np.zeros(mask.shape, dtype=bool)
+    core[ys[nearest], xs[nearest]] = True
+    return core
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -141,7 +171,7 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
           workers: int = 1, whole_share: float = 0.5, pair_timesteps: str = "same", pair_min_t: int = 0,
           pair_plain_loss: bool = True, train_only: str = "all", pair_reweight: float = 0.0,
           preserve: float = 0.0, preserve_from: Path | None = None, drawn_pool: Path | None = None,
-          drawn_share: float = 0.0) -> dict:
+          drawn_share: float = 0.0, core_area: float | None = None) -> dict:
     """Train (or resume) and return the last logged statistics."""
     ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +230,7 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
     teacher = ToyPipeline.from_pretrained(teacher_dir).to(device) if preserve > 0 else None
     pool = load_pool(drawn_pool) if drawn_pool is not None else None
     stream = SceneStream(batch_size, data_seed, pair_rate=pair_rate, whole_share=whole_share, drawn_pool=pool,
-                         drawn_share=drawn_share)
+                         drawn_share=drawn_share, core_area=core_area)
     loader = torch.utils.data.DataLoader(stream, batch_size=None,
                                          num_workers=workers, prefetch_factor=4, persistent_workers=True,
                                          worker_init_fn=lambda _: torch.set_num_threads(1))
@@ -447,6 +477,9 @@ def main(argv: list[str] | None = None) -> None:
                              "references for a share --drawn-share of the pairs")
     parser.add_argument("--drawn-share", type=float, default=0.0,
                         help="share of reference pairs whose reference comes from --drawn-pool")
+    parser.add_argument("--core-area", type=float, default=None,
+                        help="pairs that are not whole show only each character's core, at most this share of the image "
+                             "(the method's view with mask_area_cap; default: the whole character)")
     parser.add_argument("--pair-plain-loss", action=argparse.BooleanOptionalAction, default=True,
                         help="pair targets' loss without Min-SNR weighting (which nearly ignores high noise)")
     parser.add_argument("--train-only", choices=TRAIN_ONLY, default="all",
@@ -465,7 +498,8 @@ def main(argv: list[str] | None = None) -> None:
           pair_rate=args.pair_rate, workers=args.workers, whole_share=args.whole_share,
           pair_timesteps=args.pair_timesteps, pair_min_t=args.pair_min_t, pair_plain_loss=args.pair_plain_loss,
           pair_reweight=args.pair_reweight, train_only=args.train_only, preserve=args.preserve,
-          preserve_from=args.preserve_from, drawn_pool=args.drawn_pool, drawn_share=args.drawn_share)
+          preserve_from=args.preserve_from, drawn_pool=args.drawn_pool, drawn_share=args.drawn_share,
+          core_area=args.core_area)
 
 
 if __name__ == "__main__":
