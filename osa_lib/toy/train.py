@@ -78,10 +78,6 @@ class SceneStream(torch.utils.data.IterableDataset):
             return self.drawn_pool[int(rng.integers(len(self.drawn_pool)))]
         return None
 
-    def _region(self, mask: np.ndarray) -> np.ndarray:
-        """The reference tokens a target may see: the character's mask, or its core with ``core_area``."""
-        return core_region(mask, self.core_area) if self.core_area else mask
-
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng(self.seed + (info.id * 7919 if info else 0))
@@ -98,10 +94,12 @@ class SceneStream(torch.utils.data.IterableDataset):
             for k, (reference, target, i_ref, i_tgt) in enumerate(pairs):
                 query_weight[self.pairs + k] = torch.from_numpy(target.masks[i_tgt]).float()
                 whole = rng.random() < self.whole_share
-                ref_mask[self.pairs + k] = 1.0 if whole else torch.from_numpy(self._region(reference.masks[i_ref])).float()
+                if self.core_area:  # the method's view: capped masks
+                    seen, looking = (core_region(m, self.core_area) for m in (reference.masks[i_ref], target.masks[i_tgt]))
+                else:
+                    seen, looking = reference.masks[i_ref], _dilate(target.masks[i_tgt])
+                ref_mask[self.pairs + k] = 1.0 if whole else torch.from_numpy(seen).float()
                 if rng.random() >= self.whole_share:
-                    looking = (core_region(target.masks[i_tgt], self.core_area) if self.core_area
-                               else _dilate(target.masks[i_tgt]))
                     query_mask[self.pairs + k] = torch.from_numpy(looking).float()
             pooled = (F.avg_pool2d(m[:, None], 2)[:, 0] for m in (ref_mask, query_mask, query_weight))
             yield (images.float() / 127.5 - 1.0, captions, partner, *pooled)
