@@ -1,6 +1,8 @@
 """One interface over the two backbones: the toy model (default) and SDXL.
 
-``load_backbone("toy")`` loads the project's own trained model from ``data/toy_model``;
+``load_backbone("toy")`` loads the project's own trained model: ``data/toy_model`` with the committed
+fine-tune of its up blocks' self-attention (``data/toy_finetune``, ``osa_lib.toy.delta``) and the
+isolation switches tuned for it (``load_backbone("toy", model_id="data/toy_model")``: without it);
 ``load_backbone("sdxl", model_id=..., device=..., dtype=...)`` loads a real
 ``StableDiffusionXLPipeline`` from the Hugging Face hub or a local folder;
 ``load_backbone("sdxl-tiny")`` builds tiny, randomly initialised SDXL components from configs
@@ -33,9 +35,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .isolation import IsolationConfig
+from .isolation import IsolationConfig, parse_isolation_defaults, read_isolation_defaults
 from .toy.model import DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline
 from .toy.model import latents_to_images as toy_latents_to_images
+from .toy.delta import SHIPPED_DELTA, load_shipped_toy
 from .toy.world import normalise_prompt, parse_caption
 
 __all__ = ["Backbone", "ToyBackbone", "SDXLBackbone", "Conditioning", "load_backbone", "BACKBONES", "build_tiny_sdxl_pipeline",
@@ -354,39 +357,23 @@ def _place(pipe, device: torch.device, cpu_offload: bool) -> None:
 
 
 def _load_toy(model_id, device, dtype, cpu_offload) -> Backbone:
-    folder = Path(model_id) if model_id else DEFAULT_MODEL_DIR
-    if not (folder / "model_index.json").exists():
-        raise FileNotFoundError(
-            f"no toy model at {folder} (model_index.json missing). The trained model ships in "
-            f"data/toy_model; retrain it with `python -m osa_lib.toy.train` or pass model_id=<folder>.")
-    pipe = ToyPipeline.from_pretrained(folder)
+    if model_id:  # a pipeline folder as it is, with its own isolation.json if it has one
+        folder = Path(model_id)
+        if not (folder / "model_index.json").exists():
+            raise FileNotFoundError(
+                f"no toy model at {folder} (model_index.json missing). The trained model ships in "
+                f"data/toy_model; retrain it with `python -m osa_lib.toy.train` or pass model_id=<folder>.")
+        pipe, isolation_defaults, info = ToyPipeline.from_pretrained(folder), read_isolation_defaults(folder), {"model_dir": str(folder)}
+    else:  # the shipped backbone: data/toy_model with the committed fine-tune and its switches
+        (pipe, isolation_defaults), info = load_shipped_toy(), {"model_dir": str(DEFAULT_MODEL_DIR), "finetune": str(SHIPPED_DELTA)}
     pipe.set_progress_bar_config(disable=True)
     dtype = dtype or torch.float32
     pipe.to(device)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     return ToyBackbone("toy", pipe, (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), device, dtype,
-                       default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE, info={"model_dir": str(folder)},
-                       isolation_defaults=read_isolation_defaults(folder))
-
-
-def read_isolation_defaults(folder: Path) -> dict:
-    """The ``IsolationConfig`` fields a model folder's ``isolation.json`` sets (``{"defaults":
-    {field: value}, "why": "..."}``; none without the file), checked as ``IsolationConfig`` checks them."""
-    path = Path(folder) / "isolation.json"
-    return parse_isolation_defaults(path) if path.exists() else {}
-
-
-def parse_isolation_defaults(path: Path) -> dict:
-    """The ``defaults`` of an ``isolation.json`` file, checked as ``IsolationConfig`` checks them."""
-    try:
-        defaults = json.loads(Path(path).read_text())["defaults"]
-        IsolationConfig(**defaults)
-    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{path} is not a valid isolation defaults file ({type(error).__name__}: {error}). It "
-                         f"must read {{\"defaults\": {{<IsolationConfig field>: <value>, ...}}, \"why\": \"...\"}}; "
-                         f"fix it, or delete it to use METHOD.md's defaults.") from None
-    return dict(defaults)
+                       default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE, info=info,
+                       isolation_defaults=isolation_defaults)
 
 
 def _sdxl_backbone(name: str, pipe, device, dtype, default_steps: int = 30, **info) -> SDXLBackbone:
@@ -451,7 +438,8 @@ def load_backbone(name: str = "toy", model_id: str | None = None, device: str | 
         name: "toy" (default, the shipped toy model), "sdxl" (real SDXL through diffusers),
             "sdxl-tiny" (random tiny SDXL for offline tests) or "sdxl-random" (the full-size
             SDXL architecture with random weights, for structure and performance checks).
-        model_id: toy: a pipeline folder (default ``data/toy_model``); sdxl: a hub id or a local
+        model_id: toy: a pipeline folder, loaded as it is (default: ``data/toy_model`` with the
+            fine-tune in ``data/toy_finetune``); sdxl: a hub id or a local
             folder (default ``stabilityai/stable-diffusion-xl-base-1.0``).
         device: "cpu", "cuda", ...; default: CUDA when available.
         dtype: default float32 (float16 for sdxl and sdxl-random on CUDA).

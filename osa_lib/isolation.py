@@ -19,10 +19,12 @@ Masks used at step t come from the running mean of maps over steps 0..t-1.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +36,8 @@ from .masks import OVERLAP_RULES, resize_masks, subject_masks
 from .transfer import move_together, to_device
 
 __all__ = ["IsolationConfig", "LAM_RANGE", "SceneCharacter", "IsolationController", "IsolatedSelfAttention",
-           "IsolatedCrossAttention", "isolated_attention", "check_mask_resolution"]
+           "IsolatedCrossAttention", "isolated_attention", "check_mask_resolution", "read_isolation_defaults",
+           "parse_isolation_defaults"]
 
 log = logging.getLogger("osa_lib.isolation")
 
@@ -154,6 +157,25 @@ class IsolationConfig:
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                 raise ValueError(f"IsolationConfig.{name}={k!r} must be a positive integer "
                                  f"(1, the default, keeps every {name.split('_')[1]}; k keeps every k-th)")
+
+
+def read_isolation_defaults(folder: Path) -> dict:
+    """The ``IsolationConfig`` fields a model folder's ``isolation.json`` sets (``{"defaults":
+    {field: value}, "why": "..."}``; none without the file), checked as ``IsolationConfig`` checks them."""
+    path = Path(folder) / "isolation.json"
+    return parse_isolation_defaults(path) if path.exists() else {}
+
+
+def parse_isolation_defaults(path: Path) -> dict:
+    """The ``defaults`` of an ``isolation.json`` file, checked as ``IsolationConfig`` checks them."""
+    try:
+        defaults = json.loads(Path(path).read_text())["defaults"]
+        IsolationConfig(**defaults)
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a valid isolation defaults file ({type(error).__name__}: {error}). It "
+                         f"must read {{\"defaults\": {{<IsolationConfig field>: <value>, ...}}, \"why\": \"...\"}}; "
+                         f"fix it, or delete it to use METHOD.md's defaults.") from None
+    return dict(defaults)
 
 
 @dataclass

@@ -33,7 +33,7 @@ def validation_prompts(n_characters: int, count: int, seed: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="toy pipeline folder (default data/toy_model)")
+    parser.add_argument("--model", default=None, help="toy pipeline folder (default: the shipped backbone, data/toy_model with data/toy_finetune)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0])
     parser.add_argument("--prompts", type=int, default=32, help="prompts per character count")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the backbone's)")

@@ -108,7 +108,7 @@ def pick_best(summary: dict, vanilla_named: float | None) -> tuple[str, str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="toy pipeline folder (default data/toy_model)")
+    parser.add_argument("--model", default=None, help="toy pipeline folder (default: the shipped backbone, data/toy_model with data/toy_finetune)")
     parser.add_argument("--seeds", type=int, default=6, help="validation seeds per story")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the backbone's)")
     parser.add_argument("--threads", type=int, default=2)

@@ -83,3 +83,34 @@ def test_delta_command_line_round_trip(base_and_tuned, capsys):
     assert "2 tensors" in capsys.readouterr().out
     main(["apply", str(tmp_path / "d.safetensors"), "--base", str(tmp_path / "base"), "--out", str(tmp_path / "r")])
     assert weights_fingerprint(ToyPipeline.from_pretrained(tmp_path / "r")) == weights_fingerprint(tuned)
+
+
+def test_the_default_toy_backbone_is_the_base_with_the_committed_fine_tune_and_its_switches():
+    from safetensors.torch import load_file
+    from osa_lib import load_backbone
+    from osa_lib.toy.delta import SHIPPED_DELTA, SHIPPED_ISOLATION
+    from osa_lib.toy.model import DEFAULT_MODEL_DIR
+    shipped, base = load_backbone("toy", device="cpu"), ToyPipeline.from_pretrained(DEFAULT_MODEL_DIR)
+    delta = load_file(str(SHIPPED_DELTA))
+    changed = 0
+    for part in ("unet", "text_encoder"):
+        own = getattr(base, part).state_dict()
+        for name, tensor in getattr(shipped.pipe, part).state_dict().items():
+            expected = delta.get(f"{part}.{name}", own[name])  # the fine-tune's tensor where it has one
+            assert torch.equal(tensor, expected), f"{part}.{name}"
+            changed += not torch.equal(tensor, own[name])
+    assert changed == len(delta) > 0
+    assert shipped.isolation_defaults == json.loads(SHIPPED_ISOLATION.read_text())["defaults"] != {}
+    assert shipped.info["finetune"] == str(SHIPPED_DELTA)
+    # a folder is loaded as it is: the base alone, with METHOD.md's switches
+    plain = load_backbone("toy", model_id=str(DEFAULT_MODEL_DIR), device="cpu")
+    assert plain.isolation_defaults == {} and weights_fingerprint(plain.pipe) == weights_fingerprint(base)
+
+
+def test_the_default_toy_backbone_without_its_fine_tune_says_what_is_missing_and_the_fix(tmp_path, monkeypatch):
+    import osa_lib.toy.delta as delta
+    from osa_lib import load_backbone
+    monkeypatch.setattr(delta, "SHIPPED_DELTA", tmp_path / "gone.safetensors")
+    with pytest.raises(FileNotFoundError, match="gone.safetensors is missing") as info:
+        load_backbone("toy", device="cpu")
+    assert "git checkout -- data/toy_finetune" in str(info.value) and "model_id='data/toy_model'" in str(info.value)

@@ -236,7 +236,8 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="toy pipeline folder (default data/toy_model)")
+    parser.add_argument("--model", default=None,
+                        help="toy pipeline folder (default: the shipped backbone, data/toy_model with data/toy_finetune)")
     parser.add_argument("--samples", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -255,8 +256,8 @@ def main(argv=None) -> None:
                              "Â the shared character's coverage (0: none), for a model trained with --pair-reweight")
     parser.add_argument("--md", default=None, help="also write the tables here, with the command, commit and machine")
     args = parser.parse_args(argv)
-    from .model import DEFAULT_MODEL_DIR
-    pipe = ToyPipeline.from_pretrained(args.model or DEFAULT_MODEL_DIR).to(args.device)
+    from .delta import load_toy_pipeline
+    pipe = load_toy_pipeline(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     started = time.time()
     settings = PROBE_SETTINGS[:2] if args.quick else PROBE_SETTINGS

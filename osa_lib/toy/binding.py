@@ -92,11 +92,12 @@ def binding_scores(pipe: ToyPipeline, n_scenes: int = 64, timesteps=(200, 500, 8
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="toy pipeline folder (default data/toy_model)")
+    parser.add_argument("--model", default=None,
+                        help="toy pipeline folder (default: the shipped backbone, data/toy_model with data/toy_finetune)")
     parser.add_argument("--scenes", type=int, default=64)
     args = parser.parse_args(argv)
-    from .model import DEFAULT_MODEL_DIR
-    pipe = ToyPipeline.from_pretrained(args.model or DEFAULT_MODEL_DIR)
+    from .delta import load_toy_pipeline
+    pipe = load_toy_pipeline(args.model)
     print("| word | t | layers | own share | Otsu IoU |\n|---|---|---|---|---|")
     for r in binding_scores(pipe, args.scenes):
         print(f"| {r['word']} | {r['t']} | {r['place']} {r['resolution']}x{r['resolution']} | "

@@ -22,13 +22,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..backbones import parse_isolation_defaults
-from .model import ToyPipeline
+from ..isolation import parse_isolation_defaults
+from .model import DEFAULT_MODEL_DIR, ToyPipeline
 from .train import TRAINING_RECORD, swap_in_folder
 
-__all__ = ["weights_fingerprint", "save_delta", "apply_delta", "main"]
+__all__ = ["weights_fingerprint", "save_delta", "with_delta", "apply_delta", "load_shipped_toy", "load_toy_pipeline",
+           "SHIPPED_DELTA", "SHIPPED_ISOLATION", "main"]
 
 PARTS = ("unet", "text_encoder")
+FINETUNE_DIR = DEFAULT_MODEL_DIR.parent / "toy_finetune"
+#: the fine-tune the shipped toy backbone puts on top of ``data/toy_model``, and its tuned switches
+SHIPPED_DELTA = FINETUNE_DIR / "up_self_attention.safetensors"
+SHIPPED_ISOLATION = FINETUNE_DIR / "isolation.json"
 
 
 def _state(pipe: ToyPipeline) -> dict[str, torch.Tensor]:
@@ -82,13 +87,13 @@ def _read_delta(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def apply_delta(delta: Path, base_dir: Path, out: Path, isolation: Path | None = None) -> ToyPipeline:
-    """The pipeline of ``base_dir`` with the tensors of ``delta`` put in, written to ``out``
-    (atomically: a temp folder, then a rename) with the run's ``training.json``, and with
-    ``isolation`` (an ``isolation.json`` of the switches tuned for this fine-tune) when given."""
+def with_delta(delta: Path, base_dir: Path) -> ToyPipeline:
+    """The pipeline of ``base_dir`` with the tensors of ``delta`` put in, in memory."""
+    return _with_delta(delta, base_dir)[0]
+
+
+def _with_delta(delta: Path, base_dir: Path) -> tuple[ToyPipeline, dict[str, str]]:
     tensors, metadata = _read_delta(Path(delta))
-    if isolation is not None:
-        parse_isolation_defaults(isolation)  # refused before anything is written, as load_backbone would
     pipe = ToyPipeline.from_pretrained(base_dir)
     if weights_fingerprint(pipe) != metadata["base_fingerprint"]:
         raise ValueError(f"{delta} was trained on top of other weights than {base_dir} (it names "
@@ -102,6 +107,16 @@ def apply_delta(delta: Path, base_dir: Path, out: Path, isolation: Path | None =
         own = getattr(pipe, part).state_dict()
         own.update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         getattr(pipe, part).load_state_dict(own)
+    return pipe, metadata
+
+
+def apply_delta(delta: Path, base_dir: Path, out: Path, isolation: Path | None = None) -> ToyPipeline:
+    """``with_delta(delta, base_dir)`` written to ``out`` (atomically: a temp folder, then a rename)
+    with the run's ``training.json``, and with ``isolation`` (an ``isolation.json`` of the switches
+    tuned for this fine-tune) when given."""
+    if isolation is not None:
+        parse_isolation_defaults(isolation)  # refused before anything is written, as load_backbone would
+    pipe, metadata = _with_delta(delta, base_dir)
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -112,6 +127,23 @@ def apply_delta(delta: Path, base_dir: Path, out: Path, isolation: Path | None =
         shutil.copyfile(isolation, tmp / "isolation.json")
     swap_in_folder(tmp, out)
     return pipe
+
+
+def load_shipped_toy() -> tuple[ToyPipeline, dict]:
+    """The shipped toy backbone: ``data/toy_model`` (drawing, trained from scratch) with the
+    committed fine-tune of its up blocks' self-attention (copying appearance, issue 13) put in,
+    and the isolation switches tuned for that fine-tune (``IsolationConfig`` fields)."""
+    missing = [str(p) for p in (SHIPPED_DELTA, SHIPPED_ISOLATION) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"the shipped toy backbone is data/toy_model plus the fine-tune in {FINETUNE_DIR}, "
+                                f"but {', '.join(missing)} is missing. Restore it (`git checkout -- data/toy_finetune`), "
+                                f"or load the model without the fine-tune: model_id='data/toy_model'.")
+    return with_delta(SHIPPED_DELTA, DEFAULT_MODEL_DIR), parse_isolation_defaults(SHIPPED_ISOLATION)
+
+
+def load_toy_pipeline(model: Path | str | None = None) -> ToyPipeline:
+    """A toy pipeline folder as it is, or (None) the shipped toy backbone's weights."""
+    return ToyPipeline.from_pretrained(model) if model else load_shipped_toy()[0]
 
 
 def main(argv: list[str] | None = None) -> None:

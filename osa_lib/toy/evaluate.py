@@ -147,7 +147,7 @@ def format_report(r: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="toy pipeline folder (default data/toy_model)")
+    parser.add_argument("--model", default=None, help="toy pipeline folder (default: the shipped backbone, data/toy_model with data/toy_finetune)")
     parser.add_argument("--seeds", type=int, default=8, help="seeds per held-out prompt")
     parser.add_argument("--json", default=None, help="also write the raw numbers here")
     parser.add_argument("--md", default=None, help="also write the table here, with the command, commit and machine")
