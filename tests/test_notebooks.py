@@ -110,6 +110,11 @@ def check_04(c):
         expected = 3 * c["seeds"] * len(tabled) + (0 if c["attribute_story"] in tabled else 2)
         assert c["generations"] == expected, (c["generations"], expected)
     assert {key.split(" / ")[1] for key in c["metrics"]} == {"vanilla", "csa", "isolated"}
+    # the every-seed figure's colour kept is the metrics table's, for the comic strip's story
+    assert set(c["colour_kept"]) == {"vanilla", "isolated"} and "04_every_seed" in c["figures"]
+    for method, value in c["colour_kept"].items():
+        tabled = next(v for k, v in c["metrics"].items() if k == f"{c['story']} / {method}")
+        assert missing(value) and missing(tabled["colour kept"]) or value == tabled["colour kept"], (method, value)
     for key, metrics in c["metrics"].items():
         for name, value in metrics.items():
             if name in ("mixing rate", "colour kept") and missing(value):
