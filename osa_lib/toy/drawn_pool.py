@@ -104,7 +104,8 @@ def load_pool(path: Path | str) -> list[world.Scene]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="toy pipeline folder (default data/toy_model)")
+    parser.add_argument("--model", default=None,
+                        help="toy pipeline folder: the model being fine-tuned (default data/toy_model, the base without its fine-tune)")
     parser.add_argument("--n", type=int, default=4000, help="captions to draw (about 60-75 %% are kept)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
