@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .isolation import IsolationConfig, parse_isolation_defaults, read_isolation_defaults
+from .isolation import IsolationConfig, read_isolation_defaults
 from .toy.model import DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline
 from .toy.model import latents_to_images as toy_latents_to_images
 from .toy.delta import SHIPPED_DELTA, load_shipped_toy
