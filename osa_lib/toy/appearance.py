@@ -256,9 +256,8 @@ def main(argv=None) -> None:
                              "Â the shared character's coverage (0: none), for a model trained with --pair-reweight")
     parser.add_argument("--md", default=None, help="also write the tables here, with the command, commit and machine")
     args = parser.parse_args(argv)
-    from .delta import load_toy_pipeline
-    pipe = load_toy_pipeline(args.model).to(args.device)
-    pipe.set_progress_bar_config(disable=True)
+    from ..backbones import load_backbone
+    pipe = load_backbone("toy", model_id=args.model, device=args.device).pipe  # progress bars off
     started = time.time()
     settings = PROBE_SETTINGS[:2] if args.quick else PROBE_SETTINGS
     lines = [f"References: {args.references}, captions {args.reference_captions}.\n",

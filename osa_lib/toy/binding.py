@@ -96,8 +96,8 @@ def main(argv=None) -> None:
                         help="toy pipeline folder (default: the shipped backbone, data/toy_model with data/toy_finetune)")
     parser.add_argument("--scenes", type=int, default=64)
     args = parser.parse_args(argv)
-    from .delta import load_toy_pipeline
-    pipe = load_toy_pipeline(args.model)
+    from ..backbones import load_backbone
+    pipe = load_backbone("toy", model_id=args.model, device="cpu").pipe
     print("| word | t | layers | own share | Otsu IoU |\n|---|---|---|---|---|")
     for r in binding_scores(pipe, args.scenes):
         print(f"| {r['word']} | {r['t']} | {r['place']} {r['resolution']}x{r['resolution']} | "

@@ -26,8 +26,8 @@ from ..isolation import parse_isolation_defaults
 from .model import DEFAULT_MODEL_DIR, ToyPipeline
 from .train import TRAINING_RECORD, swap_in_folder
 
-__all__ = ["weights_fingerprint", "save_delta", "with_delta", "apply_delta", "load_shipped_toy", "load_toy_pipeline",
-           "SHIPPED_DELTA", "SHIPPED_ISOLATION", "main"]
+__all__ = ["weights_fingerprint", "save_delta", "with_delta", "apply_delta", "load_shipped_toy", "SHIPPED_DELTA",
+           "SHIPPED_ISOLATION", "main"]
 
 PARTS = ("unet", "text_encoder")
 FINETUNE_DIR = DEFAULT_MODEL_DIR.parent / "toy_finetune"
@@ -87,12 +87,9 @@ def _read_delta(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def with_delta(delta: Path, base_dir: Path) -> ToyPipeline:
-    """The pipeline of ``base_dir`` with the tensors of ``delta`` put in, in memory."""
-    return _with_delta(delta, base_dir)[0]
-
-
-def _with_delta(delta: Path, base_dir: Path) -> tuple[ToyPipeline, dict[str, str]]:
+def with_delta(delta: Path, base_dir: Path) -> tuple[ToyPipeline, dict[str, str]]:
+    """The pipeline of ``base_dir`` with the tensors of ``delta`` put in, in memory, and the delta's
+    metadata (the base's fingerprint, the run's ``training.json``, its note)."""
     tensors, metadata = _read_delta(Path(delta))
     pipe = ToyPipeline.from_pretrained(base_dir)
     if weights_fingerprint(pipe) != metadata["base_fingerprint"]:
@@ -116,7 +113,7 @@ def apply_delta(delta: Path, base_dir: Path, out: Path, isolation: Path | None =
     tuned for this fine-tune) when given."""
     if isolation is not None:
         parse_isolation_defaults(isolation)  # refused before anything is written, as load_backbone would
-    pipe, metadata = _with_delta(delta, base_dir)
+    pipe, metadata = with_delta(delta, base_dir)
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -138,12 +135,7 @@ def load_shipped_toy() -> tuple[ToyPipeline, dict]:
         raise FileNotFoundError(f"the shipped toy backbone is data/toy_model plus the fine-tune in {FINETUNE_DIR}, "
                                 f"but {', '.join(missing)} is missing. Restore it (`git checkout -- data/toy_finetune`), "
                                 f"or load the model without the fine-tune: model_id='data/toy_model'.")
-    return with_delta(SHIPPED_DELTA, DEFAULT_MODEL_DIR), parse_isolation_defaults(SHIPPED_ISOLATION)
-
-
-def load_toy_pipeline(model: Path | str | None = None) -> ToyPipeline:
-    """A toy pipeline folder as it is, or (None) the shipped toy backbone's weights."""
-    return ToyPipeline.from_pretrained(model) if model else load_shipped_toy()[0]
+    return with_delta(SHIPPED_DELTA, DEFAULT_MODEL_DIR)[0], parse_isolation_defaults(SHIPPED_ISOLATION)
 
 
 def main(argv: list[str] | None = None) -> None:
