@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .attention import find_attention_layers
+from .layers import find_attention_layers
 from .transfer import concrete_device
 
 __all__ = ["ReferenceBank", "BankError", "BANK_FORMAT_VERSION", "check_name", "estimate_bank_bytes"]
@@ -242,7 +242,7 @@ def estimate_bank_bytes(unet, latent_hw: tuple[int, int], num_steps: int, mask_f
 
     Per up-block self-attention layer and stored step: keys and values (2) of the
     ``mask_fraction · h·w`` tokens inside the mask, each ``inner_dim`` values wide. Use
-    ``unet = UNet2DConditionModel(**backbones.SDXL_UNET_CONFIG)`` built under ``torch.device("meta")``
+    ``unet = UNet2DConditionModel(**testing.SDXL_UNET_CONFIG)`` built under ``torch.device("meta")``
     to estimate SDXL at 1024² (latent 128×128) without any weights. ``warmup``, ``step_stride``
     and ``layer_stride`` mirror what ``IsolationConfig`` stores (warm-up steps are not stored).
     """

@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .attention import (LayerInfo, attention_epilogue, attention_prologue, find_attention_layers,
-                        installed_processors, merge_heads, split_heads)
+from .layers import (LayerInfo, attention_epilogue, attention_prologue, find_attention_layers,
+                     installed_processors, merge_heads, split_heads)
 
 __all__ = ["CSAConfig", "CSABank", "CSAController", "ConsistentSelfAttention", "consistent_self_attention",
            "reference_scenes"]

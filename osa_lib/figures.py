@@ -1,18 +1,18 @@
-"""Figure helpers shared by the notebooks: image grids, map overlays, saving PNGs atomically."""
+"""Figure helpers shared by the notebooks: image grids, map overlays, saving PNGs atomically (the claims and
+results writers live in ``records``; they are re-exported here)."""
 from __future__ import annotations
 
 import os
-import shlex
-import sys
 from pathlib import Path
 
-
 import numpy as np
+
+from .records import claims_dir, command_line, markdown_table, record_claims, results_header, write_results
 
 __all__ = ["markdown_table", "figures_dir", "claims_dir", "record_claims", "save_figure", "image_grid", "overlay", "plot_word_maps", "plot_map_grid", "plot_otsu",
            "comic_strip", "wrap_caption", "plot_iou_over_steps", "plot_iou_histogram", "failure_grid", "plot_binding",
            "rule_boxplot", "rule_example", "plot_lambda_sweep", "plot_identity_details", "mixing_grid", "show_layer_map",
-           "map_explorer", "results_header", "write_results"]
+           "map_explorer", "results_header", "write_results", "command_line"]
 
 MASK_COLOURS = np.array([[1.0, 0.2, 0.2], [0.2, 0.5, 1.0], [0.2, 0.9, 0.3], [1.0, 0.8, 0.1]])
 
@@ -22,43 +22,6 @@ def figures_dir() -> Path:
     folder = Path(os.environ.get("OSA_FIGURES_DIR", Path(__file__).resolve().parents[1] / "figures"))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def claims_dir() -> Path:
-    """``$OSA_CLAIMS_DIR`` if set (tests and ``scripts/run_notebooks.py`` set it to where the executed
-    notebooks go), else ``<repo>/build/notebooks``."""
-    folder = Path(os.environ.get("OSA_CLAIMS_DIR", Path(__file__).resolve().parents[1] / "build" / "notebooks"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def _plain(value):
-    """numpy / torch scalars and arrays -> JSON values; NaN -> None (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "tolist"):  # numpy and torch scalars / arrays
-        return _plain(value.tolist())
-    if isinstance(value, float) and value != value:
-        return None
-    return value
-
-
-def record_claims(name: str, claims: dict) -> Path:
-    """Write a notebook's key numbers to ``<claims_dir>/<name>.claims.json`` (temporary file, then rename),
-    so ``tests/test_notebooks.py`` can assert what the notebook prints.
-
-    Args:
-        name: the notebook's stem, e.g. ``"02_otsu_masks"``.
-        claims: JSON-able values (numpy / torch numbers and arrays are converted; NaN becomes null).
-    """
-    import json
-    path = claims_dir() / f"{name}.claims.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_plain(claims), indent=1, allow_nan=False))
-    os.replace(tmp, path)
-    return path
 
 
 def save_figure(fig, name: str, dpi: int = 130) -> Path:
@@ -193,20 +156,6 @@ def comic_strip(rows: dict[str, list[np.ndarray]], captions: list[str], size: fl
     return fig
 
 
-def markdown_table(rows: list[dict], digits: int = 2) -> str:
-    """A list of dicts as a Markdown table (notebooks show it with ``display(Markdown(...))``)."""
-    if not rows:
-        return "*(no rows)*"
-    keys = list(rows[0])
-    def cell(v):
-        if isinstance(v, float):
-            return "n/a" if np.isnan(v) else f"{v:.{digits}f}"
-        return "n/a" if v is None else str(v)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 # --- Figures the notebooks draw (issue 16: notebooks hold no logic) --------------------------------
 
 def plot_iou_over_steps(curve: dict):
@@ -324,36 +273,3 @@ def map_explorer(store, labels: list[str], words: list[str], steps: int):
                             step=widgets.IntSlider(0, 0, steps - 1), word=words)
 
 
-def results_header(command: str) -> str:
-    """The provenance line of a results file: the command, the commit and the machine it ran on."""
-    import platform
-    import subprocess
-    import torch
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (not a git checkout)"
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    return (f"Written by `{command}` at commit {commit} on {platform.node() or 'an unnamed machine'} "
-            f"({device}, {platform.system()}, torch {torch.__version__}). Do not edit by hand: re-run the command.")
-
-
-def command_line(program: str, argv: list[str] | None = None) -> str:
-    """The command a results file records: ``program`` and its arguments (``sys.argv[1:]`` when
-    ``argv`` is None), quoted so that it pastes back into a shell as given."""
-    return f"{program} {shlex.join(sys.argv[1:] if argv is None else argv)}"
-
-
-def write_results(path, title: str, body: str, command: str) -> Path:
-    """Write a Markdown results file: title, provenance (``results_header``), then ``body``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"# {title}\n\n{results_header(command)}\n\n{body.rstrip()}\n")
-    os.replace(tmp, path)
-    return path

@@ -20,9 +20,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .attention import AttentionStore, capture_attention
-from .backbones import check_steps
 from .bank import ReferenceBank
 from .baselines import CSABank, CSAConfig, CSAController, consistent_self_attention, csa_layers, reference_scenes
+from .config import check_steps
 from .isolation import (IsolationConfig, IsolationController, SceneCharacter, check_mask_resolution,
                         isolated_attention)
 from .masks import subject_masks

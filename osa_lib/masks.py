@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import OVERLAP_RULES
+
 __all__ = [
     "OVERLAP_RULES",
     "SubjectMasks",
@@ -45,10 +47,6 @@ __all__ = [
     "subject_masks",
     "top_fraction",
 ]
-
-#: Accepted values of ``rule`` in :func:`resolve_overlaps`; ``"lower_cv"`` is the paper's.
-OVERLAP_RULES: tuple[str, ...] = ("lower_cv", "higher_cv", "argmax")
-
 
 def _as_float(x: Tensor) -> Tensor:
     """Upcast to at least float32: attention probabilities are small and fp16 loses them."""

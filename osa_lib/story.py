@@ -26,8 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from .backbones import check_seed
 from .bank import BankError, check_name
+from .config import check_seed
 
 __all__ = ["StoryError", "StoryCharacter", "StoryScene", "Story", "load_story", "parse_story", "seed_problem",
            "check_prompts", "describe_story"]

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from osa_lib.backbones import BACKBONES, _TINY_WORDS, load_backbone
+from osa_lib.backbones import BACKBONES, load_backbone
+from osa_lib.testing import _TINY_WORDS
 
 STEPS = 2  # enough to exercise the sampler loop; the tiny model's default is 4
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import yaml
 
-from osa_lib.backbones import _TINY_WORDS, load_backbone
+from osa_lib.backbones import load_backbone
+from osa_lib.testing import _TINY_WORDS
 from osa_lib.bank import BankError, ReferenceBank
 from osa_lib.isolation import IsolationConfig
 from osa_lib.generation import METHODS, generate_story

@@ -22,9 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..isolation import parse_isolation_defaults
+from ..config import parse_isolation_defaults
 from .model import DEFAULT_MODEL_DIR, ToyPipeline
-from .train import TRAINING_RECORD, swap_in_folder
 
 __all__ = ["weights_fingerprint", "save_delta", "with_delta", "apply_delta", "load_shipped_toy", "SHIPPED_DELTA",
            "SHIPPED_ISOLATION", "main"]
@@ -55,6 +54,8 @@ def save_delta(model_dir: Path, base_dir: Path, out: Path, note: str = "", atol:
     by more than ``atol`` anywhere; returns their names. Both folders must hold the same
     architecture. ``atol`` > 0 drops rounding drift: runs before the EMA fix of 2026-11-27 averaged
     frozen tensors with themselves, which moved them by up to 3e-6."""
+    from .train import TRAINING_RECORD  # here, not at the top: loading a backbone never loads the training loop
+
     model, base = ToyPipeline.from_pretrained(model_dir), ToyPipeline.from_pretrained(base_dir)
     tuned, original = _state(model), _state(base)
     if tuned.keys() != original.keys() or any(tuned[k].shape != original[k].shape for k in tuned):
@@ -111,6 +112,8 @@ def apply_delta(delta: Path, base_dir: Path, out: Path, isolation: Path | None =
     """``with_delta(delta, base_dir)`` written to ``out`` (atomically: a temp folder, then a rename)
     with the run's ``training.json``, and with ``isolation`` (an ``isolation.json`` of the switches
     tuned for this fine-tune) when given."""
+    from .train import TRAINING_RECORD, swap_in_folder  # here, not at the top: loading a backbone never loads the training loop
+
     if isolation is not None:
         parse_isolation_defaults(isolation)  # refused before anything is written, as load_backbone would
     pipe, metadata = with_delta(delta, base_dir)

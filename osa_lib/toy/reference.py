@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import (LayerInfo, attention_epilogue, attention_prologue, find_attention_layers,
-                         installed_processors, merge_heads, split_heads)
+from ..layers import (LayerInfo, attention_epilogue, attention_prologue, find_attention_layers,
+                      installed_processors, merge_heads, split_heads)
 
 __all__ = ["ReferenceState", "ReferenceSelfAttention", "reference_attention", "pooled_token_mask"]
 
