@@ -148,8 +148,8 @@ def fake_generation(monkeypatch):
             out["IIS-toy hue"] = value + 1
         return out
 
-    monkeypatch.setattr(osa_lib.experiments, "generate_story", generate_story)
-    monkeypatch.setattr(osa_lib.experiments, "toy_story_metrics", toy_story_metrics)
+    monkeypatch.setattr(osa_lib.experiments.stories, "generate_story", generate_story)
+    monkeypatch.setattr(osa_lib.experiments.stories, "toy_story_metrics", toy_story_metrics)
     return calls
 
 
@@ -198,10 +198,10 @@ def test_comic_strip_titles_do_not_overlap():
 
 def test_results_files_name_their_command_commit_and_machine(tmp_path):
     from osa_lib.figures import write_results
-    path = write_results(tmp_path / "r.md", "Toy model quality", "| a |\n|---|\n| 1 |", "python -m osa_lib.toy.evaluate --md r.md")
+    path = write_results(tmp_path / "r.md", "Toy model quality", "| a |\n|---|\n| 1 |", "python -m osa_lib.toy.probes.evaluate --md r.md")
     text = path.read_text()
     assert text.startswith("# Toy model quality\n")
-    assert "`python -m osa_lib.toy.evaluate --md r.md`" in text and "at commit " in text and "torch " in text
+    assert "`python -m osa_lib.toy.probes.evaluate --md r.md`" in text and "at commit " in text and "torch " in text
     assert "| 1 |" in text
 
 
