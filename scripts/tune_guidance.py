@@ -2,7 +2,7 @@
 
 The validation prompts are fresh captions from the training distribution (random scenes whose
 colour x shape x scene triples are *not* held out), so the held-out prompts that
-``python -m osa_lib.toy.evaluate`` reports on play no part in the choice. For every scale the
+``python -m osa_lib.toy.probes.evaluate`` reports on play no part in the choice. For every scale the
 script generates the same prompts with the same seeds and prints how often the analyzer finds
 what the prompt names; the scale with the best mean of the single- and two-character rates wins.
 

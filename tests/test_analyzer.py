@@ -89,7 +89,7 @@ def test_match_and_iou():
 
 def test_union_iou_ignores_which_mask_is_whose():
     """Swapped masks score 0 per character but 1 together; an undrawn character drops its image."""
-    from osa_lib.toy.evaluate import _union_iou
+    from osa_lib.toy.probes.evaluate import _union_iou
     a, b = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
     a[:4], b[4:] = True, True
     swapped = [{"image": 0, "mask": b, "truth_mask": a}, {"image": 0, "mask": a, "truth_mask": b}]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from osa_lib.toy.binding import binding_scores, own_object_share
+from osa_lib.toy.probes.binding import binding_scores, own_object_share
 from osa_lib.toy.model import build_toy_pipeline
 
 

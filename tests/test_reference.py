@@ -7,7 +7,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from osa_lib.attention import LayerInfo
 from osa_lib.toy import world
-from osa_lib.toy.appearance import appearance_scores
+from osa_lib.toy.probes.appearance import appearance_scores
 from osa_lib.toy.model import ToyPipeline
 from osa_lib.toy.reference import ReferenceSelfAttention, ReferenceState
 
@@ -185,7 +185,7 @@ def test_probe_rows_are_shares_and_no_reference_is_the_paired_baseline():
 def test_reference_share_reports_every_up_block_self_attention_at_every_timestep():
     """``reference_share`` on the shipped model: one share per (timestep, up-block attn1), each a
     fraction strictly inside (0, 1) (the references are visible, and the own tokens always are)."""
-    from osa_lib.toy.appearance import reference_share
+    from osa_lib.toy.probes.appearance import reference_share
     pipe = ToyPipeline.from_pretrained(world.__file__.rsplit("/osa_lib/", 1)[0] + "/data/toy_model")
     rows = reference_share(pipe, n_pairs=4, timesteps=(300, 900))
     layers = {r["layer"] for r in rows}
@@ -197,7 +197,7 @@ def test_reference_share_reports_every_up_block_self_attention_at_every_timestep
 def test_reference_share_with_reweighting_moves_attention_to_the_reference():
     """``reference_share(reweight=w)`` applies the method's boost with the character's true coverage
     as ``Â``: every layer's share rises above the unboosted one on the same batch."""
-    from osa_lib.toy.appearance import reference_share
+    from osa_lib.toy.probes.appearance import reference_share
     pipe = ToyPipeline.from_pretrained(world.__file__.rsplit("/osa_lib/", 1)[0] + "/data/toy_model")
     plain = reference_share(pipe, n_pairs=4, timesteps=(900,))
     boosted = reference_share(pipe, n_pairs=4, timesteps=(900,), reweight=16.0)
@@ -210,7 +210,7 @@ def test_drawn_references_are_the_models_drawings_read_back_by_the_analyzer():
     word for an uncoloured story's first scene), its truth the analyzer's reading of that drawing;
     the probe on drawn references keeps only the samples whose reference was drawn."""
     from osa_lib.toy.analyzer import analyze_image, largest_detection
-    from osa_lib.toy.appearance import drawn_references, probe_references
+    from osa_lib.toy.probes.appearance import drawn_references, probe_references
     pipe = ToyPipeline.from_pretrained(world.__file__.rsplit("/osa_lib/", 1)[0] + "/data/toy_model")
     pipe.set_progress_bar_config(disable=True)
     rendered, _ = probe_references(6, seed=0)
@@ -237,7 +237,7 @@ def test_drawn_references_are_the_models_drawings_read_back_by_the_analyzer():
 def test_reference_captions_rewrite_only_the_colour_word_the_reference_shows(monkeypatch):
     """``--reference-captions``: the references' tokens are computed with their caption as made,
     with the colour family each one shows named, or with no colour word; the images stay."""
-    from osa_lib.toy import appearance
+    from osa_lib.toy.probes import appearance
     pipe = ToyPipeline.from_pretrained(world.__file__.rsplit("/osa_lib/", 1)[0] + "/data/toy_model")
     pipe.set_progress_bar_config(disable=True)
     shown = {}

@@ -40,7 +40,7 @@ def _family_share(images, colour):
 
 
 def test_shipped_model_responds_to_colour_and_scene_words(toy):
-    """A floor, not the quality targets (those are measured by osa_lib.toy.evaluate and reported
+    """A floor, not the quality targets (those are measured by osa_lib.toy.probes.evaluate and reported
     in the README): the trained text conditioning moves colour and background the right way,
     which an untrained model does not do."""
     seeds = [10, 11, 12, 13]
@@ -329,7 +329,8 @@ def test_continuing_a_run_with_other_architecture_flags_is_a_clear_error(tmp_pat
 def test_uncoloured_drawing_is_measured_on_the_single_prompts_and_seeds_without_their_colour(monkeypatch):
     """issue 13's drawing target: uncoloured prompts are the held-out single-character prompts
     with the colour word dropped, on the same seeds, and the report sets the two rates side by side."""
-    from osa_lib.toy import evaluate, world
+    from osa_lib.toy import world
+    from osa_lib.toy.probes import evaluate
     calls = []
 
     def fake_batched(backbone, prompts, seeds, batch_size, **kwargs):

@@ -29,8 +29,8 @@ PY=$PY DEVICE=$DEVICE BATCH=$BATCH WORKERS=$WORKERS THREADS=1 WORK=/tmp/ft POOL_
   timeout $(( ${MINUTES%.*} * 60 + 150 )) bash scripts/continue_finetune.sh "$MINUTES" > "$OUT/train.log" 2>&1
 stamp "trained: exit $? ($(tr '\r' '\n' < "$OUT/train.log" | grep '^step\|^wrote' | tail -n 2 | tr '\n' ' '))"
 # measured side by side on the GPU
-timeout 90 $PY -m osa_lib.toy.appearance --model /tmp/ft/tuned --samples $SAMPLES --quick > "$OUT/probe.txt" 2>&1 &
-timeout 120 $PY -m osa_lib.toy.evaluate --model /tmp/ft/tuned --seeds 4 > "$OUT/evaluate.txt" 2>&1 &
+timeout 90 $PY -m osa_lib.toy.probes.appearance --model /tmp/ft/tuned --samples $SAMPLES --quick > "$OUT/probe.txt" 2>&1 &
+timeout 120 $PY -m osa_lib.toy.probes.evaluate --model /tmp/ft/tuned --seeds 4 > "$OUT/evaluate.txt" 2>&1 &
 timeout 150 $PY scripts/tune_isolation.py --model /tmp/ft/tuned --seeds $SEEDS --weights 16,32 --threads 1 \
   > "$OUT/tune.txt" 2>&1 &
 wait

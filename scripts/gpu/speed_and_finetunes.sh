@@ -41,8 +41,8 @@ stamp "fine-tunes done"
 
 # 2. each fine-tune measured on the GPU, all six measurements side by side
 for m in G1 G3; do
-  timeout 60 $PY -m osa_lib.toy.appearance --model /tmp/$m --samples 48 --quick > /tmp/$m.probe 2>&1 &
-  timeout 100 $PY -m osa_lib.toy.evaluate --model /tmp/$m --seeds 4 > /tmp/$m.eval 2>&1 &
+  timeout 60 $PY -m osa_lib.toy.probes.appearance --model /tmp/$m --samples 48 --quick > /tmp/$m.probe 2>&1 &
+  timeout 100 $PY -m osa_lib.toy.probes.evaluate --model /tmp/$m --seeds 4 > /tmp/$m.eval 2>&1 &
   timeout 120 $PY scripts/tune_isolation.py --model /tmp/$m --seeds 6 --weights 16,32 --threads 1 \
     > /tmp/$m.tune 2>&1 &
 done

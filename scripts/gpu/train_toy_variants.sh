@@ -19,8 +19,8 @@ CHECKS="${CHECKS:-.}"  # the tree whose CUDA tests and bench run (a copy of anot
     tests/test_cuda.py tests/test_device.py > /tmp/checks/cuda_tests.log 2>&1 )
 wait
 for m in C2 C3; do
-  ( python3 -m osa_lib.toy.appearance --model /tmp/$m --samples 48 > /tmp/$m.probe 2>&1
-    python3 -m osa_lib.toy.evaluate --model /tmp/$m --seeds 4 --json /tmp/$m/evaluate.json > /tmp/$m.eval 2>&1 ) &
+  ( python3 -m osa_lib.toy.probes.appearance --model /tmp/$m --samples 48 > /tmp/$m.probe 2>&1
+    python3 -m osa_lib.toy.probes.evaluate --model /tmp/$m --seeds 4 --json /tmp/$m/evaluate.json > /tmp/$m.eval 2>&1 ) &
 done
 ( cd "$CHECKS" && PYTHONPATH="/tmp/site:$PWD" timeout 170 python3 scripts/bench_sdxl.py --device cuda --dtype fp16 \
     --size 1024 --steps 30 --scenes 4 --out /tmp/checks > /tmp/checks/bench_sdxl.log 2>&1 )

@@ -1,15 +1,15 @@
 """Does appearance travel through the up blocks' self-attention? A probe, in about a minute.
 
-    python -m osa_lib.toy.appearance                   # the shipped model
-    python -m osa_lib.toy.appearance --model DIR --samples 64
-    python -m osa_lib.toy.appearance --model DIR --quick --references drawn-uncoloured
+    python -m osa_lib.toy.probes.appearance                   # the shipped model
+    python -m osa_lib.toy.probes.appearance --model DIR --samples 64
+    python -m osa_lib.toy.probes.appearance --model DIR --quick --references drawn-uncoloured
 
 The method's isolated self-attention carries a character's look from its first scene into later
 ones only if the U-Net copies appearance from the keys/values it is shown. This probe asks that
 directly, without masks or a bank: each sample draws an *uncoloured* prompt ("a circle in the
 snow") while the up-block self-attention of its prompt half also sees the tokens of a reference
 image, a rendered character of the same shape in a known colour, noised to the same timestep
-(teacher-forced, like ``osa_lib.toy.binding``) and run in the same U-Net batch. Only the tokens
+(teacher-forced, like ``osa_lib.toy.probes.binding``) and run in the same U-Net batch. Only the tokens
 inside the reference character's true mask are visible, as in the bank.
 
 Per setting (which up-block layers see the reference, during which share of the steps) it reports
@@ -41,12 +41,12 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from . import world
-from ..figures import command_line, write_results
-from .analyzer import analyze_image, largest_detection
-from .drawn_pool import drawn_references
-from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline, images_to_latents, latents_to_images
-from .reference import reference_attention
+from .. import world
+from ...records import command_line, write_results
+from ..analyzer import analyze_image, largest_detection
+from ..drawn_pool import drawn_references
+from ..model import DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline, images_to_latents, latents_to_images
+from ..reference import reference_attention
 
 __all__ = ["PROBE_SETTINGS", "REFERENCE_KINDS", "REFERENCE_CAPTIONS", "recaption", "probe_references", "drawn_references", "sample_with_reference",
            "appearance_scores", "format_table", "reference_benefit", "reference_share", "main"]
@@ -172,7 +172,7 @@ def _pair_batch(pipe: ToyPipeline, n_pairs: int, seed: int):
     every caption kept and only the shared character visible and looking: latents (2P, 12, 16, 16)
     and text embeddings on the U-Net's device; partner (2P,), ref_mask, query_mask and query_weight
     (2P, 16, 16) on the CPU."""
-    from .train import SceneStream
+    from ..train import SceneStream
     images, captions, partner, ref_mask, query_mask, query_weight = next(iter(SceneStream(
         2 * n_pairs, seed, p_empty_caption=0.0, pair_rate=1.0, whole_share=0.0)))
     device = pipe.unet.device
@@ -256,7 +256,7 @@ def main(argv=None) -> None:
                              "Â the shared character's coverage (0: none), for a model trained with --pair-reweight")
     parser.add_argument("--md", default=None, help="also write the tables here, with the command, commit and machine")
     args = parser.parse_args(argv)
-    from ..backbones import load_backbone
+    from ...backbones import load_backbone
     pipe = load_backbone("toy", model_id=args.model, device=args.device).pipe  # progress bars off
     started = time.time()
     settings = PROBE_SETTINGS[:2] if args.quick else PROBE_SETTINGS
@@ -277,7 +277,7 @@ def main(argv=None) -> None:
     lines.append(f"\n({args.samples} samples per setting, {time.time() - started:.0f} s)")
     print("\n".join(lines))
     if args.md:
-        command = command_line("python -m osa_lib.toy.appearance", argv)
+        command = command_line("python -m osa_lib.toy.probes.appearance", argv)
         write_results(args.md, "Does appearance travel through self-attention? (toy probe)", "\n".join(lines), command)
 
 

@@ -1,7 +1,7 @@
 """Does a word's cross-attention land on *its own* character? A teacher-forced probe.
 
-    python -m osa_lib.toy.binding                      # the shipped model
-    python -m osa_lib.toy.binding --model /path/to/dir
+    python -m osa_lib.toy.probes.binding                      # the shipped model
+    python -m osa_lib.toy.probes.binding --model /path/to/dir
 
 Rendered two-character scenes (characters apart, both colours named) are noised to a few
 timesteps and run through the U-Net once each, with the project's cross-attention capture. The
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from ..attention import AttentionStore, capture_attention
-from ..masks import resize_masks, subject_masks
-from . import world
-from .model import ToyPipeline, images_to_latents, LATENT_SIZE
+from ...attention import AttentionStore, capture_attention
+from ...masks import resize_masks, subject_masks
+from .. import world
+from ..model import ToyPipeline, images_to_latents, LATENT_SIZE
 
 __all__ = ["own_object_share", "binding_scores", "main"]
 
@@ -96,7 +96,7 @@ def main(argv=None) -> None:
                         help="toy pipeline folder (default: the shipped backbone, data/toy_model with data/toy_finetune)")
     parser.add_argument("--scenes", type=int, default=64)
     args = parser.parse_args(argv)
-    from ..backbones import load_backbone
+    from ...backbones import load_backbone
     pipe = load_backbone("toy", model_id=args.model, device="cpu").pipe
     print("| word | t | layers | own share | Otsu IoU |\n|---|---|---|---|---|")
     for r in binding_scores(pipe, args.scenes):

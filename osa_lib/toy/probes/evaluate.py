@@ -1,7 +1,7 @@
 """Measure the shipped toy model with the analyzer, on prompts held out from training.
 
-    python -m osa_lib.toy.evaluate                # full run, prints the README table
-    python -m osa_lib.toy.evaluate --seeds 4      # quicker
+    python -m osa_lib.toy.probes.evaluate                # full run, prints the README table
+    python -m osa_lib.toy.probes.evaluate --seeds 4      # quicker
 
 Held-out prompts use (colour, shape, scene) triples never rendered in training
 (``world.HELD_OUT_TRIPLES``), so the model must compose words it has only seen apart.
@@ -25,12 +25,12 @@ import json
 import numpy as np
 from tqdm import tqdm
 
-from ..backbones import load_backbone
-from ..experiments import generate_with_maps, mask_iou_records
-from . import world
-from ..figures import command_line, write_results
-from .analyzer import analyze_image, mask_iou
-from .metrics import check_prompt
+from ...backbones import load_backbone
+from ...experiments.maps import generate_with_maps, mask_iou_records
+from .. import world
+from ...records import command_line, write_results
+from ..analyzer import analyze_image, mask_iou
+from ..metrics import check_prompt
 
 __all__ = ["held_out_prompts", "evaluate_model", "format_report", "main"]
 
@@ -156,7 +156,7 @@ def main(argv=None) -> None:
     result = evaluate_model(backbone, seeds_per_prompt=args.seeds)
     print(format_report(result))
     if args.md:
-        command = command_line("python -m osa_lib.toy.evaluate", argv)
+        command = command_line("python -m osa_lib.toy.probes.evaluate", argv)
         write_results(args.md, "Toy model quality on held-out prompts", format_report(result), command)
     if args.json:
         with open(args.json, "w") as f:
