@@ -30,11 +30,17 @@ from tqdm.auto import tqdm
 from .drawn_pool import load_pool
 from .model import DEFAULT_MODEL_DIR, LATENT_SIZE, TEXT_BLOCKS, ToyPipeline, build_toy_pipeline, images_to_latents
 from .reference import reference_attention
-from .world import HELD_OUT_TRIPLES, _dilate, sample_pair, sample_scene
+from .world import HELD_OUT_TRIPLES, _dilate, sample_pair, sample_scene, sample_story_pair
 
-__all__ = ["SceneStream", "core_region", "shift_captions", "train", "main"]
+__all__ = ["VIEWS", "SceneStream", "core_region", "shift_captions", "train", "main"]
 
 TRAINING_RECORD = "training.json"
+# How a reference pair's target sees its reference. "character": the shared character's tokens
+# (or, a share of the time, the whole reference), optionally as isolated attention shows them
+# (cores, re-weighting). "neutral": every token of the reference to every token of the target,
+# no mask and no bias: the extended attention of ConsiStory, StoryDiffusion and reference-only
+# pipelines, owned by no method, with pairs from one story (``world.sample_story_pair``).
+VIEWS = ("character", "neutral")
 
 
 class SceneStream(torch.utils.data.IterableDataset):
@@ -58,11 +64,22 @@ class SceneStream(torch.utils.data.IterableDataset):
     With ``core_area`` (a share of the image), the pairs that are not "whole" show the method's
     view instead of the whole character: only the reference's core (its pixels nearest its centre,
     at most that share of the image) and only the target's core may look, as isolated attention
-    does with masks capped by ``IsolationConfig.mask_area_cap``."""
+    does with masks capped by ``IsolationConfig.mask_area_cap``.
+
+    With ``view="neutral"`` the pairs are two scenes of one story (``world.sample_story_pair``:
+    a reference with 1-3 characters, a target with 1-2 of them) and every reference token is
+    visible to every target token: ``ref_mask`` and ``query_mask`` are all ones and
+    ``query_weight`` zero, whatever the other options; no mask of any character is read."""
 
     def __init__(self, batch_size: int, seed: int, p_empty_caption: float = 0.1, pair_rate: float = 0.0,
                  whole_share: float = 0.5, drawn_pool: list | None = None, drawn_share: float = 0.0,
-                 core_area: float | None = None):
+                 core_area: float | None = None, view: str = "character"):
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+        if view == "neutral" and (core_area is not None or drawn_share > 0):
+            raise ValueError("the neutral view shows whole references from one story: it takes no --core-area "
+                             "and no drawn pool (drop those options, or use --view character)")
+        self.view = view
         self.batch_size, self.seed, self.p_empty_caption = batch_size, seed, p_empty_caption
         self.pairs, self.whole_share = int(round(pair_rate * batch_size / 2)), whole_share
         if core_area is not None and not 0 < core_area <= 1:
@@ -82,6 +99,9 @@ class SceneStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng(self.seed + (info.id * 7919 if info else 0))
         while True:
+            if self.view == "neutral":
+                yield self._neutral_batch(rng)
+                continue
             pairs = [sample_pair(rng, exclude=HELD_OUT_TRIPLES, reference=self._reference(rng)) for _ in range(self.pairs)]
             plain = [sample_scene(rng, exclude=HELD_OUT_TRIPLES) for _ in range(self.batch_size - 2 * self.pairs)]
             scenes = [p[0] for p in pairs] + [p[1] for p in pairs] + plain
@@ -103,6 +123,19 @@ class SceneStream(torch.utils.data.IterableDataset):
                     query_mask[self.pairs + k] = torch.from_numpy(looking).float()
             pooled = (F.avg_pool2d(m[:, None], 2)[:, 0] for m in (ref_mask, query_mask, query_weight))
             yield (images.float() / 127.5 - 1.0, captions, partner, *pooled)
+
+    def _neutral_batch(self, rng: np.random.Generator):
+        """One batch of the neutral view: story pairs first (references, then their targets),
+        plain scenes after; every reference token visible to every target token."""
+        pairs = [sample_story_pair(rng, exclude=HELD_OUT_TRIPLES) for _ in range(self.pairs)]
+        plain = [sample_scene(rng, exclude=HELD_OUT_TRIPLES) for _ in range(self.batch_size - 2 * self.pairs)]
+        scenes = [p[0] for p in pairs] + [p[1] for p in pairs] + plain
+        images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2)  # (B, 3, 32, 32)
+        captions = ["" if rng.random() < self.p_empty_caption else s.caption for s in scenes]
+        partner = torch.full((len(scenes),), -1, dtype=torch.long)
+        partner[self.pairs:2 * self.pairs] = torch.arange(self.pairs)
+        size = (len(scenes), LATENT_SIZE, LATENT_SIZE)
+        return images.float() / 127.5 - 1.0, captions, partner, torch.ones(size), torch.ones(size), torch.zeros(size)
 
 
 def core_region(mask: np.ndarray, area: float) -> np.ndarray:
@@ -169,8 +202,11 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
           workers: int = 1, whole_share: float = 0.5, pair_timesteps: str = "same", pair_min_t: int = 0,
           pair_plain_loss: bool = True, train_only: str = "all", pair_reweight: float = 0.0,
           preserve: float = 0.0, preserve_from: Path | None = None, drawn_pool: Path | None = None,
-          drawn_share: float = 0.0, core_area: float | None = None) -> dict:
+          drawn_share: float = 0.0, core_area: float | None = None, view: str = "character") -> dict:
     """Train (or resume) and return the last logged statistics."""
+    if view == "neutral" and pair_reweight > 0:
+        raise ValueError("the neutral view adds no bias to any reference token: drop --pair-reweight "
+                         "(the re-weighting belongs to isolated attention's view, --view character)")
     ckpt_dir = Path(ckpt_dir or Path(out).with_name(Path(out).name + "_ckpt"))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "state.pt"
@@ -228,7 +264,7 @@ def train(steps: int = 100_000, max_minutes: float | None = None, batch_size: in
     teacher = ToyPipeline.from_pretrained(teacher_dir).to(device) if preserve > 0 else None
     pool = load_pool(drawn_pool) if drawn_pool is not None else None
     stream = SceneStream(batch_size, data_seed, pair_rate=pair_rate, whole_share=whole_share, drawn_pool=pool,
-                         drawn_share=drawn_share, core_area=core_area)
+                         drawn_share=drawn_share, core_area=core_area, view=view)
     loader = torch.utils.data.DataLoader(stream, batch_size=None,
                                          num_workers=workers, prefetch_factor=4, persistent_workers=True,
                                          worker_init_fn=lambda _: torch.set_num_threads(1))
@@ -484,6 +520,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="which parameters learn: all, or only the up blocks' self-attention")
     parser.add_argument("--workers", type=int, default=1, help="data loader processes rendering scenes")
     parser.add_argument("--max-shift", type=int, default=0, help="shift captions right by up to this many slots")
+    parser.add_argument("--view", choices=VIEWS, default="character",
+                        help="how a pair's target sees its reference: the shared character (character) or every "
+                             "token of a reference from the same story, no mask, no bias (neutral)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -497,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
           pair_timesteps=args.pair_timesteps, pair_min_t=args.pair_min_t, pair_plain_loss=args.pair_plain_loss,
           pair_reweight=args.pair_reweight, train_only=args.train_only, preserve=args.preserve,
           preserve_from=args.preserve_from, drawn_pool=args.drawn_pool, drawn_share=args.drawn_share,
-          core_area=args.core_area)
+          core_area=args.core_area, view=args.view)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np
 __all__ = [
     "COLOURS", "SHAPES", "SCENES", "MARKS", "RELATIONS", "VOCABULARY", "IMAGE_SIZE",
     "Character", "Scene", "ToyGrammarError", "normalise_prompt", "parse_caption", "make_caption",
-    "sample_scene", "sample_pair", "render_scene", "shape_mask", "BACKGROUNDS",
+    "sample_scene", "sample_pair", "sample_story_pair", "render_scene", "shape_mask", "BACKGROUNDS",
 ]
 
 IMAGE_SIZE = 32
@@ -334,6 +334,40 @@ def sample_pair(rng: np.random.Generator, p_drop_shared_colour: float = 0.6,
         show = [bool(rng.random() >= (p_drop_shared_colour if k == i_tgt else 0.2)) for k in range(n)]
         return reference, render_scene(scene, characters, rng, relation, show), i_ref, i_tgt
     raise RuntimeError("could not sample a scene pair under these constraints; loosen `exclude`")
+
+
+def sample_story_pair(rng: np.random.Generator, p_drop_colour: float = 0.6,
+                      exclude: set[tuple[str, str, str]] | frozenset = frozenset()) -> tuple[Scene, Scene]:
+    """Two scenes of one story, the training data of a backbone that learns to copy appearance in
+    no method's view (``osa_lib.toy.train --view neutral``).
+
+    A cast of 1-3 characters (distinct shapes and colours, identity details fixed) appears in
+    the reference, all of it (1: 40 %, 2: 40 %, 3: 20 %); the target shows 1 or 2 of them,
+    identical in every detail but position, in a scene of its own. The target's caption leaves out
+    each character's colour with probability ``p_drop_colour``, so copying is the way to get it
+    right. Nothing says which character is which: the model must match them itself.
+
+    Returns:
+        (reference, target).
+    """
+    for _ in range(1000):
+        k = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
+        shapes, colours = rng.choice(SHAPES, size=k, replace=False), rng.choice(list(COLOURS), size=k, replace=False)
+        cast = [sample_character(rng, str(s), str(c)) for s, c in zip(shapes, colours)]
+        shown = sorted(int(i) for i in rng.choice(k, size=int(rng.integers(1, min(2, k) + 1)), replace=False))
+        scenes = [str(rng.choice(SCENES)) for _ in range(2)]
+        members = [cast, [Character(**asdict(cast[i])) for i in shown]]
+        if any((c.colour, c.shape, scene) in exclude for scene, chars in zip(scenes, members) for c in chars):
+            continue
+        relations = [str(rng.choice(RELATIONS, p=[0.6, 0.2, 0.2])) for _ in range(2)]
+        if not all(_place(chars, rel, rng) for chars, rel in zip(members, relations)):
+            continue
+        reference = render_scene(scenes[0], members[0], rng, relations[0],
+                                 [bool(rng.random() >= 0.2) for _ in cast])
+        target = render_scene(scenes[1], members[1], rng, relations[1],
+                              [bool(rng.random() >= p_drop_colour) for _ in shown])
+        return reference, target
+    raise RuntimeError("could not sample a story pair under these constraints; loosen `exclude`")
 
 
 def _held_out_triples(n: int = 12, seed: int = 1234) -> frozenset[tuple[str, str, str]]:

@@ -25,6 +25,14 @@ references are copied far less than rendered or colour-named ones
 ``uncoloured`` shows the same references with their caption rewritten, the colour word of what they
 show put in or left out, to tell the image's part from the caption's.
 
+``--view neutral`` shows *every* token of the reference, background included, to every token of
+the target, with no mask and no bias: the extended attention that ConsiStory, StoryDiffusion's
+Consistent Self-Attention and reference-only pipelines use, owned by no method. A backbone that
+copies only in one method's view (``--view character``, the mask above) makes a comparison
+between methods partly a property of its weights. ``--pairs`` adds the two-character question in
+the neutral view: with a two-character reference, does each character of an uncoloured
+two-character prompt take its own colour, the other's (swapped) or neither?
+
 ``reference_benefit`` (``--benefit``) asks why: on training-style reference pairs
 (``world.sample_pair``), the denoising loss of the targets with and without their reference
 visible, per timestep. A model that copies through self-attention has a lower loss with it.
@@ -48,8 +56,8 @@ from ..drawn_pool import drawn_references
 from ..model import DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline, images_to_latents, latents_to_images
 from ..reference import reference_attention
 
-__all__ = ["PROBE_SETTINGS", "REFERENCE_KINDS", "REFERENCE_CAPTIONS", "recaption", "probe_references", "drawn_references", "sample_with_reference",
-           "appearance_scores", "format_table", "reference_benefit", "reference_share", "main"]
+__all__ = ["PROBE_SETTINGS", "PROBE_VIEWS", "pair_references", "pair_scores", "REFERENCE_KINDS", "REFERENCE_CAPTIONS", "recaption", "probe_references", "drawn_references", "sample_with_reference",
+           "appearance_scores", "format_table", "format_pair_table", "reference_benefit", "reference_share", "main"]
 
 # (name, up-block resolutions that see the reference (None: all, (): none), share of steps (from, to))
 PROBE_SETTINGS = (
@@ -61,6 +69,11 @@ PROBE_SETTINGS = (
     ("up, after a 20 % warm-up", None, (0.2, 1.0)),
     ("up, last half", None, (0.5, 1.0)),
 )
+
+
+#: which reference tokens a target sees: the reference character's true mask (as a bank stores a
+#: character), or every token of the reference image, no mask, no bias (no method's own view)
+PROBE_VIEWS = ("character", "neutral")
 
 
 def probe_references(n: int, seed: int = 0) -> tuple[list[world.Scene], list[str]]:
@@ -99,18 +112,25 @@ def recaption(reference: world.Scene, captions: str) -> world.Scene:
 @torch.no_grad()
 def sample_with_reference(pipe: ToyPipeline, prompts: list[str], references: list[world.Scene], seed: int = 0,
                           resolutions: tuple[int, ...] | None = None, step_range: tuple[float, float] = (0.0, 1.0),
-                          steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> np.ndarray:
+                          steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                          view: str = "character") -> np.ndarray:
     """Images (B, 32, 32, 3) in [0, 1]: ``prompts`` sampled with classifier-free guidance while the
     prompt half's up-block self-attention (at ``resolutions``; () for none) also sees each
-    reference's character tokens during the steps in ``step_range`` (shares of the run).
+    reference's tokens during the steps in ``step_range`` (shares of the run): its first
+    character's tokens (``view="character"``) or all of them (``"neutral"``).
 
     No re-weighting here: without masks every query, background included, would get the boost,
     and on a model trained with ``--pair-reweight 16`` that left nothing drawn (0 of 48)."""
+    if view not in PROBE_VIEWS:
+        raise ValueError(f"view must be one of {PROBE_VIEWS}, got {view!r}")
     b, device = len(prompts), pipe.unet.device
     x = torch.randn((b, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), generator=torch.Generator().manual_seed(seed))
     ref_x0 = images_to_latents(torch.from_numpy(np.stack([r.image for r in references])).permute(0, 3, 1, 2).float() / 127.5 - 1)
     ref_noise = torch.randn(ref_x0.shape, generator=torch.Generator().manual_seed(seed + 1))
-    ref_masks = torch.nn.functional.avg_pool2d(torch.from_numpy(np.stack([r.masks[0] for r in references])).float()[:, None], 2)[:, 0]
+    if view == "neutral":
+        ref_masks = torch.ones(b, LATENT_SIZE, LATENT_SIZE)  # every reference token, background included
+    else:
+        ref_masks = torch.nn.functional.avg_pool2d(torch.from_numpy(np.stack([r.masks[0] for r in references])).float()[:, None], 2)[:, 0]
     context = torch.cat([pipe.encode_prompt([""] * b), pipe.encode_prompt(prompts),
                          pipe.encode_prompt([r.caption for r in references])])  # (3B, T, D)
     partner = torch.full((3 * b,), -1, dtype=torch.long)
@@ -142,7 +162,8 @@ def _read(image: np.ndarray, reference: world.Character) -> dict:
 
 
 def appearance_scores(pipe: ToyPipeline, n_samples: int = 48, seed: int = 0, settings=PROBE_SETTINGS,
-                      steps: int = DEFAULT_STEPS, references: str = "rendered", captions: str = "kept") -> list[dict]:
+                      steps: int = DEFAULT_STEPS, references: str = "rendered", captions: str = "kept",
+                      view: str = "character") -> list[dict]:
     """One row per setting: share of drawn samples that took the reference's colour family, mark
     and size, the share drawn at all, and the count. ``references`` (``REFERENCE_KINDS``): drawn
     ones keep only the samples whose reference was drawn, so ``n`` may be below ``n_samples``.
@@ -159,12 +180,63 @@ def appearance_scores(pipe: ToyPipeline, n_samples: int = 48, seed: int = 0, set
         return [{"setting": name, "colour": nan, "mark": nan, "size": nan, "drawn": nan, "n": 0} for name, *_ in settings]
     rows = []
     for name, resolutions, step_range in settings:
-        images = sample_with_reference(pipe, prompts, scenes, seed, resolutions, step_range, steps)
+        images = sample_with_reference(pipe, prompts, scenes, seed, resolutions, step_range, steps, view=view)
         reads = [_read(img, r.characters[0]) for img, r in zip(images, scenes)]
         drawn = [r for r in reads if r["drawn"]]
         share = {k: float(np.mean([r[k] for r in drawn])) if drawn else float("nan") for k in ("colour", "mark", "size")}
         rows.append({"setting": name, **share, "drawn": len(drawn) / len(reads), "n": len(reads)})
     return rows
+
+
+def pair_references(n: int, seed: int = 0) -> tuple[list[world.Scene], list[str]]:
+    """``n`` rendered two-character references (distinct shapes and colours, both named, apart)
+    and, per reference, an uncoloured prompt naming both shapes, in random order, in another scene."""
+    rng = np.random.default_rng(seed)
+    references, prompts = [], []
+    for _ in range(n):
+        reference = world.sample_scene(rng, n_characters=2, relation="apart", p_drop_colour=0.0)
+        shapes = [c.shape for c in reference.characters]
+        if rng.random() < 0.5:
+            shapes.reverse()
+        scene = str(rng.choice([s for s in world.SCENES if s != reference.scene]))
+        references.append(reference)
+        prompts.append(f"a {shapes[0]} and a {shapes[1]} in the {scene}")
+    return references, prompts
+
+
+def _pair_read(image: np.ndarray, reference: world.Scene) -> list[str]:
+    """Per reference character drawn in ``image`` (found by its shape): "own" when it has its
+    reference colour family, "swapped" when it has the other character's, else "neither"."""
+    detections = analyze_image(image)
+    reads = []
+    for k, character in enumerate(reference.characters):
+        d = largest_detection(detections, character.shape)
+        if d is not None:
+            other = reference.characters[1 - k].colour
+            reads.append("own" if d.colour == character.colour else "swapped" if d.colour == other else "neither")
+    return reads
+
+
+def pair_scores(pipe: ToyPipeline, n_samples: int = 48, seed: int = 0, steps: int = DEFAULT_STEPS) -> list[dict]:
+    """The two-character question in the neutral view: rows "none" (no reference) and "up, all
+    steps, neutral" (every reference token visible): shares of the drawn characters that took
+    their own reference colour family, the other character's (swapped) or neither; "drawn" the
+    share of characters drawn at all; n the characters asked for."""
+    scenes, prompts = pair_references(n_samples, seed)
+    rows = []
+    for name, resolutions in (("none", ()), ("up, all steps, neutral", None)):
+        images = sample_with_reference(pipe, prompts, scenes, seed, resolutions, steps=steps, view="neutral")
+        reads = [r for img, scene in zip(images, scenes) for r in _pair_read(img, scene)]
+        share = {k: reads.count(k) / len(reads) if reads else float("nan") for k in ("own", "swapped", "neither")}
+        rows.append({"setting": name, **share, "drawn": len(reads) / (2 * len(scenes)), "n": 2 * len(scenes)})
+    return rows
+
+
+def format_pair_table(rows: list[dict]) -> str:
+    lines = ["| reference seen by | own colour | swapped | neither | drawn | n characters |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['own']:.0%} | {r['swapped']:.0%} | {r['neither']:.0%} | {r['drawn']:.0%} | {r['n']} |"
+              for r in rows]
+    return "\n".join(lines)
 
 
 def _pair_batch(pipe: ToyPipeline, n_pairs: int, seed: int):
@@ -248,6 +320,11 @@ def main(argv=None) -> None:
     parser.add_argument("--reference-captions", choices=REFERENCE_CAPTIONS, default="kept",
                         help="the caption a reference's tokens are computed with: its own, or rewritten with the "
                              "colour it shows named, or without a colour word")
+    parser.add_argument("--view", choices=PROBE_VIEWS, default="character",
+                        help="the reference character's tokens only (character), or every token of the reference, "
+                             "no mask, no bias (neutral: no method's own view)")
+    parser.add_argument("--pairs", action="store_true",
+                        help="also two-character references in the neutral view: own colour, swapped or neither")
     parser.add_argument("--benefit", action="store_true", help="also the loss with and without the reference")
     parser.add_argument("--share", action="store_true",
                         help="also the share of attention the shared character's queries give the reference")
@@ -260,9 +337,12 @@ def main(argv=None) -> None:
     pipe = load_backbone("toy", model_id=args.model, device=args.device).pipe  # progress bars off
     started = time.time()
     settings = PROBE_SETTINGS[:2] if args.quick else PROBE_SETTINGS
-    lines = [f"References: {args.references}, captions {args.reference_captions}.\n",
+    lines = [f"References: {args.references}, captions {args.reference_captions}, view {args.view}.\n",
              format_table(appearance_scores(pipe, args.samples, args.seed, settings, references=args.references,
-                                            captions=args.reference_captions))]
+                                            captions=args.reference_captions, view=args.view))]
+    if args.pairs:
+        lines += ["\nTwo-character references, uncoloured two-character prompts, neutral view:\n",
+                  format_pair_table(pair_scores(pipe, args.samples, args.seed))]
     if args.benefit:
         lines.append("\n| t | loss without reference | loss with reference |\n|---|---|---|")
         lines += [f"| {r['t']} | {r['loss without reference']:.4f} | {r['loss with reference']:.4f} |"
