@@ -1,8 +1,10 @@
 """One interface over the two backbones: the toy model (default) and SDXL.
 
 ``load_backbone("toy")`` loads the project's own trained model: ``data/toy_model`` with the committed
-fine-tune of its up blocks' self-attention (``data/toy_finetune``, ``osa_lib.toy.delta``) and the
-isolation switches tuned for it (``load_backbone("toy", model_id="data/toy_model")``: without it);
+fine-tune of its up blocks' self-attention (``data/toy_finetune``, ``osa_lib.toy.delta``); other
+variants by name (``variant="base"``: without the fine-tune; ``osa_lib.toy.delta.TOY_VARIANTS`` says
+how each was trained). The method runs with the paper's switches on every backbone; switches tuned
+for a model are a labelled variant (``isolation_config(tuned=True)``);
 ``load_backbone("sdxl", model_id=..., device=..., dtype=...)`` loads a real
 ``StableDiffusionXLPipeline`` from the Hugging Face hub or a local folder;
 ``load_backbone("sdxl-tiny")`` builds tiny, randomly initialised SDXL components from configs
@@ -38,7 +40,7 @@ from .testing import (SDXL_RANDOM_DIR, SDXL_UNET_CONFIG, build_random_sdxl_pipel
                       build_tiny_sdxl_pipeline)
 from .toy.model import DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline
 from .toy.model import latents_to_images as toy_latents_to_images
-from .toy.delta import SHIPPED_DELTA, load_shipped_toy
+from .toy.delta import DEFAULT_TOY_VARIANT, TOY_VARIANTS, load_toy_variant
 from .toy.world import normalise_prompt, parse_caption
 
 __all__ = ["Backbone", "ToyBackbone", "SDXLBackbone", "Conditioning", "load_backbone", "BACKBONES", "build_tiny_sdxl_pipeline",
@@ -79,9 +81,9 @@ class Backbone:
     default_steps: int = 25
     default_guidance: float = 4.0
     info: dict = field(default_factory=dict)
-    #: ``IsolationConfig`` fields whose value for this model differs from METHOD.md's default
-    #: (the toy: its folder's ``isolation.json``; SDXL: none, the paper's values)
-    isolation_defaults: dict = field(default_factory=dict)
+    #: ``IsolationConfig`` fields tuned for these weights (the toy: its fine-tune's or folder's
+    #: ``isolation.json``; SDXL: none): a labelled variant, never the default
+    tuned_isolation: dict = field(default_factory=dict)
 
     #: the images can be read back exactly (the toy world's analyzer and its metrics); SDXL's cannot
     has_ground_truth: ClassVar[bool] = False
@@ -100,10 +102,13 @@ class Backbone:
     def scheduler(self):
         return self.pipe.scheduler
 
-    def isolation_config(self, **overrides) -> IsolationConfig:
-        """The method's switches for this model: METHOD.md's defaults, replaced by this model's
-        own (``isolation_defaults``), replaced by ``overrides``."""
-        return IsolationConfig(**{**self.isolation_defaults, **overrides})
+    def isolation_config(self, tuned: bool = False, **overrides) -> IsolationConfig:
+        """The method's switches: the paper's (``IsolationConfig()``), or with ``tuned`` the ones
+        tuned for this model (``tuned_isolation``), then ``overrides``."""
+        if tuned and not self.tuned_isolation:
+            raise ValueError(f"this {self.name} backbone has no tuned isolation switches; use the paper's "
+                             f"(tuned=False)")
+        return IsolationConfig(**{**(self.tuned_isolation if tuned else {}), **overrides})
 
     @property
     def tokenizer(self):
@@ -327,16 +332,22 @@ def _place(pipe, device: torch.device, cpu_offload: bool) -> None:
         pipe.to(device)
 
 
-def _load_toy(model_id, device, dtype, cpu_offload) -> Backbone:
+def _load_toy(model_id, device, dtype, cpu_offload, variant=None) -> Backbone:
+    if model_id and variant:
+        raise ValueError(f"give the toy backbone a model_id (a folder) or a variant ({list(TOY_VARIANTS)}), not both")
     if model_id:  # a pipeline folder as it is, with its own isolation.json if it has one
         folder = Path(model_id)
         if not (folder / "model_index.json").exists():
             raise FileNotFoundError(
                 f"no toy model at {folder} (model_index.json missing). The trained model ships in "
                 f"data/toy_model; retrain it with `python -m osa_lib.toy.train` or pass model_id=<folder>.")
-        pipe, isolation_defaults, info = ToyPipeline.from_pretrained(folder), read_isolation_defaults(folder), {"model_dir": str(folder)}
-    else:  # the shipped backbone: data/toy_model with the committed fine-tune and its switches
-        (pipe, isolation_defaults), info = load_shipped_toy(), {"model_dir": str(DEFAULT_MODEL_DIR), "finetune": str(SHIPPED_DELTA)}
+        pipe, tuned, info = ToyPipeline.from_pretrained(folder), read_isolation_defaults(folder), {"model_dir": str(folder)}
+    else:  # a named variant: data/toy_model with (or without) a committed fine-tune
+        variant = variant or DEFAULT_TOY_VARIANT
+        pipe, tuned, note = load_toy_variant(variant)
+        info = {"model_dir": str(DEFAULT_MODEL_DIR), "variant": variant, "variant_note": note}
+        if TOY_VARIANTS[variant][0] is not None:
+            info["finetune"] = str(TOY_VARIANTS[variant][0])
     pipe.set_progress_bar_config(disable=True)
     dtype = dtype or torch.float32
     pipe.to(device)
@@ -344,7 +355,7 @@ def _load_toy(model_id, device, dtype, cpu_offload) -> Backbone:
         pipe.to(dtype=dtype)
     return ToyBackbone("toy", pipe, (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE), device, dtype,
                        default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE, info=info,
-                       isolation_defaults=isolation_defaults)
+                       tuned_isolation=tuned)
 
 
 def _sdxl_backbone(name: str, pipe, device, dtype, default_steps: int = 30, **info) -> SDXLBackbone:
@@ -402,7 +413,7 @@ BACKBONES = tuple(_LOADERS)
 
 
 def load_backbone(name: str = "toy", model_id: str | None = None, device: str | None = None,
-                  dtype: torch.dtype | None = None, cpu_offload: bool = False) -> Backbone:
+                  dtype: torch.dtype | None = None, cpu_offload: bool = False, variant: str | None = None) -> Backbone:
     """Load a backbone by name.
 
     Args:
@@ -412,6 +423,8 @@ def load_backbone(name: str = "toy", model_id: str | None = None, device: str | 
         model_id: toy: a pipeline folder, loaded as it is (default: ``data/toy_model`` with the
             fine-tune in ``data/toy_finetune``); sdxl: a hub id or a local
             folder (default ``stabilityai/stable-diffusion-xl-base-1.0``).
+        variant: toy only, instead of ``model_id``: a named toy backbone from
+            ``osa_lib.toy.delta.TOY_VARIANTS`` ("isolation-tuned", the default, or "base").
         device: "cpu", "cuda", ...; default: CUDA when available.
         dtype: default float32 (float16 for sdxl and sdxl-random on CUDA).
         cpu_offload: SDXL backbones: ``enable_model_cpu_offload`` instead of moving the whole
@@ -419,6 +432,9 @@ def load_backbone(name: str = "toy", model_id: str | None = None, device: str | 
     """
     if name not in _LOADERS:
         raise ValueError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
-    backbone = _LOADERS[name](model_id, _resolve_device(device), dtype, cpu_offload)
+    if variant is not None and name != "toy":
+        raise ValueError(f"variant= names a toy backbone ({list(TOY_VARIANTS)}); the {name} backbone has none")
+    extra = {"variant": variant} if name == "toy" else {}
+    backbone = _LOADERS[name](model_id, _resolve_device(device), dtype, cpu_offload, **extra)
     backbone.info["cpu_offload"] = bool(cpu_offload)
     return backbone

@@ -92,8 +92,8 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
         method: "isolated" (the paper), "vanilla" (unmodified model) or "csa" (StoryDiffusion's
             Consistent Self-Attention: reference scenes in one batch, then the others reading
             their bank; see ``osa_lib.baselines``).
-        config: the method's switches (default ``backbone.isolation_config()``: METHOD.md's values
-            with the model's own where it sets them); for vanilla and CSA its
+        config: the method's switches (default ``backbone.isolation_config()``: the paper's
+            values; ``isolation_config(tuned=True)`` for a model's tuned ones); for vanilla and CSA its
             mask settings make the recorded masks.
         bank: a reference bank to continue from (characters in it are "returning"); a new one
             is made when None. It is filled in place and returned in the result.

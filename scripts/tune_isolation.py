@@ -156,8 +156,8 @@ def main(argv=None) -> None:
         summary[name] = (stats["colour kept"][0], stats["named: attribute accuracy"][0] if named else None)
     vanilla = summary.pop("vanilla")
     best, note = pick_best(summary, vanilla[1])
-    say(f"\nHighest colour kept{note}: **{best}** ({summary[best][0]:.1f} %). The model being tuned runs with "
-        f"{backbone.isolation_defaults or 'METHOD.md defaults'} now; {time.perf_counter() - started:.0f} s.")
+    say(f"\nHighest colour kept{note}: **{best}** ({summary[best][0]:.1f} %). Its tuned switches now: "
+        f"{backbone.tuned_isolation or 'none (the paper's)'}; {time.perf_counter() - started:.0f} s.")
     if args.md:
         from osa_lib.figures import command_line, write_results
         write_results(args.md, "Isolated attention's switches for a toy model, on validation seeds", "\n".join(lines),

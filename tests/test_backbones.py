@@ -245,23 +245,27 @@ def _toy_folder_with(tmp_path, isolation: str | None):
     return folder
 
 
-def test_model_folder_sets_its_own_isolation_defaults_and_callers_override_them(tmp_path):
+def test_the_paper_switches_are_the_default_and_a_folders_tuned_ones_a_labelled_variant(tmp_path):
     from osa_lib import IsolationConfig, generate_story
     from osa_lib.story import Story, StoryCharacter, StoryScene
     folder = _toy_folder_with(tmp_path, '{"defaults": {"reweight": 8.0, "warmup": 0.0}, "why": "test"}')
     backbone = load_backbone("toy", model_id=str(folder), device="cpu")
-    assert backbone.isolation_config() == IsolationConfig(reweight=8.0, warmup=0.0)
-    assert backbone.isolation_config(reweight=0.0, lam=0.5) == IsolationConfig(reweight=0.0, warmup=0.0, lam=0.5)
+    assert backbone.tuned_isolation == {"reweight": 8.0, "warmup": 0.0}
+    assert backbone.isolation_config() == IsolationConfig()  # the paper's, whatever the folder tunes
+    assert backbone.isolation_config(tuned=True) == IsolationConfig(reweight=8.0, warmup=0.0)
+    assert backbone.isolation_config(tuned=True, reweight=0.0, lam=0.5) == IsolationConfig(reweight=0.0, warmup=0.0, lam=0.5)
     plain = load_backbone("toy", model_id=str(_toy_folder_with(tmp_path / "plain", None)), device="cpu")
-    assert plain.isolation_defaults == {} and plain.isolation_config() == IsolationConfig()
-    # generate_story without a config runs with the model's defaults, not METHOD.md's
+    assert plain.tuned_isolation == {} and plain.isolation_config() == IsolationConfig()
+    with pytest.raises(ValueError, match="no tuned isolation switches"):
+        plain.isolation_config(tuned=True)
+    # generate_story without a config runs with the paper's switches, not the tuned ones
     story = Story({"Orb": StoryCharacter("Orb", "circle", "a circle")},
                   [StoryScene("a circle in the snow", ["Orb"], 1), StoryScene("a circle in the night", ["Orb"], 2)])
 
     def run(config):  # the returning scene's image
         return generate_story(backbone, story, "isolated", config=config, num_inference_steps=5, progress=False).scenes[1].image
-    assert np.array_equal(run(None), run(IsolationConfig(reweight=8.0, warmup=0.0)))
-    assert not np.array_equal(run(None), run(IsolationConfig()))
+    assert np.array_equal(run(None), run(IsolationConfig()))
+    assert not np.array_equal(run(None), run(backbone.isolation_config(tuned=True)))
 
 
 @pytest.mark.parametrize("text, problem", [("{not json", "JSONDecodeError"), ('{"why": "no defaults"}', "KeyError"),

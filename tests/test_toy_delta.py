@@ -58,7 +58,7 @@ def test_apply_copies_the_fine_tunes_isolation_switches_and_refuses_a_bad_file(b
     (tmp_path / "isolation.json").write_text('{"defaults": {"mask_area_cap": 0.1, "warmup": 0.0}, "why": "test"}')
     main(["apply", str(tmp_path / "d.safetensors"), "--base", str(tmp_path / "base"), "--out", str(tmp_path / "with"),
           "--isolation", str(tmp_path / "isolation.json")])
-    assert load_backbone("toy", model_id=str(tmp_path / "with"), device="cpu").isolation_config() == \
+    assert load_backbone("toy", model_id=str(tmp_path / "with"), device="cpu").isolation_config(tuned=True) == \
         IsolationConfig(mask_area_cap=0.1, warmup=0.0)
     (tmp_path / "bad.json").write_text('{"defaults": {"mask_area_cap": 2}}')
     with pytest.raises(ValueError, match=r"bad.json is not a valid isolation defaults file .*mask_area_cap=2"):
@@ -85,7 +85,7 @@ def test_delta_command_line_round_trip(base_and_tuned, capsys):
     assert weights_fingerprint(ToyPipeline.from_pretrained(tmp_path / "r")) == weights_fingerprint(tuned)
 
 
-def test_the_default_toy_backbone_is_the_base_with_the_committed_fine_tune_and_its_switches():
+def test_the_default_toy_backbone_is_the_base_with_the_committed_fine_tune_and_its_tuned_switches():
     from safetensors.torch import load_file
     from osa_lib import load_backbone
     from osa_lib.toy.delta import SHIPPED_DELTA, SHIPPED_ISOLATION
@@ -100,17 +100,32 @@ def test_the_default_toy_backbone_is_the_base_with_the_committed_fine_tune_and_i
             assert torch.equal(tensor, expected), f"{part}.{name}"
             changed += not torch.equal(tensor, own[name])
     assert changed == len(delta) > 0
-    assert shipped.isolation_defaults == json.loads(SHIPPED_ISOLATION.read_text())["defaults"] != {}
-    assert shipped.info["finetune"] == str(SHIPPED_DELTA)
-    # a folder is loaded as it is: the base alone, with METHOD.md's switches
+    assert shipped.tuned_isolation == json.loads(SHIPPED_ISOLATION.read_text())["defaults"] != {}
+    assert shipped.info["finetune"] == str(SHIPPED_DELTA) and shipped.info["variant"] == "isolation-tuned"
+    assert "isolated attention's own view" in shipped.info["variant_note"]
+    # a folder is loaded as it is, and so is the base variant: the base alone, with no tuned switches
     plain = load_backbone("toy", model_id=str(DEFAULT_MODEL_DIR), device="cpu")
-    assert plain.isolation_defaults == {} and weights_fingerprint(plain.pipe) == weights_fingerprint(base)
+    assert plain.tuned_isolation == {} and weights_fingerprint(plain.pipe) == weights_fingerprint(base)
+    named = load_backbone("toy", variant="base", device="cpu")
+    assert named.tuned_isolation == {} and weights_fingerprint(named.pipe) == weights_fingerprint(base)
+    assert "finetune" not in named.info and named.info["variant"] == "base"
+
+
+def test_a_variant_is_a_toy_name_given_instead_of_a_folder():
+    from osa_lib import load_backbone
+    with pytest.raises(ValueError, match="unknown toy variant 'neutrall'; choose one of"):
+        load_backbone("toy", variant="neutrall", device="cpu")
+    with pytest.raises(ValueError, match="not both"):
+        load_backbone("toy", variant="base", model_id="data/toy_model", device="cpu")
+    with pytest.raises(ValueError, match="the sdxl-tiny backbone has none"):
+        load_backbone("sdxl-tiny", variant="base", device="cpu")
 
 
 def test_the_default_toy_backbone_without_its_fine_tune_says_what_is_missing_and_the_fix(tmp_path, monkeypatch):
     import osa_lib.toy.delta as delta
     from osa_lib import load_backbone
-    monkeypatch.setattr(delta, "SHIPPED_DELTA", tmp_path / "gone.safetensors")
+    _, isolation, note = delta.TOY_VARIANTS[delta.DEFAULT_TOY_VARIANT]
+    monkeypatch.setitem(delta.TOY_VARIANTS, delta.DEFAULT_TOY_VARIANT, (tmp_path / "gone.safetensors", isolation, note))
     with pytest.raises(FileNotFoundError, match="gone.safetensors is missing") as info:
         load_backbone("toy", device="cpu")
-    assert "git checkout -- data/toy_finetune" in str(info.value) and "model_id='data/toy_model'" in str(info.value)
+    assert f"git checkout -- {tmp_path}" in str(info.value) and "variant='base'" in str(info.value)

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from ..config import parse_isolation_defaults
 from .model import DEFAULT_MODEL_DIR, ToyPipeline
 
-__all__ = ["weights_fingerprint", "save_delta", "with_delta", "apply_delta", "load_shipped_toy", "SHIPPED_DELTA",
+__all__ = ["weights_fingerprint", "save_delta", "with_delta", "apply_delta", "load_shipped_toy", "load_toy_variant",
+           "TOY_VARIANTS", "DEFAULT_TOY_VARIANT", "SHIPPED_DELTA",
            "SHIPPED_ISOLATION", "main"]
 
 PARTS = ("unet", "text_encoder")
@@ -129,16 +130,41 @@ def apply_delta(delta: Path, base_dir: Path, out: Path, isolation: Path | None =
     return pipe
 
 
-def load_shipped_toy() -> tuple[ToyPipeline, dict]:
-    """The shipped toy backbone: ``data/toy_model`` (drawing, trained from scratch) with the
-    committed fine-tune of its up blocks' self-attention (copying appearance, issue 13) put in,
-    and the isolation switches tuned for that fine-tune (``IsolationConfig`` fields)."""
-    missing = [str(p) for p in (SHIPPED_DELTA, SHIPPED_ISOLATION) if not p.exists()]
+#: The toy backbones ``load_backbone("toy", variant=...)`` knows: the fine-tune put into
+#: ``data/toy_model`` (None: the base alone), the switches tuned for it (None: none), and what a
+#: reader must know about how it was trained: which method's view, if any, it learned to copy in.
+TOY_VARIANTS = {
+    "isolation-tuned": (SHIPPED_DELTA, SHIPPED_ISOLATION,
+                        "data/toy_model with a fine-tune of its up-block self-attention trained with 80 % of its "
+                        "reference pairs in isolated attention's own view (each character's 8 % core sees the other's "
+                        "core, with the w = 4 re-weighting): it copies appearance mainly when shown a reference that "
+                        "way, so comparisons with other methods on it favour isolated attention"),
+    "base": (None, None, "data/toy_model alone, trained on single scenes and never shown a reference: no method "
+                         "can carry appearance from scene to scene on it"),
+}
+DEFAULT_TOY_VARIANT = "isolation-tuned"
+
+
+def load_toy_variant(variant: str = DEFAULT_TOY_VARIANT) -> tuple[ToyPipeline, dict, str]:
+    """The toy backbone ``variant`` (``TOY_VARIANTS``): its pipeline, the isolation switches tuned
+    for it (``IsolationConfig`` fields; {} when none) and its note."""
+    if variant not in TOY_VARIANTS:
+        raise ValueError(f"unknown toy variant {variant!r}; choose one of {list(TOY_VARIANTS)}")
+    delta, isolation, note = TOY_VARIANTS[variant]
+    if delta is None:
+        return ToyPipeline.from_pretrained(DEFAULT_MODEL_DIR), {}, note
+    missing = [str(p) for p in (delta, isolation) if p is not None and not p.exists()]
     if missing:
-        raise FileNotFoundError(f"the shipped toy backbone is data/toy_model plus the fine-tune in {FINETUNE_DIR}, "
-                                f"but {', '.join(missing)} is missing. Restore it (`git checkout -- data/toy_finetune`), "
-                                f"or load the model without the fine-tune: model_id='data/toy_model'.")
-    return with_delta(SHIPPED_DELTA, DEFAULT_MODEL_DIR)[0], parse_isolation_defaults(SHIPPED_ISOLATION)
+        raise FileNotFoundError(f"the toy variant {variant!r} is data/toy_model plus the fine-tune in {delta.parent}, "
+                                f"but {', '.join(missing)} is missing. Restore it (`git checkout -- {delta.parent}`), "
+                                f"or load the model without the fine-tune: variant='base'.")
+    return with_delta(delta, DEFAULT_MODEL_DIR)[0], parse_isolation_defaults(isolation) if isolation else {}, note
+
+
+def load_shipped_toy() -> tuple[ToyPipeline, dict]:
+    """The default toy backbone (``DEFAULT_TOY_VARIANT``) and the isolation switches tuned for it."""
+    pipe, tuned, _ = load_toy_variant(DEFAULT_TOY_VARIANT)
+    return pipe, tuned
 
 
 def main(argv: list[str] | None = None) -> None:
