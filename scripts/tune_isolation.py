@@ -157,7 +157,7 @@ def main(argv=None) -> None:
     vanilla = summary.pop("vanilla")
     best, note = pick_best(summary, vanilla[1])
     say(f"\nHighest colour kept{note}: **{best}** ({summary[best][0]:.1f} %). Its tuned switches now: "
-        f"{backbone.tuned_isolation or 'none (the paper's)'}; {time.perf_counter() - started:.0f} s.")
+        f"{backbone.tuned_isolation or 'none (the paper switches)'}; {time.perf_counter() - started:.0f} s.")
     if args.md:
         from osa_lib.figures import command_line, write_results
         write_results(args.md, "Isolated attention's switches for a toy model, on validation seeds", "\n".join(lines),

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from osa_lib.toy import appearance, world
+from osa_lib.toy import world
+from osa_lib.toy.probes import appearance
 
 ROOT = Path(__file__).resolve().parents[1]
 

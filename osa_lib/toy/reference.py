@@ -1,5 +1,5 @@
 """Self-attention that also reads another image's tokens: how the toy model learns to copy
-appearance, and what the appearance probe (``osa_lib.toy.appearance``) switches on.
+appearance, and what the appearance probe (``osa_lib.toy.probes.appearance``) switches on.
 
 The method's isolated self-attention (METHOD.md, step 3) appends a character's stored reference
 keys/values ``K_R``, ``V_R`` to a later scene's self-attention. That only carries the character's
