@@ -109,18 +109,23 @@ def plot_otsu(a_hat: np.ndarray, threshold: float, mask: np.ndarray, truth: np.n
               word: str, iou: float | None):
     """Map -> histogram with the Otsu threshold -> mask, beside the image and the analyzer's mask."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 5, figsize=(10, 2.1), gridspec_kw={"width_ratios": [1, 1, 1.6, 1, 1]})
-    axes[0].imshow(image, interpolation="nearest"); axes[0].set_title("image", fontsize=8)
-    axes[1].imshow(a_hat, cmap="magma", interpolation="nearest"); axes[1].set_title(f"Â for {word!r}", fontsize=8)
-    axes[2].hist(a_hat.ravel(), bins=32, color="0.4")
+    fig, axes = plt.subplots(1, 5, figsize=(11, 2.5), gridspec_kw={"width_ratios": [1, 1.2, 1.6, 1, 1]})
+    axes[0].imshow(image, interpolation="nearest"); axes[0].set_title("generated image", fontsize=8)
+    shown = axes[1].imshow(a_hat, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+    axes[1].set_title(f"Â for {word!r}", fontsize=8)
+    fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+    axes[2].hist(a_hat.ravel(), bins=32, range=(0, 1), color="0.4")
     axes[2].axvline(threshold, color="crimson", lw=2, label=f"Otsu t = {threshold:.2f}")
+    axes[2].set_xlabel("Â (normalised attention)", fontsize=7), axes[2].set_ylabel("pixels of the map", fontsize=7)
     axes[2].legend(fontsize=7), axes[2].set_title("histogram of Â", fontsize=8), axes[2].tick_params(labelsize=7)
-    axes[3].imshow(mask, cmap="gray", interpolation="nearest"); axes[3].set_title("mask Â > t", fontsize=8)
+    axes[3].imshow(mask, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axes[3].set_title("mask: Â > t (white)", fontsize=8)
     if truth is not None:
-        axes[4].imshow(truth, cmap="gray", interpolation="nearest")
-    axes[4].set_title("analyzer mask" + (f"\nIoU {iou:.2f}" if iou is not None else "\n(not drawn)"), fontsize=8)
+        axes[4].imshow(truth, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axes[4].set_title("analyzer's mask" + (f"\nIoU {iou:.2f}" if iou is not None else "\n(not drawn)"), fontsize=8)
     for ax in (axes[0], axes[1], axes[3], axes[4]):
-        ax.axis("off")
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"From map to mask: Otsu's threshold on the map of {word!r}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -166,6 +171,7 @@ def plot_iou_over_steps(curve: dict):
     ax.plot(steps, curve["single_step"], "o-", label="this step's map only")
     ax.plot(steps, curve["running_mean"], "s-", label="running mean over steps (method)")
     ax.set_xlabel("denoising step"), ax.set_ylabel("mean mask IoU vs analyzer"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    ax.set_title("Masks from one step's map vs from the running mean", fontsize=9)
     return fig
 
 
@@ -176,16 +182,28 @@ def plot_iou_histogram(records: list[dict], target: float = 0.5):
     fig, ax = plt.subplots(figsize=(4.5, 2.5))
     ax.hist(ious, bins=np.linspace(0, 1, 21), color="steelblue")
     ax.axvline(target, color="crimson", ls="--", label=f"target {target}")
-    ax.set_xlabel("mask IoU"), ax.set_ylabel("characters"), ax.legend(fontsize=8)
+    ax.set_xlabel("mask IoU against the analyzer"), ax.set_ylabel("characters"), ax.legend(fontsize=8)
+    ax.set_title(f"Mask IoU of the {len(ious)} drawn characters", fontsize=9)
     return fig
 
 
 def failure_grid(images: np.ndarray, records: list[dict]):
-    """Each record's image with the method's mask over it, titled with its IoU and reason."""
-    panels = [overlay(images[r["image"]], r["mask"][None]) for r in records]
-    titles = [f"{r['word']}: IoU {'n/a (not drawn)' if r['iou'] is None else format(r['iou'], '.2f')}"
-              + (f"\n{r['reason']}" if r["reason"] else "") for r in records]
-    return image_grid(panels, titles, suptitle="lowest IoU (red: the mask)", size=2.0)
+    """The worst-scored masks of drawn characters (``experiments.worst_scored``): per record, the
+    image with the method's mask in red, then the analyzer's mask of the same character in blue."""
+    panels, titles = [], []
+    for r in records:
+        panels += [overlay(images[r["image"]], r["mask"][None]), _overlay_as(images[r["image"]], r["truth_mask"], 1)]
+        titles += [f"{r['word']!r}: method's mask\nIoU {r['iou']:.2f}" + (f" ({r['reason']})" if r["reason"] else ""),
+                   f"{r['word']!r}: analyzer's mask"]
+    return image_grid(panels, titles, ncols=4, size=2.0,
+                      suptitle=f"The {len(records)} lowest-IoU masks of drawn characters (red: mask used, blue: truth)")
+
+
+def _overlay_as(image: np.ndarray, mask: np.ndarray, colour_index: int) -> np.ndarray:
+    """``overlay`` of one mask in the colour ``MASK_COLOURS[colour_index]``."""
+    masks = np.zeros((colour_index + 1, *np.asarray(mask).shape), bool)
+    masks[colour_index] = mask
+    return overlay(image, masks)
 
 
 def plot_binding(table: list[dict]):
@@ -198,7 +216,9 @@ def plot_binding(table: list[dict]):
         ax.bar(np.arange(len(labels)) + 0.38 * k, [share[l] for l in labels], width=0.38, label=f"{word} word")
     ax.axhline(0.5, color="k", ls=":", lw=1, label="no binding (0.5)")
     ax.set_xticks(np.arange(len(labels)) + 0.19, labels, fontsize=8), ax.set_ylim(0, 1), ax.set_ylabel("own share")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_xlabel("cross-attention layers (place, feature-map size)", fontsize=8)
+    ax.set_title("Does a word's attention land on its own character? (rendered scenes)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -210,37 +230,70 @@ def rule_boxplot(per_rule: dict[str, list[float]]):
     ax.boxplot(list(per_rule.values()), showmeans=True)
     ax.set_xticks(range(1, len(per_rule) + 1), [names.get(r, r) for r in per_rule])
     ax.set_ylabel("mean IoU of the two masks"), ax.grid(alpha=0.3, axis="y")
+    ax.set_xlabel("overlap rule (triangle: mean)", fontsize=8)
+    ax.set_title(f"Overlap rules on {len(next(iter(per_rule.values())))} overlapping scenes", fontsize=9)
     return fig
 
 
-def rule_example(image: np.ndarray, prompt: str, masks: dict[str, np.ndarray]):
-    """One scene, then its masks under each overlap rule (``experiments.rule_masks``)."""
+def rule_example(image: np.ndarray, prompt: str, masks: dict[str, np.ndarray], words: list[str],
+                 ious: dict[str, list[float | None]] | None = None):
+    """One scene, then its masks under each overlap rule (``experiments.rule_masks``), each character
+    in the same colour in every panel and keyed by a legend; ``ious`` (``experiments.rule_ious``)
+    puts each rule's per-character IoU in its title."""
+    from matplotlib.patches import Patch
+    names = {"lower_cv": "lower CV (paper)", "higher_cv": "higher CV", "argmax": "argmax Â"}
     panels = [image] + [overlay(image, m) for m in masks.values()]
-    return image_grid(panels, [prompt.replace(" and ", "\nand ")] + list(masks), size=2.0)
+    titles = [prompt.replace(" and ", "\nand ")]
+    for rule in masks:
+        score = "" if ious is None else "\nIoU " + ", ".join(f"{w} " + ("n/a" if v is None else f"{v:.2f}")
+                                                          for w, v in zip(words, ious[rule]))
+        titles.append(names.get(rule, rule) + score)
+    fig = image_grid(panels, titles, size=2.0, suptitle="One overlapping scene: each rule's masks")
+    fig.legend(handles=[Patch(color=MASK_COLOURS[m % len(MASK_COLOURS)], label=f"mask of the {w}") for m, w in enumerate(words)],
+               loc="lower center", ncol=len(words), fontsize=7, bbox_to_anchor=(0.5, -0.06))
+    return fig
 
 
-def plot_lambda_sweep(sweep: list[dict], paper_lam: float = 1.1):
-    """``experiments.lambda_sweep``: every metric against λ, the paper's choice dotted."""
+def plot_lambda_sweep(sweep: list[dict], errors: list[dict] | None = None, paper_lam: float = 1.1):
+    """``experiments.lambda_sweep``: every metric against λ with its standard error over seeds
+    (``experiments.lambda_sweep_errors``), the paper's λ dotted, the legend beside the axes."""
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 2.8))
+    fig, ax = plt.subplots(figsize=(6.5, 3.0))
+    lams = [r["λ"] for r in sweep]
     for key in sweep[0]:
         if key != "λ":
-            ax.plot([r["λ"] for r in sweep], [r[key] for r in sweep], "o-", label=key)
-    ax.axvline(paper_lam, color="0.6", ls=":"), ax.set_xlabel("λ"), ax.set_ylabel("%"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+            err = None if errors is None else [e[key] for e in errors]
+            ax.errorbar(lams, [r[key] for r in sweep], yerr=err, fmt="o-", capsize=3, label=key)
+    ax.axvline(paper_lam, color="0.6", ls=":", label=f"paper's λ = {paper_lam:g}")
+    ax.axvline(0, color="0.8", ls="-", lw=4, alpha=0.5, label="λ = 0: unmodified model")
+    ax.set_xlabel("λ (merge weight of the isolated branch)"), ax.set_ylabel("% (mean ± standard error over seeds)")
+    ax.set_title("Isolated attention (the paper's method) against λ", fontsize=9), ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
-def plot_identity_details(carry: list[dict], details=("hue", "brightness", "size", "mark")):
-    """``experiments.carry_over``: IIS-toy per detail, one panel per story, one bar per method."""
+def plot_identity_details(carry: list[dict], details=("hue", "brightness", "size", "mark"), chance: dict | None = None):
+    """``experiments.carry_over``: IIS-toy per detail, one panel per story, one bar per method, and
+    each detail's chance level (``experiments.identity_chance``) as a short black line."""
     import matplotlib.pyplot as plt
+    labels = {"isolated": "isolated (the paper's method)", "csa": "Consistent Self-Attention", "vanilla": "vanilla"}
+    colours = {"vanilla": "0.6", "csa": "tab:orange", "isolated": "tab:blue"}
     stories = list(dict.fromkeys(r["story"] for r in carry))
-    fig, axes = plt.subplots(1, len(stories), figsize=(4 * len(stories), 2.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(stories), figsize=(4 * len(stories) + 1.5, 2.8), sharey=True, squeeze=False)
     for ax, label in zip(axes[0], stories):
         rows = [r for r in carry if r["story"] == label]
         for k, r in enumerate(rows):
-            ax.bar(np.arange(len(details)) + 0.27 * (k - 1), [r[d] for d in details], 0.27, label=r["method"])
-        ax.set_xticks(range(len(details)), details), ax.set_title(f"{label} story"), ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].set_ylabel("IIS-toy per detail (%)"), axes[0, -1].legend(fontsize=7)
+            ax.bar(np.arange(len(details)) + 0.27 * (k - 1), [r[d] for d in details], 0.27,
+                   label=labels.get(r["method"], r["method"]), color=colours.get(r["method"]))
+        if chance is not None:
+            for i, d in enumerate(details):
+                ax.hlines(chance[d], i - 0.45, i + 0.45, color="k", lw=1.5, label="chance" if i == 0 else None)
+        ax.set_xticks(range(len(details)), details), ax.set_title(f"{label} story", fontsize=9), ax.grid(axis="y", alpha=0.3)
+        ax.set_xlabel("identity detail")
+    axes[0, 0].set_ylabel("IIS-toy per detail (%)")
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("Which identity details carry over from a character's first scene", fontsize=9)
+    fig.tight_layout()
     return fig
 
 
@@ -249,7 +302,8 @@ def mixing_grid(rows: list[dict], colours=("red", "blue", "green")):
     panels = [p for r in rows for p in (r["vanilla image"], r["isolated image"], overlay(r["isolated image"], r["isolated masks"]))]
     titles = [t for r in rows for t in (f"vanilla (left out: {', '.join(r['vanilla left out']) or 'none'})", "isolated: mixed",
                                        "masks: " + ", ".join(f"{n} {c}" for n, c in zip(r["names"], colours)))]
-    return image_grid(panels, titles, ncols=3, size=2.2)
+    return image_grid(panels, titles, ncols=3, size=2.2,
+                      suptitle="Three-character scenes isolated attention mixed, beside vanilla from the same noise")
 
 
 def show_layer_map(store, labels: list[str], words: list[str], layer_index: int = 0, step: int = 0, word: str | None = None):

@@ -2,7 +2,9 @@
 
 - ``experiments.maps``: the attention maps (masks against the toy's ground truth, overlap rules,
   layers, steps, word binding);
-- ``experiments.stories``: whole stories over seeds (methods, λ, ablations, identity details).
+- ``experiments.stories``: whole stories over seeds (methods, λ, ablations, identity details);
+- ``experiments.teaching``: the sentences, chance levels and comparisons the notebooks print, with
+  direction words computed from the numbers; ``experiments.exercises``: the exercises' check cells.
 
 Every name of both is importable from ``osa_lib.experiments``.
 """
@@ -13,6 +15,9 @@ from .maps import (BINDING_OWN_SHARE, binding_table, binding_verdict, CapturedRu
 from .stories import (ablation_rows, carry_over, colour_kept_rows, compare_methods, default_cache_dir, detail_gains,
                       iis_gain, lambda_sweep, mean_and_sem, mixing_and_neglect, prompts_vs_attention, StoryScorer,
                       summary_means, summary_rows, trio_summary, uncoloured_scene_prompts)
+from .teaching import (averaging_verdict, compare, difference_sentence, identity_chance, lambda_sweep_errors,
+                      lambda_verdict, paired_difference, PAPER_TABLES, paper_vs_toy, probe_chance, rule_ious,
+                      scored_overlapping, switch_variants, trio_verdict, with_errors, worst_scored)
 
 __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_masks_vs_truth", "mask_iou_records",
            "overlap_rule_table", "rule_verdict", "layer_table", "iou_over_steps", "content_words", "mask_layer_iou",
@@ -20,4 +25,7 @@ __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_mas
            "overlap_rule_runs", "pooled_rule_scores", "rule_rows", "first_overlapping", "rule_masks",
            "mixing_and_neglect", "uncoloured_scene_prompts", "mean_and_sem", "StoryScorer", "default_cache_dir",
            "summary_rows", "summary_means", "lambda_sweep", "ablation_rows", "prompts_vs_attention", "iis_gain",
-           "carry_over", "detail_gains", "colour_kept_rows", "trio_summary", "compare_methods"]
+           "carry_over", "detail_gains", "colour_kept_rows", "trio_summary", "compare_methods",
+           "compare", "averaging_verdict", "worst_scored", "scored_overlapping", "rule_ious", "identity_chance",
+           "switch_variants", "lambda_sweep_errors", "with_errors", "lambda_verdict", "trio_verdict", "probe_chance",
+           "PAPER_TABLES", "paper_vs_toy", "paired_difference", "difference_sentence"]

@@ -156,17 +156,31 @@ def _read(image: np.ndarray, reference: world.Character) -> dict:
     d = largest_detection(analyze_image(image), reference.shape)
     if d is None:
         return {"drawn": False}
-    return {"drawn": True, "colour": d.colour == reference.colour,
+    return {"drawn": True, "colour": d.colour == reference.colour, "drawn colour": d.colour,
             "mark": d.mark == reference.mark and (d.mark == "none" or d.mark_tone == reference.mark_tone),
             "size": abs(d.size - reference.size) <= 1.0}
+
+
+def _colour_chance(drawn_colours: list, reference_colours: list[str]) -> float:
+    """How often a drawing would take its reference's colour family if the two were independent,
+    for these samples: the product of the drawn samples' colour frequencies and their references'
+    (a model that draws yellow half the time, shown references that are yellow a third of the time,
+    matches about 1 in 3 by chance, not 1 in 5). NaN when nothing was drawn."""
+    pairs = [(d, r) for d, r in zip(drawn_colours, reference_colours) if d is not None]
+    if not pairs:
+        return float("nan")
+    families = {d for d, _ in pairs} | {r for _, r in pairs}
+    return float(sum(np.mean([d == f for d, _ in pairs]) * np.mean([r == f for _, r in pairs]) for f in families))
 
 
 def appearance_scores(pipe: ToyPipeline, n_samples: int = 48, seed: int = 0, settings=PROBE_SETTINGS,
                       steps: int = DEFAULT_STEPS, references: str = "rendered", captions: str = "kept",
                       view: str = "character") -> list[dict]:
     """One row per setting: share of drawn samples that took the reference's colour family, mark
-    and size, the share drawn at all, and the count. ``references`` (``REFERENCE_KINDS``): drawn
-    ones keep only the samples whose reference was drawn, so ``n`` may be below ``n_samples``.
+    and size, the share drawn at all, the count, and ``colour chance`` (``_colour_chance``: the
+    colour share these samples would reach if drawing ignored the reference). ``references``
+    (``REFERENCE_KINDS``): drawn ones keep only the samples whose reference was drawn, so ``n`` may
+    be below ``n_samples``.
     ``captions`` (``REFERENCE_CAPTIONS``): the caption each reference's tokens are computed with."""
     if references not in REFERENCE_KINDS:
         raise ValueError(f"references must be one of {REFERENCE_KINDS}, got {references!r}")
@@ -177,14 +191,17 @@ def appearance_scores(pipe: ToyPipeline, n_samples: int = 48, seed: int = 0, set
     scenes = [recaption(scene, captions) for scene in scenes]
     if not scenes:
         nan = float("nan")
-        return [{"setting": name, "colour": nan, "mark": nan, "size": nan, "drawn": nan, "n": 0} for name, *_ in settings]
+        return [{"setting": name, "colour": nan, "mark": nan, "size": nan, "drawn": nan, "n": 0, "colour chance": nan}
+                for name, *_ in settings]
     rows = []
     for name, resolutions, step_range in settings:
         images = sample_with_reference(pipe, prompts, scenes, seed, resolutions, step_range, steps, view=view)
         reads = [_read(img, r.characters[0]) for img, r in zip(images, scenes)]
         drawn = [r for r in reads if r["drawn"]]
         share = {k: float(np.mean([r[k] for r in drawn])) if drawn else float("nan") for k in ("colour", "mark", "size")}
-        rows.append({"setting": name, **share, "drawn": len(drawn) / len(reads), "n": len(reads)})
+        rows.append({"setting": name, **share, "drawn": len(drawn) / len(reads), "n": len(reads),
+                     "colour chance": _colour_chance([r.get("drawn colour") for r in reads],
+                                                     [s.characters[0].colour for s in scenes])})
     return rows
 
 

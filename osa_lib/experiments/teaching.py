@@ -1,0 +1,223 @@
+"""Sentences, chance levels and comparisons the teaching notebooks print (02, 03, 05): every
+direction word ("higher", "more often", "better") is computed here from the numbers it describes,
+never written into a notebook by hand, and differences count only beyond their standard error."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..config import OVERLAP_RULES
+from ..toy.analyzer import analyze_image
+from ..toy.metrics import IDENTITY_DETAILS
+from .maps import CapturedRun, character_masks_vs_truth, rule_masks
+from .stories import StoryScorer
+
+__all__ = ["compare", "averaging_verdict", "worst_scored", "scored_overlapping", "rule_ious", "identity_chance", "switch_variants", "lambda_sweep_errors", "with_errors", "lambda_verdict", "trio_verdict", "probe_chance", "PAPER_TABLES", "paper_vs_toy", "paired_difference", "difference_sentence"]
+
+
+# --- Sentences computed from numbers: a notebook never writes "more" or "better" by hand -----------
+
+def compare(a: float, b: float, words=("higher than", "lower than", "equal to"), tol: float = 0.0) -> str:
+    """The word that says how ``a`` stands to ``b``: ``words[0]`` when ``a > b + tol``, ``words[1]``
+    when ``a < b - tol``, else ``words[2]`` (NaN on either side: "not comparable with")."""
+    if a != a or b != b:
+        return "not comparable with"
+    return words[0] if a > b + tol else words[1] if a < b - tol else words[2]
+
+
+def averaging_verdict(curve: dict) -> dict:
+    """What ``iou_over_steps`` shows about averaging maps over steps: at how many steps the running
+    mean's masks score above, below or level with that step's map alone, and the last step's pair."""
+    single, running = np.asarray(curve["single_step"], float), np.asarray(curve["running_mean"], float)  # (T,)
+    later = slice(1, None)  # step 0 is the same map either way
+    above, below = int((running[later] > single[later]).sum()), int((running[later] < single[later]).sum())
+    last_single, last_running = float(single[-1]), float(running[-1])
+    word = compare(last_running, last_single, ("better than", "worse than", "as good as"))
+    sentence = (f"After the first step the running mean's masks score above the single step's at {above} of "
+                f"{len(single) - 1} steps and below at {below}; at the last step the running mean (IoU "
+                f"{last_running:.3f}, what the method uses) is {word} the last step's map alone ({last_single:.3f}).")
+    if below > above:
+        sentence += " Here averaging does not help: a later single step locates the characters better."
+    return {"steps_running_above": above, "steps_running_below": below, "last_running_mean": last_running,
+            "last_single_step": last_single, "last_step_word": word, "sentence": sentence}
+
+
+def worst_scored(records: list[dict], k: int = 4) -> list[dict]:
+    """The ``k`` drawn characters of ``mask_iou_records`` whose masks scored the lowest IoU (the
+    characters the model did not draw are counted by ``mask_iou_summary``, not shown here)."""
+    return sorted((r for r in records if r["iou"] is not None), key=lambda r: r["iou"])[:k]
+
+
+def scored_overlapping(runs: list[CapturedRun], tables: list[dict], rule: str = "lower_cv") -> tuple[CapturedRun, int]:
+    """The run and image index of the first overlapping scene whose characters were all drawn (the
+    scenes ``pooled_rule_scores`` scores), so a figure of it names only characters it shows."""
+    for run, table in zip(runs, tables):
+        for b, value in zip(table["images"], table["rules"][rule]["per_image"]):
+            if value is not None:
+                return run, b
+    raise ValueError("no overlapping scene has both characters drawn; generate more scenes (n_scenes)")
+
+
+def rule_ious(run: CapturedRun, index: int, rules=OVERLAP_RULES) -> dict[str, list[float | None]]:
+    """Per overlap rule, the IoU of each character's mask of image ``index`` against the analyzer."""
+    found = analyze_image(run.images[index])
+    return {rule: [r["iou"] for r in character_masks_vs_truth(run.images[index], run.words[index], masks, found)]
+            for rule, masks in rule_masks(run, index, rules).items()}
+
+
+def identity_chance(n: int = 4000, seed: int = 0) -> dict[str, float]:
+    """IIS-toy per identity detail (%) of two characters of one shape and colour family whose
+    unnamed details are drawn independently from the world's ranges (``world.sample_character``):
+    the level a method that carries nothing over scores when the prompt names the colour. Monte
+    Carlo over ``n`` pairs; "IIS-toy" is the mean of the details."""
+    from ..toy import world
+    from ..toy.metrics import identity_terms
+    rng = np.random.default_rng(seed)
+    terms = [identity_terms(world.sample_character(rng, "circle", "red"), world.sample_character(rng, "circle", "red"))
+             for _ in range(n)]
+    chance = {d: 100 * float(np.mean([t[d] for t in terms])) for d in IDENTITY_DETAILS}
+    return {**chance, "IIS-toy": float(np.mean(list(chance.values())))}
+
+
+def switch_variants(backbone) -> dict[str, object]:
+    """The backbone's own switches first, labelled as the paper's or as tuned, then the other set
+    when the model has tuned switches: every table says which it shows."""
+    from ..config import IsolationConfig
+    paper, own = IsolationConfig(), backbone.isolation_config()
+    changed = {f.name: getattr(own, f.name) for f in dataclasses.fields(own) if getattr(own, f.name) != getattr(paper, f.name)}
+    if not changed:
+        return {"paper's switches": paper}
+    tuned = "switches tuned for this model (" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in changed.items()) + ")"
+    return {tuned: own, "paper's switches": paper}
+
+
+def lambda_sweep_errors(scorer: StoryScorer, single, pair, lams) -> list[dict]:
+    """``lambda_sweep``'s rows as standard errors over the seeds (same keys, same generations)."""
+    configs = {lam: scorer.backbone.isolation_config(lam=lam) for lam in lams}
+    def sem(story, lam, keys, suffix):
+        summary = scorer.summary(story, methods=("isolated",), config=configs[lam])["isolated"]
+        return {f"{k} ({suffix})": summary[k][1] for k in keys}
+    return [{"λ": lam, **sem(single, lam, ("IIS-toy", "TIS-toy"), "single"),
+             **sem(pair, lam, ("mixing rate", "attribute accuracy"), "pair")} for lam in lams]
+
+
+def with_errors(rows: list[dict], errors: list[dict], digits: int = 1) -> list[dict]:
+    """Rows of means and rows of standard errors (same keys) as "mean ± se" strings for a table."""
+    def cell(mean, se):
+        if not isinstance(mean, float):
+            return mean
+        return "n/a" if mean != mean else f"{mean:.{digits}f}" + ("" if se != se else f" ± {se:.{digits}f}")
+    return [{k: (v if k == "λ" else cell(v, e[k])) for k, v in r.items()} for r, e in zip(rows, errors)]
+
+
+def lambda_verdict(sweep: list[dict], errors: list[dict], paper_lam: float = 1.1, z: float = 2.0) -> str:
+    """How identity and text fidelity on the single story move from λ = 0 (the unmodified model)
+    to the paper's λ, in words computed from the rows: a change counts only beyond ``z`` standard
+    errors of the difference (the two rows' errors combined); and which swept λ has the highest identity."""
+    by, err = {r["λ"]: r for r in sweep}, {r["λ"]: r for r in errors}
+    if 0 not in by or paper_lam not in by:
+        return f"the sweep needs λ = 0 and λ = {paper_lam:g} to compare them"
+    parts = []
+    for key in ("IIS-toy (single)", "TIS-toy (single)"):
+        d = by[paper_lam][key] - by[0][key]
+        se = float(np.sqrt(np.nansum([err[0][key] ** 2, err[paper_lam][key] ** 2])))
+        name, numbers = key.split(" ")[0], f"({d:+.1f} ± {se:.1f} points)"
+        word = compare(d, 0, ("higher", "lower", ""), tol=z * se)
+        parts.append(f"{name} is {word} at λ = {paper_lam:g} than at λ = 0 {numbers}" if word
+                     else f"{name} at λ = {paper_lam:g} is within noise of λ = 0 {numbers}")
+    best = max(sweep, key=lambda r: r["IIS-toy (single)"])
+    return "; ".join(parts) + f"; the highest IIS-toy of the sweep is at λ = {best['λ']:g}."
+
+
+def trio_verdict(counts: dict) -> str:
+    """``trio_summary``'s mixing counts in a sentence whose direction word is computed."""
+    n, iso, van = counts["three-character scenes"], counts["isolated mixed"], counts["vanilla mixed"]
+    word = compare(iso, van, ("more often than", "less often than", "as often as"))
+    return f"Isolated attention mixed {iso} of {n} three-character scenes, vanilla {van}: isolated mixes {word} vanilla here."
+
+
+def probe_chance(probe: list[dict]) -> dict:
+    """The appearance probe's "none" row against chance: its colour share, its binomial standard
+    error, the uniform chance (1 in the number of colour families) and the chance for these very
+    samples (``colour chance``: the drawn colours' and the references' frequencies multiplied, what a
+    drawing independent of its reference matches), each with how many standard errors apart."""
+    from ..toy.world import COLOURS
+    none = next(r for r in probe if r["setting"] == "none")
+    n = int(round(none["drawn"] * none["n"]))
+    p = none["colour"]
+    se = float(np.sqrt(p * (1 - p) / n)) if n else float("nan")
+    uniform = 1 / len(COLOURS)
+    sample = none.get("colour chance", float("nan"))
+    z_uniform = (p - uniform) / se if se else float("nan")
+    z_sample = (p - sample) / se if se and sample == sample else float("nan")
+    def apart(z):
+        return "not comparable with" if z != z else "within noise of" if abs(z) <= 2 else f"{abs(z):.1f} standard errors {'above' if z > 0 else 'below'}"
+    sentence = (f"With no reference the model drew the reference's colour family in {p:.0%} of {n} drawn samples "
+                f"(± {se:.0%}): {apart(z_uniform)} the uniform 1 in {len(COLOURS)} ({uniform:.0%}), and "
+                f"{apart(z_sample)} the chance for these samples ({sample:.0%}: how often the colours this model draws "
+                f"for uncoloured prompts meet these references' colours).")
+    return {"none": p, "drawn": n, "se": se, "uniform": uniform, "sample_chance": sample,
+            "z_uniform": z_uniform, "z_sample": z_sample, "sentence": sentence}
+
+
+#: The paper's Tables I and II (SDXL at 1024², its test stories), beside which notebook 05 sets the toy's
+PAPER_TABLES = {"TIS": 28.91, "IIS": 70.28, "IIS StoryDiffusion": 64.87, "AQ": 6.52, "DS": 49.63,
+                "IIS without re-weighting": 69.0}
+
+
+def paper_vs_toy(toy: dict[str, tuple[float, float]]) -> list[dict]:
+    """Rows setting the paper's Tables I and II beside the toy's measurements, each saying what can
+    be compared and what cannot.
+
+    Args:
+        toy: ``(mean, standard error)`` in points under "IIS gain over CSA", "IIS gain over vanilla",
+            "w=0 IIS change" (paired differences, ``paired_difference``) and "TIS" (TIS-toy, %).
+    """
+    def cell(key):
+        mean, se = toy.get(key, (float("nan"), float("nan")))
+        if mean != mean:
+            return "not measured"
+        error = f" ± {se:.1f}" if se == se else " (one seed)"
+        return (f"{mean:.1f}" if key == "TIS" else f"{mean:+.1f}") + error
+    gain = PAPER_TABLES["IIS"] - PAPER_TABLES["IIS StoryDiffusion"]
+    return [
+        {"quantity": "identity: the method minus StoryDiffusion (IIS, points)", "paper (SDXL, Table I)": f"+{gain:.2f}",
+         "toy": cell("IIS gain over CSA"),
+         "comparable?": "the sign: both set the method against Consistent Self-Attention on the same stories; not "
+                        "the size (IIS-toy compares exact identity details, IIS compares image embeddings)"},
+        {"quantity": "identity: the method minus the unmodified model (points)", "paper (SDXL, Table I)": "not reported",
+         "toy": cell("IIS gain over vanilla"), "comparable?": "no paper number"},
+        {"quantity": "identity: without re-weighting minus with (points)",
+         "paper (SDXL, Table I)": f"about {PAPER_TABLES['IIS without re-weighting'] - PAPER_TABLES['IIS']:+.1f} (Table II)",
+         "toy": cell("w=0 IIS change"), "comparable?": "the sign; the paper does not state its w"},
+        {"quantity": "text fidelity", "paper (SDXL, Table I)": f"TIS {PAPER_TABLES['TIS']}", "toy": cell("TIS"),
+         "comparable?": "no: a CLIP score ×100 against the share of prompt facts the analyzer finds (TIS-toy, %)"},
+        {"quantity": "aesthetics, DreamSim", "paper (SDXL, Table I)": f"AQ {PAPER_TABLES['AQ']}, DS {PAPER_TABLES['DS']} %",
+         "toy": "no toy counterpart", "comparable?": "no"},
+    ]
+
+
+def paired_difference(scorer: StoryScorer, story, a: tuple, b: tuple, metric: str = "IIS-toy") -> tuple[float, float]:
+    """Mean and standard error over the scorer's seeds of ``metric`` under ``a`` minus under ``b``,
+    paired by seed (the same noise); ``a`` and ``b`` are ``(method, config)`` (config None: the
+    backbone's own switches). Seeds where either is NaN are left out."""
+    d = np.array([scorer.seed_metrics(story, *a, k)[metric] - scorer.seed_metrics(story, *b, k)[metric]
+                  for k in range(scorer.n_seeds)], float)  # (seeds,)
+    d = d[~np.isnan(d)]
+    if not len(d):
+        return float("nan"), float("nan")
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def difference_sentence(name: str, difference: tuple[float, float], words=("higher", "lower"), z: float = 2.0) -> str:
+    """"<name> is higher/lower (d ± se)" when the paired difference is beyond ``z`` standard errors,
+    else "<name> is within noise (d ± se)"; one seed (no standard error) says so."""
+    d, se = difference
+    if d != d:
+        return f"{name} is not measured in this run"
+    numbers = f"({d:+.1f} ± {se:.1f} points)" if se == se else f"({d:+.1f} points, one seed: no standard error)"
+    if se != se or abs(d) <= z * se:
+        return f"{name} is within noise {numbers}" if se == se else f"{name} cannot be judged {numbers}"
+    return f"{name} is {words[0] if d > 0 else words[1]} {numbers}"
