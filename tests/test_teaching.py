@@ -91,6 +91,11 @@ def test_switch_variants_label_the_paper_and_the_tuned_switches():
     tuned = SimpleNamespace(isolation_config=lambda **o: IsolationConfig(**{"reweight": 4.0, "warmup": 0.0, **o}))
     labels = list(switch_variants(tuned))
     assert labels[0] == "switches tuned for this model (reweight=4, warmup=0)" and labels[1] == "paper's switches"
+    # a model whose default is the paper's and whose tuned switches are a variant
+    variant = SimpleNamespace(isolation_config=lambda **o: IsolationConfig(**o), tuned_isolation={"reweight": 4.0})
+    configs = switch_variants(variant)
+    assert list(configs) == ["paper's switches", "switches tuned for this model (reweight=4)"]
+    assert list(configs.values())[1] == IsolationConfig(reweight=4.0)
 
 
 def test_with_errors_and_paper_rows():

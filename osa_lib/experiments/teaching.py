@@ -81,16 +81,22 @@ def identity_chance(n: int = 4000, seed: int = 0) -> dict[str, float]:
 
 
 def switch_variants(backbone) -> dict[str, object]:
-    """The backbone's own switches first, labelled as the paper's or as tuned, then the other set
-    when the model has tuned switches: every table says which it shows."""
+    """The backbone's default switches first, then the other set, each labelled: the paper's
+    (``IsolationConfig()``) and, when the model has them, the switches tuned for it
+    (``backbone.tuned_isolation``, or ``isolation_defaults`` on backbones that call it so), so every
+    table says which it shows."""
     from ..config import IsolationConfig
     paper, own = IsolationConfig(), backbone.isolation_config()
-    changed = {f.name: getattr(own, f.name) for f in dataclasses.fields(own) if getattr(own, f.name) != getattr(paper, f.name)}
-    if not changed:
+    tuned_fields = getattr(backbone, "tuned_isolation", None) or getattr(backbone, "isolation_defaults", None) or {}
+    if own != paper:  # the model runs its tuned switches by default
+        tuned_fields = {f.name: getattr(own, f.name) for f in dataclasses.fields(own)
+                        if getattr(own, f.name) != getattr(paper, f.name)}
+    if not tuned_fields:
         return {"paper's switches": paper}
-    tuned = "switches tuned for this model (" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in changed.items()) + ")"
-    return {tuned: own, "paper's switches": paper}
+    tuned = IsolationConfig(**tuned_fields)
+    label = "switches tuned for this model (" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                                         for k, v in tuned_fields.items()) + ")"
+    return {label: own, "paper's switches": paper} if own != paper else {"paper's switches": paper, label: tuned}
 
 
 def lambda_sweep_errors(scorer: StoryScorer, single, pair, lams) -> list[dict]:
