@@ -161,8 +161,8 @@ class AttentionStore:
         return min(sizes)
 
     def mask_maps(self, places: tuple[str, ...] = ("up",), step: int | None = None) -> torch.Tensor:
-        """A_m (B, M, h, w) averaged over the layers at ``mask_resolution``: METHOD.md's aggregation
-        "over the up-block layers at one resolution"."""
+        """A_m (B, M, h, w) averaged over the layers at ``mask_resolution``: the method's aggregation
+        "over the up-block layers at one resolution" (docs/method.md, step 1)."""
         return self.aggregate(places, self.mask_resolution(places), step)
 
     def aggregate(self, places: tuple[str, ...] = ("up",), resolution: int | None = None,

@@ -2,7 +2,7 @@
 
 A leaf (it imports nothing from ``osa_lib``), so that stories, backbones and model folders can
 check their inputs without loading the method:
-- ``IsolationConfig`` (every switch, METHOD.md's defaults) and ``LAM_RANGE``;
+- ``IsolationConfig`` (every switch, the paper's defaults) and ``LAM_RANGE``;
 - ``read_isolation_defaults`` / ``parse_isolation_defaults``: a model folder's ``isolation.json``;
 - ``check_seed`` / ``check_steps``: seeds and step counts, refused rather than converted;
 - ``OVERLAP_RULES``: the accepted values of the overlap switch (``masks.resolve_overlaps``).
@@ -29,7 +29,7 @@ LAM_RANGE = (0.0, 3.0)
 
 @dataclass
 class IsolationConfig:
-    """Every switch of the method; defaults are METHOD.md's.
+    """Every switch of the method; defaults are the paper's (docs/method.md).
 
     Args:
         lam: λ in ``F = λ·F_iso + (1 − λ)·F_ori``; 0 gives the unmodified model exactly.
@@ -38,10 +38,9 @@ class IsolationConfig:
         warmup: fraction of denoising steps before the isolated branch starts.
         end: fraction of denoising steps after which it stops (the original branch alone, as in
             the warm-up); 1 (default, the paper): it runs to the last step. Not in the paper: a
-            model that learned to copy its references only at high noise (issue 13's fine-tune
-            trains its pairs at t ≥ 700) has never seen them at low noise; on it, stopping after
-            the first third of the steps won back 5 of the 17 points of named-colour attribute
-            accuracy that isolation cost (``results/toy_attn_only_finetune.md``, "Ninth look").
+            model that learned to copy its references only at high noise has never seen them at low
+            noise; on one such fine-tune, stopping the branch after the first third of the steps
+            won back part of the named-colour attribute accuracy isolation cost (docs/history.md).
             Only the steps in [warmup, end) are stored in the bank.
         isolated_self / isolated_cross: switch each half of the branch for ablations.
         overlap_rule: "lower_cv" (paper), "higher_cv" or "argmax".
@@ -154,7 +153,7 @@ def parse_isolation_defaults(path: Path) -> dict:
     except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path} is not a valid isolation defaults file ({type(error).__name__}: {error}). It "
                          f"must read {{\"defaults\": {{<IsolationConfig field>: <value>, ...}}, \"why\": \"...\"}}; "
-                         f"fix it, or delete it to use METHOD.md's defaults.") from None
+                         f"fix it, or delete it to use the paper's defaults.") from None
     return dict(defaults)
 
 

@@ -161,7 +161,7 @@ def comic_strip(rows: dict[str, list[np.ndarray]], captions: list[str], size: fl
     return fig
 
 
-# --- Figures the notebooks draw (issue 16: notebooks hold no logic) --------------------------------
+# --- Figures the notebooks draw (notebooks hold no logic) ------------------------------------------
 
 def plot_iou_over_steps(curve: dict):
     """``experiments.iou_over_steps``: mean IoU per step, one step's map vs the running mean."""

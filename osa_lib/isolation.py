@@ -2,7 +2,7 @@
 
 Installed on the **up** blocks only (down and mid blocks run as pretrained). Each transformer
 block keeps its original branch and gains an isolated one; they are merged at the attention
-outputs, ``F = λ·F_iso + (1 − λ)·F_ori`` (METHOD.md "Merge", a (choice)). Because ``to_out`` is
+outputs, ``F = λ·F_iso + (1 − λ)·F_ori`` (docs/method.md, step 7, a choice the paper leaves open). Because ``to_out`` is
 affine and the weights sum to one, merging before or after the output projection is the same.
 
 - ``IsolatedSelfAttention`` (attn1): keys/values ``[K_x ; K_R1 ; … ; K_RM]``; a query inside
@@ -328,7 +328,7 @@ class _StepState:
 
 
 class IsolatedSelfAttention:
-    """Self-attention of an up-block transformer block with the isolated branch (METHOD.md 3)."""
+    """Self-attention of an up-block transformer block with the isolated branch (docs/method.md, steps 4-5)."""
 
     def __init__(self, layer: LayerInfo, controller: IsolationController):
         self.layer, self.ctrl = layer, controller

@@ -1,4 +1,4 @@
-"""Character masks ``M_m`` from cross-attention maps ``A_m`` (METHOD.md, "Masks from cross-attention").
+"""Character masks ``M_m`` from cross-attention maps ``A_m`` (docs/method.md, steps 1-3).
 
 The extended block needs, for every character ``m`` in a scene, a binary mask ``M_m`` saying
 which image tokens belong to that character, and a normalised activation ``Â_m`` in [0, 1]
@@ -10,7 +10,7 @@ cross-attention probabilities, so no segmentation model is involved:
    early steps are noisy; this module receives that running mean.)
 3. ``normalize_maps``  - min-max each map to [0, 1]: this is ``Â_m``.
 4. ``otsu_threshold``  - Otsu's threshold per map, batched; agrees with
-   ``skimage.filters.threshold_otsu`` (the reference named in METHOD.md).
+   ``skimage.filters.threshold_otsu`` (the reference implementation).
 5. ``resolve_overlaps``- a pixel claimed by several characters goes to one of them
    (paper: the map with the lower coefficient of variation wins).
 6. ``reliability``     - empty / near-full masks and constant maps are flagged, so the caller can
@@ -173,8 +173,8 @@ def otsu_threshold(maps: Tensor, nbins: int = 256) -> Tensor:
     """Otsu's threshold of every map, batched over any leading dims.
 
     Otsu picks the threshold that maximises the between-class variance of the map's histogram.
-    This reproduces ``skimage.filters.threshold_otsu(image, nbins)`` (the reference METHOD.md
-    names) for float maps: ``nbins`` equal-width bins spanning [min, max] of each map, edges
+    This reproduces ``skimage.filters.threshold_otsu(image, nbins)`` (the reference
+    implementation) for float maps: ``nbins`` equal-width bins spanning [min, max] of each map, edges
     built like ``np.linspace`` in the map's dtype, numpy's rule that the last bin includes the
     right edge, and the threshold returned as a bin *centre*. So the histograms are identical
     to skimage's; the class statistics are summed in float64 where skimage uses float32, so on
@@ -279,7 +279,7 @@ def coefficient_of_variation(A: Tensor, eps: float = 1e-8) -> Tensor:
     mass sits in few pixels relative to the mean - scattered speckle, but also a clean small
     blob on a dark background (a 0/1 blob covering a fraction p has CV = sqrt((1 - p) / p)) -
     and low for smooth, spread-out maps. So "lower CV wins" also favours the character whose
-    map covers more area; METHOD.md asks for this rule to be measured against alternatives.
+    map covers more area; notebook 03 measures the rule against alternatives.
     Compute it on non-negative maps (raw attention probabilities): CV is scale- but not
     shift-invariant, so min-max normalised maps give different values.
 
@@ -301,8 +301,8 @@ def resolve_overlaps(masks: Tensor, A: Tensor, rule: str = "lower_cv", eps: floa
     """Give each pixel claimed by several characters to exactly one of them.
 
     Isolated attention needs disjoint masks: a token inside ``M_m`` and ``M_j`` would attend to
-    two characters' references and bleed their features. Rules (METHOD.md leaves the choice
-    open to measurement):
+    two characters' references and bleed their features. Rules (the paper's and two
+    alternatives, measured in notebook 03):
 
     - ``"lower_cv"`` (paper): the character whose whole map has the lower coefficient of
       variation wins every contested pixel.
@@ -355,7 +355,7 @@ def reliability(
 ) -> tuple[Tensor, list[list[str]]]:
     """Flag masks the isolated branch should not trust, with a reason a person can read.
 
-    METHOD.md: a map whose Otsu mask is empty or covers nearly the whole image is unreliable;
+    The method: a map whose Otsu mask is empty or covers nearly the whole image is unreliable;
     the caller falls back to the original branch for that character and logs the reason.
 
     Args:

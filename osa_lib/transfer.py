@@ -1,6 +1,6 @@
 """Moving tensors between the host and a GPU in as few copies as possible.
 
-A GPU run of SDXL is bound by its host (issue 14): every copy is an operator to launch, and a
+A GPU run of SDXL is bound by its host: every copy is an operator to launch, and a
 copy from pageable host memory waits for the GPU to finish its queue. So the per-step state of
 isolated attention moves in few copies: many tensors as one flat buffer (``move_together``),
 and host-to-GPU copies from pinned memory, asynchronously (``to_device``).

@@ -167,7 +167,7 @@ def iou_over_steps(run: CapturedRun, rule: str = "lower_cv") -> dict:
     return {"steps": steps, "single_step": single, "running_mean": running}
 
 
-# --- What the notebooks tabulate (issue 16: notebooks hold no logic) -------------------------------
+# --- What the notebooks tabulate (notebooks hold no logic) -------------------------------------------
 
 def content_words(prompt: str, function_words=("a", "and", "in", "the")) -> list[str]:
     """The words of a prompt whose maps are worth drawing: all but the toy grammar's function words."""

@@ -160,7 +160,7 @@ class StoryScorer:
 
 
 def default_cache_dir():
-    """``$OSA_CACHE_DIR`` when set (the main job sets it: notebooks 04 and 05 score the same stories),
+    """``$OSA_CACHE_DIR`` when set (``scripts/run_notebooks.sh`` sets it: notebooks 04 and 05 score the same stories),
     else None: no disk cache, as in the tests."""
     return os.environ.get("OSA_CACHE_DIR") or None
 

@@ -1,5 +1,5 @@
-"""A fine-tune of the toy model stored as the tensors it changed, so a run cut by a session's end
-can be committed in well under a megabyte and continued by the next session.
+"""A fine-tune of the toy model stored as the tensors it changed, so an unfinished run can be
+committed in well under a megabyte and continued later.
 
     python -m osa_lib.toy.delta save runs/finetune/tuned --base data/toy_model --out data/toy_finetune/up_self_attention.safetensors
     python -m osa_lib.toy.delta apply data/toy_finetune/up_self_attention.safetensors --base data/toy_model --out runs/finetune/start

@@ -4,7 +4,7 @@
     python -m osa_lib.toy.train ... --drawn-pool runs/drawn_pool.npz --drawn-share 0.5
 
 An uncoloured story's bank holds the first scene as the model drew it from a prompt without a
-colour ("a circle in the snow"), and issue 13's fine-tunes copy such references far less than the
+colour ("a circle in the snow"), and fine-tunes of the up-block self-attention copied such references far less than the
 rendered ones they were trained on (probe, ``--references drawn-uncoloured``: 49-52 % against
 70-79 %; ``results/toy_attn_only_finetune.md``). This pool puts that case into training: each
 entry is a drawing of a one-character uncoloured caption, its character read back by the analyzer

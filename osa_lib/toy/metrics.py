@@ -7,7 +7,8 @@
 - **colour kept** (%): of each character's appearances after the first one it is drawn in, the
   share drawn in the colour family of that first one. For an ID prompt that names no colour
   ("a circle") the colour is free in the first scene and only a method that carries the
-  character over keeps it (chance: about 1 in 5 families).
+  character over keeps it (by chance about 1 in 5 when the model draws the five colour
+  families equally often, more when it prefers some).
 - **attribute accuracy** (%): the character is drawn with its ID prompt's shape and colour
   (any colour when the ID prompt names none).
 - **mixing rate** (%): multi-character scenes where a character is drawn in the colour of
@@ -92,7 +93,7 @@ def toy_story_metrics(story, result, details: bool = False) -> dict:
     With ``details``, also IIS-toy per identity detail (keys ``"IIS-toy hue"`` etc.: which of
     the unnamed details a method carries from scene to scene) and the counts behind the mixing
     rate: ``"mixed scenes"`` of ``"multi-character scenes"``, and the same for two-character
-    scenes alone (the issue's target is about those).
+    scenes alone.
     """
     id_colour = id_colours(story)
     drawn: dict[str, list] = {n: [] for n in story.characters}

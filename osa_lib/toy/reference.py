@@ -1,7 +1,7 @@
 """Self-attention that also reads another image's tokens: how the toy model learns to copy
 appearance, and what the appearance probe (``osa_lib.toy.probes.appearance``) switches on.
 
-The method's isolated self-attention (METHOD.md, step 3) appends a character's stored reference
+The method's isolated self-attention (docs/method.md, step 4) appends a character's stored reference
 keys/values ``K_R``, ``V_R`` to a later scene's self-attention. That only carries the character's
 look if the U-Net has learned to copy appearance through self-attention. SDXL learned it from
 natural images, full of repeated things; the toy world has no repetition, so its training adds
@@ -15,7 +15,7 @@ when it is None; the method's isolated self-attention lets only a character's ow
 reference). ``partner[b] = -1`` means its own tokens only, and with no partner in the batch the
 output is exactly ``AttnProcessor2_0``'s.
 
-With ``reweight`` w > 0 the partner's columns get the method's re-weighting (METHOD.md step 3,
+With ``reweight`` w > 0 the partner's columns get the method's re-weighting (docs/method.md step 5,
 ``+ log(1 + w·Â(i))``), with ``query_weight`` standing in for ``Â``: the share of each query's
 place covered by the shared character (1 everywhere when None). Training with it teaches the
 copying under the same boost that sampling applies.
@@ -97,7 +97,7 @@ class ReferenceSelfAttention:
 
     def _reweighted(self, allowed: torch.Tensor) -> torch.Tensor:
         """(B, 1 or N, 2N) bool -> (B, N, 2N) float additive mask: 0 on allowed own columns,
-        ``log(1 + w·Â(i))`` on allowed partner columns (METHOD.md step 3), -inf where not allowed."""
+        ``log(1 + w·Â(i))`` on allowed partner columns (docs/method.md step 5), -inf where not allowed."""
         b, n = allowed.shape[0], allowed.shape[2] // 2
         weight = (torch.ones(b, n, device=allowed.device) if self.state.query_weight is None else
                   F.adaptive_avg_pool2d(self.state.query_weight[:, None].float(), self.hw).flatten(1))  # (B, N)

@@ -5,17 +5,17 @@
 
 Held-out prompts use (colour, shape, scene) triples never rendered in training
 (``world.HELD_OUT_TRIPLES``), so the model must compose words it has only seen apart.
-Five measurements (targets from the foundation issue and issue 13):
+Five measurements, each with the project's target:
 1. single-character prompts: named shape, colour and scene right (target >= 90 %);
 2. two-character prompts: both characters present with their named attributes (>= 70 %);
 3. a prompt that names no colour: distinct colour families over 16 seeds (>= 4);
 4. cross-attention concentration: IoU of each character word's Otsu mask with the analyzer's
-   mask, on two-character scenes (the masks issue needs a mean >= 0.5); as diagnostics, the
+   mask, on two-character scenes (target: a mean >= 0.5); as diagnostics, the
    same IoU on single-character scenes, and the two masks together against both characters
    together (do the maps find the objects, even when they do not tell them apart?);
 5. the single-character prompts with their colour word dropped ("a circle in the snow"): how
    often the named shape is drawn at all, against the coloured prompts on the same seeds
-   (issue 13: within 5 points), since stories with uncoloured ID prompts rest on them.
+   (target: within 5 points), since stories with uncoloured ID prompts rest on them.
 """
 from __future__ import annotations
 
