@@ -164,13 +164,17 @@ def comic_strip(rows: dict[str, list[np.ndarray]], captions: list[str], size: fl
 # --- Figures the notebooks draw (notebooks hold no logic) ------------------------------------------
 
 def plot_iou_over_steps(curve: dict):
-    """``experiments.iou_over_steps``: mean IoU per step, one step's map vs the running mean."""
+    """``experiments.iou_over_steps``: mean IoU per step ± standard error over the drawn characters,
+    one step's map vs the running mean."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 2.8))
     steps = np.array(curve["steps"]) + 1
-    ax.plot(steps, curve["single_step"], "o-", label="this step's map only")
-    ax.plot(steps, curve["running_mean"], "s-", label="running mean over steps (method)")
-    ax.set_xlabel("denoising step"), ax.set_ylabel("mean mask IoU vs analyzer"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    ax.errorbar(steps, curve["single_step"], yerr=curve.get("single_step_se"), fmt="o-", capsize=2,
+                label="this step's map only")
+    ax.errorbar(steps, curve["running_mean"], yerr=curve.get("running_mean_se"), fmt="s-", capsize=2,
+                label="running mean over steps (method)")
+    ax.set_xlabel("denoising step"), ax.set_ylabel("mean mask IoU vs analyzer (± s.e.)")
+    ax.legend(fontsize=8), ax.grid(alpha=0.3)
     ax.set_title("Masks from one step's map vs from the running mean", fontsize=9)
     return fig
 
@@ -272,9 +276,11 @@ def plot_lambda_sweep(sweep: list[dict], errors: list[dict] | None = None, paper
     return fig
 
 
-def plot_identity_details(carry: list[dict], details=("hue", "brightness", "size", "mark"), chance: dict | None = None):
-    """``experiments.carry_over``: IIS-toy per detail, one panel per story, one bar per method, and
-    each detail's chance level (``experiments.identity_chance``) as a short black line."""
+def plot_identity_details(carry: list[dict], details=("hue", "brightness", "size", "mark"), chance: dict | None = None,
+                          errors: list[dict] | None = None):
+    """``experiments.carry_over``: IIS-toy per detail, one panel per story, one bar per method with
+    its standard error over seeds (``experiments.carry_over_errors``), and each detail's chance
+    level (``experiments.identity_chance``) as a short black line."""
     import matplotlib.pyplot as plt
     labels = {"isolated": "isolated (the paper's method)", "csa": "Consistent Self-Attention", "vanilla": "vanilla"}
     colours = {"vanilla": "0.6", "csa": "tab:orange", "isolated": "tab:blue"}
@@ -282,15 +288,17 @@ def plot_identity_details(carry: list[dict], details=("hue", "brightness", "size
     fig, axes = plt.subplots(1, len(stories), figsize=(4 * len(stories) + 1.5, 2.8), sharey=True, squeeze=False)
     for ax, label in zip(axes[0], stories):
         rows = [r for r in carry if r["story"] == label]
-        for k, r in enumerate(rows):
+        errs = [None] * len(rows) if errors is None else [e for e in errors if e["story"] == label]
+        for k, (r, e) in enumerate(zip(rows, errs)):
             ax.bar(np.arange(len(details)) + 0.27 * (k - 1), [r[d] for d in details], 0.27,
+                   yerr=None if e is None else [e[d] for d in details], capsize=2,
                    label=labels.get(r["method"], r["method"]), color=colours.get(r["method"]))
         if chance is not None:
             for i, d in enumerate(details):
                 ax.hlines(chance[d], i - 0.45, i + 0.45, color="k", lw=1.5, label="chance" if i == 0 else None)
         ax.set_xticks(range(len(details)), details), ax.set_title(f"{label} story", fontsize=9), ax.grid(axis="y", alpha=0.3)
         ax.set_xlabel("identity detail")
-    axes[0, 0].set_ylabel("IIS-toy per detail (%)")
+    axes[0, 0].set_ylabel("IIS-toy per detail (%, ± s.e.)")
     axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("Which identity details carry over from a character's first scene", fontsize=9)
     fig.tight_layout()

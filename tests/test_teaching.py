@@ -26,6 +26,9 @@ def test_averaging_verdict_says_what_the_curve_shows():
     assert "does not help" in worse["sentence"]
     better = averaging_verdict({"steps": [0, 1, 2], "single_step": [0.4, 0.3, 0.5], "running_mean": [0.4, 0.5, 0.6]})
     assert better["last_step_word"] == "better than" and "does not help" not in better["sentence"]
+    noisy = averaging_verdict({"steps": [0, 1, 2], "single_step": [0.4, 0.6, 0.7], "running_mean": [0.4, 0.5, 0.69],
+                               "single_step_se": [0.01] * 3, "running_mean_se": [0.01] * 3})
+    assert noisy["last_step_word"] == "within noise of" and "does not help" in noisy["sentence"]
 
 
 def test_worst_scored_leaves_out_undrawn_characters_and_sorts_by_iou():

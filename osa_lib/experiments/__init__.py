@@ -15,9 +15,10 @@ from .maps import (BINDING_OWN_SHARE, binding_table, binding_verdict, CapturedRu
 from .stories import (ablation_rows, carry_over, colour_kept_rows, compare_methods, default_cache_dir, detail_gains,
                       iis_gain, lambda_sweep, mean_and_sem, mixing_and_neglect, prompts_vs_attention, StoryScorer,
                       summary_means, summary_rows, trio_summary, uncoloured_scene_prompts)
-from .teaching import (averaging_verdict, compare, difference_sentence, identity_chance, lambda_sweep_errors,
-                      lambda_verdict, paired_difference, PAPER_TABLES, paper_vs_toy, probe_chance, rule_ious,
-                      scored_overlapping, switch_variants, trio_verdict, with_errors, worst_scored)
+from .teaching import (averaging_verdict, carry_over_errors, compare, difference_sentence, identity_chance,
+                       lambda_sweep_errors, lambda_verdict, paired_difference, PAPER_TABLES, paper_vs_toy,
+                       probe_chance, rule_ious, scored_overlapping, switch_variants, trio_verdict, with_errors,
+                       worst_scored)
 
 __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_masks_vs_truth", "mask_iou_records",
            "overlap_rule_table", "rule_verdict", "layer_table", "iou_over_steps", "content_words", "mask_layer_iou",
@@ -28,4 +29,5 @@ __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_mas
            "carry_over", "detail_gains", "colour_kept_rows", "trio_summary", "compare_methods",
            "compare", "averaging_verdict", "worst_scored", "scored_overlapping", "rule_ious", "identity_chance",
            "switch_variants", "lambda_sweep_errors", "with_errors", "lambda_verdict", "trio_verdict", "probe_chance",
-           "PAPER_TABLES", "paper_vs_toy", "paired_difference", "difference_sentence"]
+           "PAPER_TABLES", "paper_vs_toy", "paired_difference", "difference_sentence",
+           "carry_over_errors"]

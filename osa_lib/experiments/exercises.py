@@ -25,11 +25,13 @@ def check_otsu(my_threshold: float, a_hat: np.ndarray, library_threshold: float)
     the map's pixels at least as well as the library's (the same or a higher between-class variance,
     the quantity Otsu maximises); a cut anywhere between the same two pixels is as good."""
     mine, library = between_class_variance(a_hat, my_threshold), between_class_variance(a_hat, library_threshold)
-    kept, kept_library = int((np.asarray(a_hat) > my_threshold).sum()), int((np.asarray(a_hat) > library_threshold).sum())
+    kept = int((np.asarray(a_hat) > my_threshold).sum())
+    kept_library = int((np.asarray(a_hat) > library_threshold).sum())
     assert mine >= library * (1 - 1e-6), (
         f"Your threshold {my_threshold:.3f} keeps {kept} pixels with between-class variance {mine:.5f}; "
         f"osa_lib's {library_threshold:.3f} keeps {kept_library} with {library:.5f}. Otsu's threshold is the cut "
-        f"that maximises w0·w1·(μ0 − μ1)² over every possible cut: try each pixel value as the cut and keep the best.")
+        f"that maximises w0·w1·(μ0 − μ1)² over every possible cut: try each pixel value as the cut and keep "
+        f"the best.")
     return (f"Right: your cut keeps {kept} pixels (osa_lib's keeps {kept_library}), between-class variance "
             f"{mine:.5f} against {library:.5f}.")
 

@@ -151,20 +151,24 @@ def layer_table(run: CapturedRun, image_index: int = 0) -> list[dict]:
 
 def iou_over_steps(run: CapturedRun, rule: str = "lower_cv") -> dict:
     """Mean IoU vs the analyzer at every step, for masks from that step's maps alone and from the
-    running mean of maps over steps 0..t (the method's choice). Needs ``keep_steps=True``."""
+    running mean of maps over steps 0..t (the method's choice), each with its standard error over
+    the drawn characters (keys ``*_se``). Needs ``keep_steps=True``."""
     steps = sorted(run.store.per_step)
     found = [analyze_image(image) for image in run.images]  # the analyzer once per image, not once per step
-    single, running, total = [], [], None
+    curve = {"steps": steps, "single_step": [], "running_mean": [], "single_step_se": [], "running_mean_se": []}
+    total = None
     for t in steps:
         A_t = run.store.mask_maps(step=t)  # (B, M, h, w)
         total = A_t if total is None else total + A_t
-        for series, A in ((single, A_t), (running, total / (t + 1))):
+        for series, A in (("single_step", A_t), ("running_mean", total / (t + 1))):
             masks = upsample_masks(subject_masks(A, rule=rule).masks, run.images.shape[1])
-            ious = [r["iou"] for b in range(len(run.prompts))
-                    for r in character_masks_vs_truth(run.images[b], run.words[b], masks[b], found[b])
-                    if r["iou"] is not None]
-            series.append(float(np.mean(ious)) if ious else float("nan"))
-    return {"steps": steps, "single_step": single, "running_mean": running}
+            ious = np.array([r["iou"] for b in range(len(run.prompts))
+                             for r in character_masks_vs_truth(run.images[b], run.words[b], masks[b], found[b])
+                             if r["iou"] is not None], float)  # (drawn characters,)
+            curve[series].append(float(ious.mean()) if len(ious) else float("nan"))
+            se = float(ious.std(ddof=1) / np.sqrt(len(ious))) if len(ious) > 1 else float("nan")
+            curve[f"{series}_se"].append(se)
+    return curve
 
 
 # --- What the notebooks tabulate (notebooks hold no logic) -------------------------------------------

@@ -13,7 +13,10 @@ from ..toy.metrics import IDENTITY_DETAILS
 from .maps import CapturedRun, character_masks_vs_truth, rule_masks
 from .stories import StoryScorer
 
-__all__ = ["compare", "averaging_verdict", "worst_scored", "scored_overlapping", "rule_ious", "identity_chance", "switch_variants", "lambda_sweep_errors", "with_errors", "lambda_verdict", "trio_verdict", "probe_chance", "PAPER_TABLES", "paper_vs_toy", "paired_difference", "difference_sentence"]
+__all__ = ["compare", "averaging_verdict", "worst_scored", "scored_overlapping", "rule_ious", "identity_chance",
+           "switch_variants", "lambda_sweep_errors", "with_errors", "lambda_verdict", "trio_verdict",
+           "probe_chance", "PAPER_TABLES", "paper_vs_toy", "paired_difference", "difference_sentence",
+           "carry_over_errors"]
 
 
 # --- Sentences computed from numbers: a notebook never writes "more" or "better" by hand -----------
@@ -26,21 +29,27 @@ def compare(a: float, b: float, words=("higher than", "lower than", "equal to"),
     return words[0] if a > b + tol else words[1] if a < b - tol else words[2]
 
 
-def averaging_verdict(curve: dict) -> dict:
+def averaging_verdict(curve: dict, z: float = 2.0) -> dict:
     """What ``iou_over_steps`` shows about averaging maps over steps: at how many steps the running
-    mean's masks score above, below or level with that step's map alone, and the last step's pair."""
+    mean's masks score above or below that step's map alone, and how the last step's pair compares,
+    a gap counting only beyond ``z`` standard errors of the difference (the two errors combined)."""
     single, running = np.asarray(curve["single_step"], float), np.asarray(curve["running_mean"], float)  # (T,)
     later = slice(1, None)  # step 0 is the same map either way
     above, below = int((running[later] > single[later]).sum()), int((running[later] < single[later]).sum())
     last_single, last_running = float(single[-1]), float(running[-1])
-    word = compare(last_running, last_single, ("better than", "worse than", "as good as"))
+    se_single = float(curve.get("single_step_se", [float("nan")])[-1])
+    se_running = float(curve.get("running_mean_se", [float("nan")])[-1])
+    tol = z * float(np.sqrt(np.nansum([se_single ** 2, se_running ** 2])))
+    word = compare(last_running, last_single, ("better than", "worse than", "within noise of"), tol=tol)
     sentence = (f"After the first step the running mean's masks score above the single step's at {above} of "
                 f"{len(single) - 1} steps and below at {below}; at the last step the running mean (IoU "
-                f"{last_running:.3f}, what the method uses) is {word} the last step's map alone ({last_single:.3f}).")
-    if below > above:
-        sentence += " Here averaging does not help: a later single step locates the characters better."
+                f"{last_running:.3f} ± {se_running:.3f}, what the method uses) is {word} the last step's map alone "
+                f"({last_single:.3f} ± {se_single:.3f}).")
+    if below > above and word != "better than":
+        sentence += (" On these scenes averaging does not help: a single later step locates the characters as well "
+                     "or better.")
     return {"steps_running_above": above, "steps_running_below": below, "last_running_mean": last_running,
-            "last_single_step": last_single, "last_step_word": word, "sentence": sentence}
+            "last_single_step": last_single, "last_step_tolerance": tol, "last_step_word": word, "sentence": sentence}
 
 
 def worst_scored(records: list[dict], k: int = 4) -> list[dict]:
@@ -141,7 +150,8 @@ def trio_verdict(counts: dict) -> str:
     """``trio_summary``'s mixing counts in a sentence whose direction word is computed."""
     n, iso, van = counts["three-character scenes"], counts["isolated mixed"], counts["vanilla mixed"]
     word = compare(iso, van, ("more often than", "less often than", "as often as"))
-    return f"Isolated attention mixed {iso} of {n} three-character scenes, vanilla {van}: isolated mixes {word} vanilla here."
+    return (f"Isolated attention mixed {iso} of {n} three-character scenes, vanilla {van}: "
+            f"isolated mixes {word} vanilla here.")
 
 
 def probe_chance(probe: list[dict]) -> dict:
@@ -159,7 +169,9 @@ def probe_chance(probe: list[dict]) -> dict:
     z_uniform = (p - uniform) / se if se else float("nan")
     z_sample = (p - sample) / se if se and sample == sample else float("nan")
     def apart(z):
-        return "not comparable with" if z != z else "within noise of" if abs(z) <= 2 else f"{abs(z):.1f} standard errors {'above' if z > 0 else 'below'}"
+        if z != z:
+            return "not comparable with"
+        return "within noise of" if abs(z) <= 2 else f"{abs(z):.1f} standard errors {'above' if z > 0 else 'below'}"
     sentence = (f"With no reference the model drew the reference's colour family in {p:.0%} of {n} drawn samples "
                 f"(± {se:.0%}): {apart(z_uniform)} the uniform 1 in {len(COLOURS)} ({uniform:.0%}), and "
                 f"{apart(z_sample)} the chance for these samples ({sample:.0%}: how often the colours this model draws "
@@ -227,3 +239,10 @@ def difference_sentence(name: str, difference: tuple[float, float], words=("high
     if se != se or abs(d) <= z * se:
         return f"{name} is within noise {numbers}" if se == se else f"{name} cannot be judged {numbers}"
     return f"{name} is {words[0] if d > 0 else words[1]} {numbers}"
+
+
+def carry_over_errors(scorer: StoryScorer, stories: dict, methods=("vanilla", "csa", "isolated")) -> list[dict]:
+    """``stories.carry_over``'s rows as standard errors over the seeds (same keys, same generations)."""
+    return [{"story": label, "method": method, **{d: summary[f"IIS-toy {d}"][1] for d in IDENTITY_DETAILS}}
+            for label, story in stories.items()
+            for method, summary in scorer.summary(story, methods=methods, details=True).items()]
