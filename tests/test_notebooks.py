@@ -97,7 +97,7 @@ def check_02(c):
     assert c["target_met"] == ("met" if c["mean_iou"] >= 0.5 else "not met")
     # Otsu: the library agrees with scikit-image on the notebook's map; the exercise's default answer passes
     assert abs(c["threshold"] - c["reference_threshold"]) <= 1 / 256
-    assert in_range(c["my_threshold"], 0, 1)
+    assert in_range(c["my_threshold"], 0, 1) and c["my_iou"] == c["worst_iou"][0]
     # the failure figure shows drawn characters, worst first
     worst = c["worst_iou"]
     assert len(worst) == min(4, c["drawn"]) and worst == sorted(worst) and all(in_range(v, 0, 1) for v in worst)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from osa_lib import IsolationConfig
-from osa_lib.experiments.exercises import between_class_variance, check_cv, check_lambda_zero, check_mark_chance, check_otsu
+from osa_lib.experiments.exercises import (between_class_variance, check_cv, check_iou, check_lambda_zero,
+                                          check_mark_chance, check_otsu)
 from osa_lib.experiments import (averaging_verdict, compare, difference_sentence, identity_chance, lambda_verdict,
                                  paired_difference, paper_vs_toy, probe_chance, switch_variants, trio_verdict,
                                  with_errors, worst_scored)
@@ -120,6 +121,14 @@ def test_check_otsu_accepts_the_best_cut_and_refuses_the_mean():
     assert "Right" in check_otsu(best, a_hat, library)
     with pytest.raises(AssertionError, match="maximises"):
         check_otsu(0.05, a_hat, library)
+
+
+def test_check_iou_refuses_a_ratio_of_the_wrong_pixels():
+    mask = np.zeros((4, 4), bool); mask[:2, :2] = True  # 4 pixels
+    truth = np.zeros((4, 4), bool); truth[:2, :3] = True  # 6 pixels, 4 shared
+    assert "Right" in check_iou(4 / 6, mask, truth, 4 / 6)
+    with pytest.raises(AssertionError, match="divided by the number in either"):
+        check_iou(4 / 4, mask, truth, 4 / 6)  # intersection over the mask, not over the union
 
 
 def test_check_cv_refuses_normalised_maps_and_the_wrong_winner():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["between_class_variance", "check_otsu", "check_cv", "check_lambda_zero", "check_mark_chance"]
+__all__ = ["between_class_variance", "check_otsu", "check_iou", "check_cv", "check_lambda_zero", "check_mark_chance"]
 
 
 def between_class_variance(values: np.ndarray, threshold: float) -> float:
@@ -36,8 +36,20 @@ def check_otsu(my_threshold: float, a_hat: np.ndarray, library_threshold: float)
             f"{mine:.5f} against {library:.5f}.")
 
 
+def check_iou(my_iou: float, mask: np.ndarray, truth: np.ndarray, reported: float) -> str:
+    """Exercise 2 (notebook 02): the IoU of the method's mask with the analyzer's, by hand, against
+    the score the notebook reported for that character (``toy.analyzer.mask_iou``)."""
+    from ..toy.analyzer import mask_iou
+    mask, truth = np.asarray(mask, bool), np.asarray(truth, bool)
+    both, either = int((mask & truth).sum()), int((mask | truth).sum())
+    assert np.isclose(my_iou, reported, atol=1e-9) and np.isclose(reported, mask_iou(mask, truth)), (
+        f"Your IoU {my_iou:.4f}, the notebook's {reported:.4f}. IoU is the number of pixels in both masks "
+        f"({both}) divided by the number in either ({either}), on the image-size masks (True/False arrays).")
+    return f"Right: {both} pixels in both masks, {either} in either, IoU {reported:.3f}."
+
+
 def check_cv(my_cvs: list[float], my_winner: str, maps: np.ndarray, words: list[str]) -> str:
-    """Exercise 2 (notebook 03): each character's coefficient of variation by hand, and which
+    """Exercise 3 (notebook 03): each character's coefficient of variation by hand, and which
     character the paper's lower-CV rule gives the contested pixels. ``maps``: (M, h, w) raw maps."""
     from ..masks import coefficient_of_variation
     import torch
@@ -56,7 +68,7 @@ def check_cv(my_cvs: list[float], my_winner: str, maps: np.ndarray, words: list[
 
 
 def check_lambda_zero(my_prediction: str, sweep: list[dict], vanilla: dict) -> str:
-    """Exercise 3 (notebook 05): what does λ = 0 give? ``my_prediction`` is "same as vanilla",
+    """Exercise 4 (notebook 05): what does λ = 0 give? ``my_prediction`` is "same as vanilla",
     "better than vanilla" or "worse than vanilla" for IIS-toy and TIS-toy on the single story."""
     choices = ("same as vanilla", "better than vanilla", "worse than vanilla")
     assert my_prediction in choices, f"answer one of {choices}"
@@ -73,7 +85,7 @@ def check_lambda_zero(my_prediction: str, sweep: list[dict], vanilla: dict) -> s
 
 
 def check_mark_chance(my_chance: float, measured_chance: float, n: int) -> str:
-    """Exercise 4 (notebook 05): the chance that two independently drawn characters share their inner
+    """Exercise 5 (notebook 05): the chance that two independently drawn characters share their inner
     mark (kind and, unless none, tone), against the Monte Carlo estimate over ``n`` pairs (in %)."""
     se = 100 * np.sqrt(my_chance / 100 * (1 - my_chance / 100) / n) if 0 < my_chance < 100 else 0.0
     assert abs(my_chance - measured_chance) <= 3 * max(se, 0.5), (
