@@ -12,7 +12,7 @@ from .records import claims_dir, command_line, markdown_table, record_claims, re
 __all__ = ["markdown_table", "figures_dir", "claims_dir", "record_claims", "save_figure", "image_grid", "overlay", "plot_word_maps", "plot_map_grid", "plot_otsu",
            "comic_strip", "wrap_caption", "plot_iou_over_steps", "plot_iou_histogram", "failure_grid", "plot_binding",
            "rule_boxplot", "rule_example", "plot_lambda_sweep", "plot_identity_details", "mixing_grid", "show_layer_map",
-           "map_explorer", "results_header", "write_results", "command_line"]
+           "map_explorer", "results_header", "write_results", "command_line", "save_gif", "plot_measures"]
 
 MASK_COLOURS = np.array([[1.0, 0.2, 0.2], [0.2, 0.5, 1.0], [0.2, 0.9, 0.3], [1.0, 0.8, 0.1]])
 
@@ -31,6 +31,44 @@ def save_figure(fig, name: str, dpi: int = 130) -> Path:
     fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     os.replace(tmp, path)
     return path
+
+
+def save_gif(frames, name: str, scale: int = 4, ms_per_frame: int = 250) -> Path:
+    """Save frames (F, H, W, 3) in [0, 1] as an animated, looping ``<figures_dir>/<name>.gif``,
+    each pixel drawn as a ``scale``×``scale`` block, via a temporary file and a rename."""
+    from PIL import Image
+    frames = np.asarray(frames, dtype=np.float32)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) < 1:
+        raise ValueError(f"save_gif expects frames of shape (F, H, W, 3), got {frames.shape}")
+    pixels = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8).repeat(scale, 1).repeat(scale, 2)
+    images = [Image.fromarray(f) for f in pixels]
+    path = figures_dir() / f"{name}.gif"
+    tmp = path.with_name(path.stem + ".tmp.gif")
+    images[0].save(tmp, save_all=True, append_images=images[1:], duration=ms_per_frame, loop=0)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_measures(rows: list[dict], metrics: list[str], group: str = "method", title: str = "",
+                  units: dict[str, str] | None = None):
+    """One panel per measure: a bar per ``row[group]`` at ``row[metric] = (mean, sem, n)``, with the
+    standard error as an error bar; returns the figure."""
+    import matplotlib.pyplot as plt
+    units = units or {}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.1 * len(metrics), 2.4), squeeze=False)
+    labels = [r[group] for r in rows]
+    for ax, metric in zip(axes[0], metrics):
+        means = [r[metric][0] for r in rows]
+        sems = [0 if r[metric][1] is None or r[metric][1] != r[metric][1] else r[metric][1] for r in rows]
+        ax.bar(range(len(rows)), means, yerr=sems, capsize=3, color=MASK_COLOURS[np.arange(len(rows)) % len(MASK_COLOURS)])
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=8)
+        ax.set_ylabel(units.get(metric, "%"), fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def image_grid(images, titles=None, ncols: int | None = None, size: float = 1.6, suptitle: str | None = None,

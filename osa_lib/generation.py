@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from .attention import AttentionStore, capture_attention
@@ -67,10 +68,17 @@ class _Run:
     config: IsolationConfig
     record_masks: bool
     progress: bool
+    latents: torch.Tensor | None = None  # (S, C, h, w) each scene's starting noise; None: from its seed
 
     @property
     def latent_hw(self) -> tuple[int, int]:
         return tuple(self.backbone.latent_shape[1:])
+
+    def noise(self, indices: list[int]) -> torch.Tensor:
+        """(B, C, h, w) starting noise of these scenes: the given latents, or each scene's seed's."""
+        if self.latents is None:
+            return self.backbone.initial_latents([self.seeds[i] for i in indices])
+        return self.latents[indices].to(self.backbone.device, self.backbone.dtype)
 
     def scenes(self, desc: str):
         """Scene indices, with a progress bar when asked for."""
@@ -85,7 +93,7 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
                    bank: ReferenceBank | None = None, num_inference_steps: int | None = None,
                    guidance_scale: float | None = None, csa_rate: float | None = None,
                    csa_config: CSAConfig | None = None, record_masks: bool = False,
-                   progress: bool = True) -> StoryResult:
+                   progress: bool = True, initial_latents: torch.Tensor | None = None) -> StoryResult:
     """Generate a story scene by scene.
 
     Args:
@@ -114,8 +122,9 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
             raise StoryError(f"{story.source}: scene {i + 1}, seed: {seed_problem(seed)}")
     config = config or backbone.isolation_config()
     config.validate()  # a config changed after it was made
+    _check_initial_latents(initial_latents, len(story.scenes), backbone.latent_shape)
     run = _Run(backbone, story, seeds, dict(num_inference_steps=steps, guidance_scale=guidance_scale, progress=False),
-               config, record_masks, progress)
+               config, record_masks, progress, initial_latents)
     if method == "vanilla":
         return _generate_vanilla(run)
     if method == "csa":
@@ -123,6 +132,19 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
             csa_config = CSAConfig() if csa_rate is None else CSAConfig.with_rate(csa_rate)
         return _generate_csa(run, csa_config)
     return _generate_isolated(run, bank)
+
+
+def _check_initial_latents(latents, n_scenes: int, latent_shape) -> None:
+    """Refuse starting noise that does not fit the story and backbone, before any generation."""
+    if latents is None:
+        return
+    expected = (n_scenes, *latent_shape)
+    if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
+        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise StoryError(f"initial_latents must be a tensor of shape {expected} (one latent per scene), got {shape}; "
+                         f"pass None to start every scene from its seed's noise")
+    if not torch.isfinite(latents).all():
+        raise StoryError("initial_latents holds NaN or inf; the sampler would return NaN images")
 
 
 def _generate_vanilla(run: _Run) -> StoryResult:
@@ -197,7 +219,7 @@ def _isolated_scene(run: _Run, i: int, bank: ReferenceBank) -> SceneResult:
                                      isolated_cross=config.isolated_cross and len(characters) > 1)
     controller = IsolationController(characters, run.latent_hw, run.sampler["num_inference_steps"], config, bank)
     with isolated_attention(backbone.unet, controller):
-        latents = backbone.denoise(backbone.encode([scene.prompt]), backbone.initial_latents([run.seeds[i]]),
+        latents = backbone.denoise(backbone.encode([scene.prompt]), run.noise([i]),
                                    callback=controller.step_callback, **run.sampler)
     for c in characters:
         if c.is_new:
@@ -226,8 +248,7 @@ def _generate_batch(run: _Run, indices: list[int], csa: CSAController | None = N
         if csa is not None:
             stack.enter_context(consistent_self_attention(backbone.unet, csa))
         latents = backbone.denoise(backbone.encode([s.prompt for s in scenes]),
-                                   backbone.initial_latents([run.seeds[i] for i in indices]),
-                                   callback=callback, **run.sampler)
+                                   run.noise(indices), callback=callback, **run.sampler)
     images = backbone.decode(latents)
     masks = _recorded_masks(store, counts, run.config) if record else [None] * len(scenes)
     return images, masks
