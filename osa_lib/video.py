@@ -60,7 +60,8 @@ from .toy.flipbook import flipbook_metrics
 __all__ = ["VIDEO_METHODS", "MIN_FRAMES", "MAX_FRAMES", "MAX_TRAVEL", "FlipbookError", "Flipbook", "frame_offsets",
            "translate_latent", "moving_latents", "first_frame", "CrossFrameAttention", "cross_frame_attention",
            "plan_flipbook", "draw_flipbook", "score_flipbook", "compare_flipbooks", "flipbook_summary",
-           "paired_differences", "TABLE_METRICS", "format_rows", "mean_sem", "backbone_scale"]
+           "paired_differences", "TABLE_METRICS", "format_rows", "mean_sem", "backbone_scale",
+           "LOWER_IS_BETTER", "verdict", "flipbook_answer"]
 
 VIDEO_METHODS = ("vanilla", "cross-frame", "isolated")
 MIN_FRAMES, MAX_FRAMES = 2, 32
@@ -375,3 +376,55 @@ def format_rows(rows: list[dict], metrics=TABLE_METRICS, digits: int = 1) -> lis
         return f"{mean:.{d}f}" + ("" if math.isnan(sem) else f" ± {sem:.{d}f}")
     return [{k: (cell(k, v) if k in metrics else v) for k, v in r.items() if k in metrics or not isinstance(v, tuple)}
             for r in rows]
+
+
+#: measures where less is better; for the others more is
+LOWER_IS_BETTER = ("mixed", "motion error", "flicker", "seconds per frame")
+
+
+def verdict(name: str, difference: tuple[float, float, int]) -> str:
+    """A paired difference (a − b: mean, sem, n) in words: "better", "worse" (beyond two standard
+    errors, in the measure's direction) or "no clear difference"."""
+    mean, sem, n = difference
+    if n < 2 or math.isnan(sem) or abs(mean) <= 2 * sem:
+        return "no clear difference"
+    return "better" if (mean < 0) == (name in LOWER_IS_BETTER) else "worse"
+
+
+def flipbook_answer(summary: list[dict], differences: list[dict], named: str, uncoloured: str) -> list[str]:
+    """The open question's answer as measured: sentences formatted from ``flipbook_summary`` and
+    ``paired_differences`` rows of a prompt whose characters' colours are named and one whose are not."""
+    mean = {(r["prompt"], r["method"]): r for r in summary}
+    diff = {(r["prompt"], r["pair"]): r for r in differences}
+
+    def three(prompt, name, digits=0):
+        return ", ".join(f"{label} {mean[prompt, m][name][0]:.{digits}f}" for m, label in
+                         (("isolated", "isolated"), ("cross-frame", "cross-frame"), ("vanilla", "independent frames")))
+
+    def paired(prompt, name, pair="isolated − cross-frame"):
+        d = diff[prompt, pair][name]
+        return f"{pair} {d[0]:+.1f} ± {d[1]:.1f} over {d[2]} seeds: {verdict(name, d)}"
+
+    seeds = diff[named, "isolated − cross-frame"]["mixed"][2]
+    sentences = [
+        f"Named colours, mixing (% of later frames with a character in the other's colour): {three(named, 'mixed')} "
+        f"({paired(named, 'mixed')}).",
+        f"Uncoloured characters, colour kept (% of later frames in frame 0's colour family): "
+        f"{three(uncoloured, 'colour kept')} ({paired(uncoloured, 'colour kept')}).",
+        f"Uncoloured characters, mixing: {three(uncoloured, 'mixed')} ({paired(uncoloured, 'mixed')}).",
+        f"Identity constancy against frame 0 (%), named colours: {three(named, 'identity constancy')} "
+        f"({paired(named, 'identity constancy')}); uncoloured: {three(uncoloured, 'identity constancy')} "
+        f"({paired(uncoloured, 'identity constancy')}).",
+    ]
+    not_better = [f"{name} ({paired(p, name)}, {label})" for p, label in ((named, "named"), (uncoloured, "uncoloured"))
+                  for name in ("mixed", "colour kept", "identity constancy", "motion followed", "flicker")
+                  if seeds and verdict(name, diff[p, "isolated − cross-frame"][name]) != "better"]
+    sentences.append("Where isolated attention does not beat cross-frame attention: "
+                     + ("; ".join(not_better) if not_better else "nowhere among these measures") + ".")
+    sentences.append(
+        f"Motion followed (% of later frames within one latent pixel of the moved noise), named colours: "
+        f"{three(named, 'motion followed')}; flicker inside the characters (% of full scale): {three(named, 'flicker', 1)}.")
+    iso, cross = mean[named, "isolated"]["seconds per frame"][0], mean[named, "cross-frame"]["seconds per frame"][0]
+    sentences.append(f"Time per frame: isolated {iso:.2f} s, cross-frame {cross:.2f} s ({iso / cross:.2f}×; cross-frame "
+                     f"draws all frames in one batch, isolated one frame at a time).")
+    return sentences

@@ -209,8 +209,43 @@ def check_05(c):
         assert r["story"] != "single" or missing(r["mixing rate"]), r
 
 
+def check_06(c):
+    """Three flip-books per prompt and seed; the tables are the rows' means and paired differences; each
+    sentence of the answer is made of those numbers, with the verdict its difference gives."""
+    from osa_lib.video import LOWER_IS_BETTER, VIDEO_METHODS, verdict
+    assert c["methods"] == list(VIDEO_METHODS) and len(c["prompts"]) == 2
+    assert len(c["rows"]) == 2 * c["seeds"] * 3 and all(r["frames"] == c["frames"] for r in c["rows"])
+    assert c["gif_ms"] == {m: 250 * c["frames"] for m in VIDEO_METHODS}  # every frame shown for 250 ms
+    assert c["first_frame_gap"]["vanilla"] == 0 and c["first_frame_gap"]["cross-frame"] < 1e-3  # frame 0 reads itself
+    for row in c["summary"]:
+        for name, (mean, sem, n) in ((k, v) for k, v in row.items() if isinstance(v, list)):
+            if n == 0:
+                continue
+            assert (mean >= 0 if name in ("motion error", "seconds per frame") else in_range(mean, 0, 100)), (row, name)
+    formatted = {"0", "1"}  # "frame 0", "Eq. 1"-style words
+    for row in c["summary"]:
+        formatted |= {f"{v[0]:.{d}f}" for v in row.values() if isinstance(v, list) and v[2] for d in (0, 1, 2)}
+    by = {(r["prompt"], r["seed"], r["method"]): r for r in c["rows"]}
+    for row in c["differences"]:
+        a, b = row["pair"].split(" − ")
+        for name, (mean, sem, n) in ((k, v) for k, v in row.items() if isinstance(v, list)):
+            d = [by[row["prompt"], s, a][name] - by[row["prompt"], s, b][name] for s in {r["seed"] for r in c["rows"]}
+                 if not missing(by[row["prompt"], s, a][name]) and not missing(by[row["prompt"], s, b][name])]
+            assert n == len(d) and (n == 0 or math.isclose(mean, sum(d) / n, abs_tol=1e-9)), (row["pair"], name)
+            if n:
+                formatted |= {f"{mean:+.1f}", f"{sem:.1f}" if sem is not None else "nan", str(n)}
+    seconds = {r["method"]: r["seconds per frame"][0] for r in c["summary"] if r["prompt"] == c["prompts"][0]}
+    formatted.add(f"{seconds['isolated'] / seconds['cross-frame']:.2f}")
+    for sentence in c["answer"]:
+        for number in re.findall(r"[+-]?\d+(?:\.\d+)?", sentence):
+            assert number in formatted or number.lstrip("+") in formatted, (number, sentence)
+    mixing = next(r for r in c["differences"] if r["prompt"] == c["prompts"][0] and r["pair"] == "isolated − cross-frame")
+    assert c["answer"][0].endswith(f"{verdict('mixed', tuple(v if v is not None else float('nan') for v in mixing['mixed']))}).")
+    assert "mixed" in LOWER_IS_BETTER and "colour kept" not in LOWER_IS_BETTER
+
+
 CHECKS = {"01_cross_attention": check_01, "02_otsu_masks": check_02, "03_cv_overlap": check_03,
-          "04_story_generation": check_04, "05_open_questions": check_05}
+          "04_story_generation": check_04, "05_open_questions": check_05, "06_video_flipbook": check_06}
 
 
 def test_every_notebook_has_claim_checks():

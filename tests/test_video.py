@@ -214,6 +214,15 @@ def test_uncoloured_characters_are_mixed_against_their_first_frame_colour():
     assert got["mixed frames"] == 1 and got["colour kept"] == pytest.approx(100 * 5 / 6)
 
 
+def test_a_colour_swap_is_mixing_against_the_first_frame():
+    """Uncoloured characters that swap colours in frame 2 are mixed there: each wears the colour the
+    other had in frame 0, though not the colour the other wears in frame 2."""
+    frames = _flipbook([0, 0, 0, 0])
+    frames[2] = _frame([_character("circle", "blue", (9.0, 6.0)), _character("square", "red", (25.0, 18.0))])
+    got = flipbook_metrics(frames, ["circle", "square"], [None, None], np.zeros((4, 2)))
+    assert got["mixed frames"] == 1 and got["colour kept"] == pytest.approx(100 * 4 / 6)
+
+
 def test_flicker_is_the_change_inside_a_character_after_undoing_the_shift():
     before = np.zeros((4, 4, 3), np.float32)
     after = np.zeros((4, 4, 3), np.float32)
