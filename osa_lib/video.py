@@ -48,11 +48,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import (attention_epilogue, attention_prologue, find_attention_layers, installed_processors,
-                        merge_heads, split_heads)
-from .backbones import check_seed, check_steps
+from .config import IsolationConfig, check_seed, check_steps
 from .generation import generate_story
-from .isolation import IsolationConfig
+from .layers import (attention_epilogue, attention_prologue, find_attention_layers, installed_processors,
+                     merge_heads, split_heads)
 from .story import Story, StoryError, parse_story
 from .toy import world
 from .toy.flipbook import flipbook_metrics
