@@ -60,7 +60,7 @@ def plot_measures(rows: list[dict], metrics: list[str], group: str = "method", t
     for ax, metric in zip(axes[0], metrics):
         means = [r[metric][0] for r in rows]
         sems = [0 if r[metric][1] is None or r[metric][1] != r[metric][1] else r[metric][1] for r in rows]
-        ax.bar(range(len(rows)), means, yerr=sems, capsize=3, color=MASK_COLOURS[np.arange(len(rows)) % len(MASK_COLOURS)])
+        ax.bar(range(len(rows)), means, yerr=sems, capsize=3, color=[f"C{i}" for i in range(len(rows))])
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=8)
         ax.set_ylabel(units.get(metric, "%"), fontsize=7)
