@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import ExitStack
+from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,6 +70,7 @@ class _Run:
     record_masks: bool
     progress: bool
     latents: torch.Tensor | None = None  # (S, C, h, w) each scene's starting noise; None: from its seed
+    scene_hook: Callable | None = None
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -93,7 +95,8 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
                    bank: ReferenceBank | None = None, num_inference_steps: int | None = None,
                    guidance_scale: float | None = None, csa_rate: float | None = None,
                    csa_config: CSAConfig | None = None, record_masks: bool = False,
-                   progress: bool = True, initial_latents: torch.Tensor | None = None) -> StoryResult:
+                   progress: bool = True, initial_latents: torch.Tensor | None = None,
+                   scene_hook: Callable | None = None) -> StoryResult:
     """Generate a story scene by scene.
 
     Args:
@@ -124,7 +127,7 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
     config.validate()  # a config changed after it was made
     _check_initial_latents(initial_latents, len(story.scenes), backbone.latent_shape)
     run = _Run(backbone, story, seeds, dict(num_inference_steps=steps, guidance_scale=guidance_scale, progress=False),
-               config, record_masks, progress, initial_latents)
+               config, record_masks, progress, initial_latents, scene_hook)
     if method == "vanilla":
         return _generate_vanilla(run)
     if method == "csa":
@@ -218,7 +221,8 @@ def _isolated_scene(run: _Run, i: int, bank: ReferenceBank) -> SceneResult:
         config = dataclasses.replace(config, isolated_self=False,
                                      isolated_cross=config.isolated_cross and len(characters) > 1)
     controller = IsolationController(characters, run.latent_hw, run.sampler["num_inference_steps"], config, bank)
-    with isolated_attention(backbone.unet, controller):
+    hook = run.scene_hook(i, controller) if run.scene_hook is not None else None
+    with isolated_attention(backbone.unet, controller), hook if hook is not None else nullcontext():
         latents = backbone.denoise(backbone.encode([scene.prompt]), run.noise([i]),
                                    callback=controller.step_callback, **run.sampler)
     for c in characters:
