@@ -11,8 +11,8 @@ from .records import claims_dir, command_line, markdown_table, record_claims, re
 
 __all__ = ["markdown_table", "figures_dir", "claims_dir", "record_claims", "save_figure", "image_grid", "overlay", "plot_word_maps", "plot_map_grid", "plot_otsu",
            "comic_strip", "wrap_caption", "plot_iou_over_steps", "plot_iou_histogram", "failure_grid", "plot_binding",
-           "rule_boxplot", "rule_example", "plot_lambda_sweep", "plot_identity_details", "mixing_grid", "show_layer_map",
-           "map_explorer", "results_header", "write_results", "command_line", "save_gif", "plot_measures"]
+           "rule_boxplot", "rule_example", "plot_lambda_sweep", "plot_identity_details", "mixing_grid", "draw_layer_map",
+           "map_explorer", "results_header", "write_results", "command_line", "save_gif", "plot_measures", "plot_colour_kept"]
 
 MASK_COLOURS = np.array([[1.0, 0.2, 0.2], [0.2, 0.5, 1.0], [0.2, 0.9, 0.3], [1.0, 0.8, 0.1]])
 
@@ -72,8 +72,12 @@ def plot_measures(rows: list[dict], metrics: list[str], group: str = "method", t
 
 
 def image_grid(images, titles=None, ncols: int | None = None, size: float = 1.6, suptitle: str | None = None,
-               cmap: str | None = None):
-    """A grid of images (each (H, W, 3) in [0, 1] or (H, W) maps); returns the figure."""
+               cmap: str | None = None, legend: dict | None = None):
+    """A grid of images (each (H, W, 3) in [0, 1] or (H, W) maps); returns the figure.
+
+    Args:
+        legend: name -> RGB colour, drawn as a legend under the grid (e.g. the characters' mask colours).
+    """
     import matplotlib.pyplot as plt
     images = list(images)
     ncols = ncols or len(images)
@@ -89,18 +93,28 @@ def image_grid(images, titles=None, ncols: int | None = None, size: float = 1.6,
             ax.set_title(titles[i], fontsize=7)
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
+    if legend:
+        from matplotlib.patches import Patch
+        fig.legend(handles=[Patch(color=c, label=n) for n, c in legend.items()], loc="lower center", ncol=len(legend),
+                   fontsize=7, frameon=False, bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     return fig
 
 
-def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Colour each mask (M, H, W) over an image (H, W, 3) in [0, 1], upsampling masks as needed."""
+def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5, colours=None) -> np.ndarray:
+    """Colour each mask (M, H, W) over an image (H, W, 3) in [0, 1], upsampling masks as needed.
+
+    Args:
+        colours: one RGB colour per mask (default ``MASK_COLOURS`` in order); pass each character's
+            own colour so that it keeps it from panel to panel.
+    """
     image = np.asarray(image, dtype=np.float32).copy()
     for m, mask in enumerate(np.asarray(masks)):
         if mask.shape != image.shape[:2]:
             reps = image.shape[0] // mask.shape[0]
             mask = np.kron(mask, np.ones((reps, reps))) > 0.5
-        image[mask] = (1 - alpha) * image[mask] + alpha * MASK_COLOURS[m % len(MASK_COLOURS)]
+        colour = MASK_COLOURS[m % len(MASK_COLOURS)] if colours is None else colours[m]
+        image[mask] = (1 - alpha) * image[mask] + alpha * np.asarray(colour)
     return image
 
 
@@ -123,23 +137,28 @@ def plot_word_maps(image: np.ndarray, maps: np.ndarray, words: list[str], title:
     return fig
 
 
-def plot_map_grid(maps, row_labels: list[str], col_labels: list[str], title: str = "", size: float = 1.1):
-    """A grid of maps, ``maps[r][c]`` each (h, w) of any size and normalised on its own."""
+def plot_map_grid(maps, row_labels: list[str], col_labels: list[str], title: str = "", size: float = 1.1,
+                  colorbar_label: str = "attention"):
+    """A grid of maps, ``maps[r][c]`` each (h, w) of any size, one colour scale per row (its colour
+    bar at the row's end), so the columns of a row compare."""
     import matplotlib.pyplot as plt
     rows, cols = len(maps), len(maps[0])
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 1.0, size * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 1.6, size * rows + 0.4), squeeze=False)
     for r in range(rows):
+        row = [np.asarray(m, dtype=float) for m in maps[r]]
+        lo, hi = min(float(m.min()) for m in row), max(float(m.max()) for m in row)
         for c in range(cols):
             ax = axes[r, c]
-            ax.imshow(np.asarray(maps[r][c]), cmap="magma", interpolation="nearest")
+            im = ax.imshow(row[c], cmap="magma", interpolation="nearest", vmin=lo, vmax=hi)
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
                 ax.set_title(col_labels[c], fontsize=7)
             if c == 0:
                 ax.set_ylabel(row_labels[r], fontsize=7, rotation=0, ha="right", va="center")
+        bar = fig.colorbar(im, ax=list(axes[r]), fraction=0.03, pad=0.02)
+        bar.ax.tick_params(labelsize=6), bar.set_label(colorbar_label, fontsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -176,8 +195,13 @@ def wrap_caption(text: str, width_inches: float, fontsize: float = 6) -> str:
     return textwrap.fill(text, width=chars)
 
 
-def comic_strip(rows: dict[str, list[np.ndarray]], captions: list[str], size: float = 1.6, title: str = ""):
-    """Rows of scene images (method name -> images), scene prompts as column titles."""
+def comic_strip(rows: dict[str, list[np.ndarray]], captions: list[str], size: float = 1.6, title: str = "",
+                notes: dict[str, list[str]] | None = None):
+    """Rows of scene images (method name -> images), scene prompts as column titles.
+
+    Args:
+        notes: row name -> one short text per panel, written under it (e.g. "Box kept · Tri lost").
+    """
     import matplotlib.pyplot as plt
     names = list(rows)
     cols = len(captions)
@@ -193,6 +217,10 @@ def comic_strip(rows: dict[str, list[np.ndarray]], captions: list[str], size: fl
                 ax.set_title(wrap_caption(captions[c], size), fontsize=6)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
+            if notes and name in notes:
+                note = notes[name][c]
+                ax.set_xlabel(wrap_caption(note, size), fontsize=5.5,
+                              color="crimson" if "lost" in note else ("darkgreen" if "kept" in note else "0.3"))
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -261,6 +289,23 @@ def plot_binding(table: list[dict]):
     ax.set_xlabel("cross-attention layers (place, feature-map size)", fontsize=8)
     ax.set_title("Does a word's attention land on its own character? (rendered scenes)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def plot_colour_kept(kept: dict[str, tuple[float, float]], chance: float | None = None, title: str = ""):
+    """Colour kept (%) per method: mean with its standard error, and the chance line when known."""
+    import matplotlib.pyplot as plt
+    names = {"vanilla": "vanilla", "csa": "CSA", "isolated": "isolated (paper's)"}
+    fig, ax = plt.subplots(figsize=(4.2, 2.6))
+    means = [kept[m][0] for m in kept]
+    errors = [0 if kept[m][1] != kept[m][1] else kept[m][1] for m in kept]
+    ax.bar(range(len(kept)), means, yerr=errors, capsize=4, color="steelblue", label="mean ± standard error")
+    if chance is not None:
+        ax.axhline(chance, color="k", ls=":", lw=1, label=f"chance ({chance:.0f} %)")
+    ax.set_xticks(range(len(kept)), [names.get(m, m) for m in kept], fontsize=8)
+    ax.set_ylim(0, 100), ax.set_ylabel("colour kept (%)"), ax.legend(fontsize=7, loc="upper left")
+    if title:
+        ax.set_title(title, fontsize=9)
     return fig
 
 
@@ -352,24 +397,29 @@ def mixing_grid(rows: list[dict], colours=("red", "blue", "green")):
                       suptitle="Three-character scenes isolated attention mixed, beside vanilla from the same noise")
 
 
-def show_layer_map(store, labels: list[str], words: list[str], layer_index: int = 0, step: int = 0, word: str | None = None):
-    """One layer's map of one word at one step (``store`` kept per step), drawn inline."""
+def draw_layer_map(store, labels: list[str], words: list[str], layer_index: int = 0, step: int = 0, word: str | None = None):
+    """One layer's map of one word at one step (``store`` kept per step), with its colour bar."""
     import matplotlib.pyplot as plt
     word = word or words[0]
     layer = list(store.average_maps())[layer_index]
     amap = store.per_step[step][layer][0, words.index(word)].numpy()  # (h, w)
-    plt.figure(figsize=(2.4, 2.4)), plt.imshow(amap, cmap="magma"), plt.axis("off")
-    plt.title(f"{labels[layer_index]}, step {step + 1}, {word!r}", fontsize=8), plt.show()
+    fig, ax = plt.subplots(figsize=(3.0, 2.6))
+    im = ax.imshow(amap, cmap="magma")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="attention")
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(f"{labels[layer_index]}, step {step + 1}, {word!r}", fontsize=8)
+    return fig
 
 
 def map_explorer(store, labels: list[str], words: list[str], steps: int):
-    """Sliders for layer, step and word over ``show_layer_map`` (draws its first state headless)."""
+    """Sliders for layer, step and word over ``draw_layer_map``; the first state is an image output,
+    so executed and static copies show it (``controls.live_figure``)."""
     import ipywidgets as widgets
-
-    def show(layer_index=0, step=0, word=words[0]):  # interact needs a named function, not a partial
-        show_layer_map(store, labels, words, layer_index, step, word)
-    return widgets.interact(show,
-                            layer_index=widgets.IntSlider(0, 0, len(labels) - 1),
-                            step=widgets.IntSlider(0, 0, steps - 1), word=words)
+    from .controls import live_figure
+    controls = {"layer_index": widgets.IntSlider(0, 0, len(labels) - 1, description="layer"),
+                "step": widgets.IntSlider(0, 0, steps - 1, description="step"),
+                "word": widgets.Dropdown(options=words, value=words[0], description="word")}
+    return live_figure(lambda **values: draw_layer_map(store, labels, words, **values), controls,
+                       description="cross-attention map explorer")
 
 

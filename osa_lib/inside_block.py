@@ -98,6 +98,8 @@ class BlockCapture:
     images: list[np.ndarray]
     stored: dict[str, dict[tuple[str, int], torch.Tensor]] = field(default_factory=dict)
     bank: object = None
+    grids: dict[str, tuple[int, int]] = field(default_factory=dict)  # up-block self-attention layer -> (h, w)
+    labels: dict[str, str] = field(default_factory=dict)  # up-block self-attention layer -> "up1 a0 8×8"
 
     @property
     def qkv(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -243,13 +245,15 @@ def open_block(backbone, story: Story, scene: int, config: IsolationConfig | Non
     first_scenes = {n: next(i for i, s in enumerate(story.scenes) if n in s.characters) for n in story.characters
                     if n in seen | set(names)}
     stored = {}
+    by_layer = {l.name: l for l in find_attention_layers(backbone.unet, kind="self", places=("up",), latent_hw=latent_hw)}
     for name, i in first_scenes.items():
         history, m = controllers[i].mask_history, story.scenes[i].characters.index(name)
-        by_layer = {l.name: l for l in find_attention_layers(backbone.unet, kind="self", places=("up",),
-                                                              latent_hw=latent_hw)}
         stored[name] = {(layer, s): stored_pixels(history, m, by_layer[layer], latent_hw, s)
                         for (layer, s) in result.bank.tokens.get(name, {})}
     a_hat_maps, mask_maps, cv = sink["maps"]
     return BlockCapture(scene, story.scenes[scene].prompt, result.images[scene], names, step, steps, config,
-                           sink["self"], sink["cross"], layers[0].resolution(latent_hw), references, id_contexts, a_hat_maps, mask_maps, cv,
-                           first_scenes, result.images, stored, result.bank)
+                        sink["self"], sink["cross"], layers[0].resolution(latent_hw), references, id_contexts,
+                        a_hat_maps, mask_maps, cv,
+                        first_scenes, result.images, stored, result.bank,
+                        {name: layer.resolution(latent_hw) for name, layer in by_layer.items()},
+                        {name: layer.label(latent_hw) for name, layer in by_layer.items()})

@@ -35,6 +35,20 @@ class LayerInfo:
     def resolution(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         return latent_hw[0] // self.downscale, latent_hw[1] // self.downscale
 
+    def label(self, latent_hw: tuple[int, int]) -> str:
+        """A short name, unique within a U-Net, for figures: place and block, the attention module
+        (``a``) and transformer block (``t``) inside it when there are several, and the map size,
+        e.g. ``"up1 a0 8×8"``."""
+        parts = [f"{self.place}{self.block}"]
+        attention = re.search(r"attentions\.(\d+)", self.name)
+        block = re.search(r"transformer_blocks\.(\d+)", self.name)
+        if attention:
+            parts.append(f"a{attention.group(1)}")
+        if block and block.group(1) != "0":
+            parts.append(f"t{block.group(1)}")
+        h, w = self.resolution(latent_hw)
+        return " ".join(parts) + f" {h}×{w}"
+
 
 def find_attention_layers(unet, kind: str | None = None, places: tuple[str, ...] | None = None,
                           resolutions: tuple[int, ...] | None = None, latent_hw: tuple[int, int] | None = None,

@@ -167,3 +167,11 @@ def test_empty_token_group_is_value_error():
         AttentionStore([], latent_hw=(4, 4))
     with pytest.raises(ValueError, match="same number"):
         AttentionStore([[[1]], [[1], [2]]], latent_hw=(4, 4))
+
+
+def test_layer_labels_are_unique_and_readable():
+    from osa_lib.attention import LayerInfo
+    a = LayerInfo("up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor", "up", 1, "cross", 2)
+    b = LayerInfo("up_blocks.1.attentions.1.transformer_blocks.0.attn2.processor", "up", 1, "cross", 2)
+    c = LayerInfo("up_blocks.1.attentions.1.transformer_blocks.3.attn2.processor", "up", 1, "cross", 2)
+    assert [l.label((16, 16)) for l in (a, b, c)] == ["up1 a0 8×8", "up1 a1 8×8", "up1 a1 t3 8×8"]

@@ -62,13 +62,18 @@ def in_range(value, lo, hi):
 
 
 def check_01(c):
-    """A word's map marks its character: the best mask-resolution layer's Otsu mask overlaps it."""
+    """A word's map marks its character: the best mask-resolution layer's Otsu mask overlaps it;
+    the layer grid's rows are labelled uniquely; the early-mask overlap is an IoU."""
     assert c["mask_resolution"] == 8  # the toy's smallest up-block feature map
     assert 0 <= c["map_min"] <= c["map_max"] <= 1  # means of attention probabilities
+    assert len(set(c["layer_labels"])) == len(c["layer_labels"]), c["layer_labels"]
     for word, ious in c["mask_layer_iou"].items():
         scored = [v for v in ious if v is not None]
         assert scored and all(in_range(v, 0, 1) for v in scored), word
         assert max(scored) >= 0.5, f"{word!r}: best mask-layer IoU {max(scored)} (quick run reaches 0.67-0.82)"
+        assert c["best_iou"][word] == max(scored)
+    assert all(in_range(v, 0, 1) for v in c["early_iou"].values()) and set(c["early_iou"]) == set(c["words"])
+    assert all(in_range(v, 0, 1) for v in c["size_iou"].values())
 
 
 def check_02(c):
@@ -121,24 +126,47 @@ def check_03(c):
 
 
 def check_04(c):
-    """Three methods, one image per scene each; a character's first scene alone is the model as is;
-    the bank holds every character; the toy metrics are percentages."""
+    """Inside the block: the by-hand equations meet the library's outputs, re-weighting raises the
+    references' share, the bank holds one token per mask pixel. Then three methods, one image per
+    scene each; a character's first scene alone is the model as is; the bank holds every
+    character; the toy metrics are percentages; every printed direction is the numbers' own."""
+    from osa_lib.claims import direction
+    inside = c["inside"]
+    assert inside["returning"] and all(gap < 1e-4 for gap in inside["by_hand_gap"].values()), inside["by_hand_gap"]
+    share = inside["reference_share"]
+    assert share["original branch"] == 0 and all(in_range(v, 0, 1) for v in share.values())
+    w = inside["reweight"]
+    if w > 0:  # log(1 + w·Â) > 0 on the pixel's references (Â = 1 there): their share must grow
+        assert share[f"isolated, w = {w:g}"] > share["isolated, w = 0"] > 0, share
+    for name, (lo, hi) in inside["a_hat_range"].items():
+        assert lo == 0 and hi in (0, 1) or math.isclose(hi, 1, abs_tol=1e-5), (name, lo, hi)
+    assert inside["tokens_match_masks"]
+    for name, stored in inside["stored_pixels"].items():
+        for key, n in stored.items():
+            layer, step = key.rsplit("|", 1)
+            assert inside["bank_tokens"][name][layer][step] == n, (name, key)
     assert len(set(c["scenes"].values())) == 1 and set(c["scenes"]) == {"vanilla", "csa", "isolated"}
     assert c["first_scene_isolated_equals_vanilla"]
     assert c["bank_characters"] == c["story_characters"]
     assert c["fallbacks"] >= 0
     # the comic strip and the attribute test are seed 0 of the metrics table: shared, not generated
-    # again (the attribute story's vanilla and isolated runs are extra when the table leaves it out)
+    # again (the attribute story's vanilla and isolated runs are extra when the table leaves it out;
+    # Table II's ablation draws the strip's story without re-weighting, once per seed)
     if c["metrics"]:
         tabled = {key.split(" / ")[0] for key in c["metrics"]}
-        expected = 3 * c["seeds"] * len(tabled) + (0 if c["attribute_story"] in tabled else 2)
+        expected = 3 * c["seeds"] * len(tabled) + (0 if c["attribute_story"] in tabled else 2) \
+            + (c["seeds"] if c["config"]["reweight"] > 0 else 0)
         assert c["generations"] == expected, (c["generations"], expected)
     assert {key.split(" / ")[1] for key in c["metrics"]} == {"vanilla", "csa", "isolated"}
     # the every-seed figure's colour kept is the metrics table's, for the comic strip's story
-    assert set(c["colour_kept"]) == {"vanilla", "isolated"} and "04_every_seed" in c["figures"]
+    assert set(c["colour_kept"]) == {"vanilla", "csa", "isolated"} and "04_every_seed" in c["figures"]
     for method, value in c["colour_kept"].items():
         tabled = next(v for k, v in c["metrics"].items() if k == f"{c['story']} / {method}")
         assert missing(value) and missing(tabled["colour kept"]) or value == tabled["colour kept"], (method, value)
+    mean, sem, n = c["colour_kept_gap"]
+    assert n <= c["seeds"] and f"isolated is {direction(mean if mean is not None else float('nan'), sem if sem is not None else float('nan'))} vanilla" in c["colour_kept_sentence"]
+    for metric, (mean, sem, n) in c["gaps"].items():
+        assert c["verdicts"][metric] == direction(float("nan") if mean is None else mean, float("nan") if sem is None else sem), metric
     for key, metrics in c["metrics"].items():
         for name, value in metrics.items():
             if name in ("mixing rate", "colour kept") and missing(value):

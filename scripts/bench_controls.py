@@ -1,0 +1,59 @@
+"""How long a change of one of notebook 04's live controls takes to redraw the story strip.
+
+Builds the strip of the notebook's story as the notebook does (``osa_lib.controls.StoryStrip``),
+draws the first state, then changes each control once (λ, w, warm-up, the overlap rule) and times
+the redraw: the new isolated row and the figure rendered to PNG, as the notebook's image. Prints
+wall-clock and CPU seconds per change against the 5-second target; not a test (the machine's load
+moves wall-clock times).
+
+    .venv/bin/python scripts/bench_controls.py [--steps 25] [--threads 2] [--story data/stories/toy_uncoloured_pair.yaml]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import torch
+
+TARGET_SECONDS = 5.0
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--story", default=str(Path(__file__).resolve().parents[1] / "data/stories/toy_uncoloured_pair.yaml"))
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps (notebook 04's full run: 25)")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (default 2 cores)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import matplotlib
+    matplotlib.use("Agg")
+    from osa_lib import load_backbone, load_story
+    from osa_lib.controls import StoryStrip, figure_png
+
+    backbone = load_backbone("toy")
+    story = load_story(args.story)
+    config = backbone.isolation_config()
+    strip = StoryStrip(backbone, story, num_inference_steps=args.steps)
+    changes = [("first state", {}), ("λ", {"lam": 0.5 if config.lam != 0.5 else 1.0}),
+               ("w", {"reweight": 0.0 if config.reweight else 1.0}),
+               ("warm-up", {"warmup": 0.3 if config.warmup != 0.3 else 0.1}),
+               ("overlap rule", {"overlap_rule": "argmax" if config.overlap_rule != "argmax" else "lower_cv"}),
+               ("λ back to the first value", {})]
+    print(f"story {Path(args.story).name} ({len(story.scenes)} scenes, {strip.intro} opening), {args.steps} steps, "
+          f"{args.threads} torch threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'change':<28}{'wall s':>8}{'CPU s':>8}{'scenes drawn':>14}  target ≤ {TARGET_SECONDS:g} s")
+    current = config
+    for label, change in changes:
+        current = dataclasses.replace(current, **change) if change else (config if label.startswith("λ back") else current)
+        drawn, wall, cpu = strip.generated_scenes, time.perf_counter(), time.process_time()
+        figure_png(strip.figure(current))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        verdict = "" if label == "first state" else ("met" if wall <= TARGET_SECONDS else "NOT met")
+        print(f"{label:<28}{wall:>8.2f}{cpu:>8.2f}{strip.generated_scenes - drawn:>14}  {verdict}")
+
+
+if __name__ == "__main__":
+    main()

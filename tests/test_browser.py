@@ -1,0 +1,106 @@
+"""Notebook 04's live controls as a reader meets them: JupyterLab on localhost, Debian's Chromium
+driven by Playwright, the notebook run with its quick parameters, the λ slider moved, and the
+story strip's image must change. Skipped only where Chromium is not installed
+(``apt-get install -y chromium``; ``.ci/run`` installs it and Playwright's Python client)."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "04_story_generation.ipynb"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+RUN_SECONDS = 900  # the quick notebook on a busy 2-core machine
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
+                                                         "(apt-get install -y chromium); the browser test needs it")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepared_notebook(folder: Path) -> Path:
+    """Notebook 04 with its quick parameters injected (as papermill would), paths made absolute."""
+    import nbformat
+    from papermill.parameterize import parameterize_notebook
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    stories = ROOT / "data" / "stories"
+    nb = parameterize_notebook(nb, {"quick": True, "story_file": str(stories / "toy_uncoloured_pair.yaml"),
+                                    "attribute_story_file": str(stories / "toy_two_contrasting.yaml")})
+    path = folder / NOTEBOOK.name
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def jupyterlab(tmp_path):
+    """A JupyterLab server on localhost serving ``tmp_path``; yields (url, token)."""
+    port, token = free_port(), "osa-browser-test"
+    env = {**os.environ, "OSA_FIGURES_DIR": str(tmp_path / "figures"), "OSA_CLAIMS_DIR": str(tmp_path),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    server = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
+                               "--ip=127.0.0.1", f"--ServerApp.token={token}", f"--ServerApp.root_dir={tmp_path}",
+                               "--ServerApp.disable_check_xsrf=False", "--LabApp.news_url=None",
+                               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail(f"JupyterLab did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+        yield url, token
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_lambda_slider_redraws_the_story_strip(jupyterlab, tmp_path):
+    from playwright.sync_api import sync_playwright  # pip install playwright (no browser download needed)
+    url, token = jupyterlab
+    notebook = prepared_notebook(tmp_path)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}/lab/tree/{notebook.name}?token={token}")
+        page.locator(".jp-NotebookPanel").wait_for(timeout=120_000)
+        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle'], .jp-Toolbar-kernelStatus").first.wait_for(timeout=120_000)
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        slider = page.locator(".widget-slider", has_text="λ (merge)")
+        slider.wait_for(timeout=RUN_SECONDS * 1000)
+        # the kernel handles a control's change after the cells queued before it: wait for them
+        page.wait_for_function("() => ![...document.querySelectorAll('.jp-InputPrompt')].some(e => e.textContent.includes('*'))",
+                               timeout=RUN_SECONDS * 1000)
+        cell = page.locator(".jp-CodeCell", has=slider)
+        image = cell.locator(".jp-OutputArea-output img").last
+        before = image.get_attribute("src")
+        assert before and before.startswith("data:image/png"), "the strip's first state is an image"
+        readout = slider.locator(".widget-readout")
+        readout.click()
+        page.keyboard.press("Control+A")
+        page.keyboard.type("0.3")
+        page.keyboard.press("Enter")
+        page.wait_for_function("([img, before]) => img.getAttribute('src') !== before", arg=[image.element_handle(), before],
+                               timeout=180_000)
+        after = image.get_attribute("src")
+        browser.close()
+    assert after.startswith("data:image/png") and after != before, "moving λ redrew the strip"
