@@ -221,7 +221,7 @@ def otsu_threshold(maps: Tensor, nbins: int = 256) -> Tensor:
         # Edges k / nbins are exact in binary floating point, and so is x * nbins.
         idx = (x * nbins).to(torch.int32)  # (N, P) in [0, nbins]; nbins only for x == 1
         idx += (rows * (nbins + 1)).to(torch.int32)  # row offsets for one flat bincount
-        counts = torch.bincount(idx.view(-1), minlength=N * (nbins + 1)).view(N, nbins + 1)
+        counts = torch.bincount(idx.reshape(-1), minlength=N * (nbins + 1)).view(N, nbins + 1)  # idx keeps x's strides
         counts[:, nbins - 1] += counts[:, nbins]  # numpy: the last bin includes the right edge
         counts = counts[:, :nbins]  # (N, nbins)
         k = torch.arange(nbins, dtype=x.dtype, device=x.device)
@@ -241,7 +241,7 @@ def otsu_threshold(maps: Tensor, nbins: int = 256) -> Tensor:
         idx -= (x < edges.gather(1, idx)).long()
         idx += ((x >= edges.gather(1, idx + 1)) & (idx != nbins - 1)).long()
         idx.clamp_(0, nbins - 1)
-        counts = torch.bincount((idx + rows * nbins).view(-1), minlength=N * nbins).view(N, nbins)
+        counts = torch.bincount((idx + rows * nbins).reshape(-1), minlength=N * nbins).view(N, nbins)
         thr = centers.gather(1, _otsu_from_counts(counts, centers, P)).squeeze(1)  # (N,)
     thr = torch.where(const, lo, thr)  # skimage: a constant image's threshold is its value
     return thr.reshape(lead)

@@ -440,3 +440,11 @@ def test_area_cap_is_validated_and_bounds_every_mask_of_a_story():
         seen[cap] = [float(np.mean(s.masks)) for s in result.scenes]  # each scene's last masks, 8x8
     assert max(seen[None]) > 0.1  # Otsu alone keeps more than the cap
     assert 0 < max(seen[0.05]) <= math.ceil(0.05 * 64) / 64
+
+
+def test_otsu_accepts_maps_that_are_not_contiguous():
+    """A recorded step's maps can be a transposed view (``AttentionStore.record_attention``)."""
+    from osa_lib.masks import normalize_maps, otsu_threshold
+    maps = normalize_maps(torch.rand(1, 8, 8, 2).permute(0, 3, 1, 2))  # (1, 2, 8, 8), characters innermost
+    assert not maps.is_contiguous()
+    assert torch.equal(otsu_threshold(maps), otsu_threshold(maps.contiguous()))
