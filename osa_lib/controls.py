@@ -1,10 +1,5 @@
-"""Live controls for the notebooks: sliders that redraw a figure, and a story strip that redraws
-isolated attention's scenes in seconds when a switch changes.
-
-``live_figure`` shows the controls, then the figure as an ordinary PNG output that every change
-redraws in place (``IPython.display`` with a display id). So an executed or static copy of a
-notebook shows the first state as an image, where a widget's own output would show only its
-text form (``interactive(children=...)``).
+"""Live controls for notebook 04: a story strip that redraws isolated attention's scenes in
+seconds when a switch changes, under sliders (``figures.live_figure``).
 
 ``StoryStrip`` keeps what a change of λ, w, warm-up or the overlap rule does not touch: the
 unmodified model's row, and the scenes that introduce characters together with the bank they
@@ -14,18 +9,17 @@ what the bank stores, so they redraw the whole story). Every setting drawn once 
 from __future__ import annotations
 
 import dataclasses
-import io
-from typing import Callable
 
 import numpy as np
 
 from .bank import ReferenceBank
+from .figures import comic_strip, live_figure
 from .generation import generate_story
 from .isolation import IsolationConfig
 from .masks import OVERLAP_RULES
 from .story import Story
 
-__all__ = ["StoryStrip", "live_figure", "figure_png", "story_controls", "intro_scenes"]
+__all__ = ["StoryStrip", "story_controls", "intro_scenes"]
 
 
 def intro_scenes(story: Story) -> int:
@@ -54,15 +48,19 @@ class StoryStrip:
         backbone: the model.
         story: the story; its opening scenes (``intro_scenes``) are drawn once per bank setting.
         num_inference_steps: default the backbone's.
+        vanilla: the unmodified model's scenes when already drawn (same story, seeds and steps).
+        drawn: ``[(config, isolated scenes)]`` already drawn with these seeds and steps, e.g. by
+            ``generate_story``: they are shown as they are, not drawn again.
     """
 
-    def __init__(self, backbone, story: Story, num_inference_steps: int | None = None):
+    def __init__(self, backbone, story: Story, num_inference_steps: int | None = None,
+                 vanilla: list[np.ndarray] | None = None, drawn: list[tuple[IsolationConfig, list[np.ndarray]]] = ()):
         self.backbone, self.story = backbone, story
         self.steps = num_inference_steps or backbone.default_steps
         self.intro = intro_scenes(story)
         self._intro: dict[str, tuple[list[np.ndarray], ReferenceBank]] = {}
-        self._rows: dict[str, list[np.ndarray]] = {}
-        self._vanilla: list[np.ndarray] | None = None
+        self._rows: dict[str, list[np.ndarray]] = {repr(config): list(images) for config, images in drawn}
+        self._vanilla: list[np.ndarray] | None = None if vanilla is None else list(vanilla)
         self.generated_scenes = 0  # scenes actually drawn (a cached request draws none)
 
     def _intro_key(self, config: IsolationConfig) -> str:
@@ -107,46 +105,9 @@ class StoryStrip:
 
     def figure(self, config: IsolationConfig):
         """The comic strip: the unmodified model's row above isolated attention's under ``config``."""
-        from .figures import comic_strip
         label = f"isolated (paper's)\nλ={config.lam:g} w={config.reweight:g}\nwarm-up {config.warmup:.0%}, {config.overlap_rule}"
         return comic_strip({"vanilla": self.vanilla(), label: self.isolated(config)},
                            [s.prompt for s in self.story.scenes], title=self.story.title)
-
-
-def figure_png(fig) -> bytes:
-    """A matplotlib figure as PNG bytes; the figure is closed (it is not drawn a second time)."""
-    import matplotlib.pyplot as plt
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def live_figure(draw: Callable, controls: dict, description: str = ""):
-    """Show ``controls`` (name -> ipywidget) and below them ``draw(**values)`` as a PNG image;
-    each change of a control redraws the image in place.
-
-    The image is an ordinary output, so executed and static copies show the first state; the
-    controls' text form there says what they are. Returns the image's display handle.
-    """
-    import ipywidgets as widgets
-    from IPython.display import Image, display
-
-    def image():
-        return Image(data=figure_png(draw(**{name: w.value for name, w in controls.items()})), format="png")
-
-    box = widgets.HBox(list(controls.values()), layout=widgets.Layout(flex_flow="row wrap"))
-    bundle = box._repr_mimebundle_()
-    bundle = bundle[0] if isinstance(bundle, tuple) else bundle
-    bundle["text/plain"] = f"[controls: {', '.join(controls)}; in JupyterLab they redraw the image below] {description}".strip()
-    display(bundle, raw=True)
-    handle = display(image(), display_id=True)
-
-    def redraw(_change):
-        handle.update(image())
-    for control in controls.values():
-        control.observe(redraw, names="value")
-    return handle
 
 
 def story_controls(strip: StoryStrip, config: IsolationConfig):

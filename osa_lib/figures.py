@@ -2,6 +2,7 @@
 results writers live in ``records``; they are re-exported here)."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from .records import claims_dir, command_line, markdown_table, record_claims, re
 __all__ = ["markdown_table", "figures_dir", "claims_dir", "record_claims", "save_figure", "image_grid", "overlay", "plot_word_maps", "plot_map_grid", "plot_otsu",
            "comic_strip", "wrap_caption", "plot_iou_over_steps", "plot_iou_histogram", "failure_grid", "plot_binding",
            "rule_boxplot", "rule_example", "plot_lambda_sweep", "plot_identity_details", "mixing_grid", "draw_layer_map",
-           "map_explorer", "results_header", "write_results", "command_line", "save_gif", "plot_measures", "plot_colour_kept"]
+           "map_explorer", "results_header", "write_results", "command_line", "save_gif", "plot_measures", "plot_colour_kept",
+           "figure_png", "live_figure"]
 
 MASK_COLOURS = np.array([[1.0, 0.2, 0.2], [0.2, 0.5, 1.0], [0.2, 0.9, 0.3], [1.0, 0.8, 0.1]])
 
@@ -411,11 +413,47 @@ def draw_layer_map(store, labels: list[str], words: list[str], layer_index: int 
     return fig
 
 
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed (it is not drawn a second time)."""
+    import matplotlib.pyplot as plt
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def live_figure(draw, controls: dict, description: str = ""):
+    """Show ``controls`` (name -> ipywidget) and below them ``draw(**values)`` (a figure) as a PNG
+    image; each change of a control redraws the image in place (a display id).
+
+    The image is an ordinary output, so executed and static copies of a notebook show the first
+    state, where a widget's own output shows only its text form (``interactive(children=...)``);
+    the controls' text form there says what they are. Returns the image's display handle.
+    """
+    import ipywidgets as widgets
+    from IPython.display import Image, display
+
+    def image():
+        return Image(data=figure_png(draw(**{name: w.value for name, w in controls.items()})), format="png")
+
+    box = widgets.HBox(list(controls.values()), layout=widgets.Layout(flex_flow="row wrap"))
+    bundle = box._repr_mimebundle_()
+    bundle = bundle[0] if isinstance(bundle, tuple) else bundle
+    bundle["text/plain"] = f"[controls: {', '.join(controls)}; in JupyterLab they redraw the image below] {description}".strip()
+    display(bundle, raw=True)
+    handle = display(image(), display_id=True)
+
+    def redraw(_change):
+        handle.update(image())
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    return handle
+
+
 def map_explorer(store, labels: list[str], words: list[str], steps: int):
     """Sliders for layer, step and word over ``draw_layer_map``; the first state is an image output,
     so executed and static copies show it (``controls.live_figure``)."""
     import ipywidgets as widgets
-    from .controls import live_figure
     controls = {"layer_index": widgets.IntSlider(0, 0, len(labels) - 1, description="layer"),
                 "step": widgets.IntSlider(0, 0, steps - 1, description="step"),
                 "word": widgets.Dropdown(options=words, value=words[0], description="word")}

@@ -31,7 +31,8 @@ def main(argv=None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     from osa_lib import load_backbone, load_story
-    from osa_lib.controls import StoryStrip, figure_png
+    from osa_lib.controls import StoryStrip
+    from osa_lib.figures import figure_png
 
     backbone = load_backbone("toy")
     story = load_story(args.story)

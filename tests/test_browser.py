@@ -50,13 +50,15 @@ def jupyterlab(tmp_path):
     env = {**os.environ, "OSA_FIGURES_DIR": str(tmp_path / "figures"), "OSA_CLAIMS_DIR": str(tmp_path),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     server = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
-                               "--ip=127.0.0.1", f"--ServerApp.token={token}", f"--ServerApp.root_dir={tmp_path}",
+                               "--ip=127.0.0.1", "--allow-root", f"--ServerApp.token={token}", f"--ServerApp.root_dir={tmp_path}",
                                "--ServerApp.disable_check_xsrf=False", "--LabApp.news_url=None",
                                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
                               env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
+            if server.poll() is not None:
+                break
             try:
                 urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
                 break

@@ -56,3 +56,15 @@ def test_lambda_zero_is_the_unmodified_model(backbone):
     strip = StoryStrip(backbone, story, num_inference_steps=STEPS)
     off = dataclasses.replace(backbone.isolation_config(), lam=0.0)
     assert same(strip.isolated(off), strip.vanilla())
+
+
+def test_strip_shows_scenes_drawn_before_as_they_are(backbone):
+    story = load_story(STORY)
+    config = backbone.isolation_config()
+    drawn = generate_story(backbone, story, "isolated", config=config, num_inference_steps=STEPS, progress=False).images
+    vanilla = generate_story(backbone, story, "vanilla", num_inference_steps=STEPS, progress=False).images
+    strip = StoryStrip(backbone, story, num_inference_steps=STEPS, vanilla=vanilla, drawn=[(config, drawn)])
+    assert same(strip.isolated(config), drawn) and same(strip.vanilla(), vanilla) and strip.generated_scenes == 0
+    lower = dataclasses.replace(config, lam=0.4)
+    assert same(strip.isolated(lower), generate_story(backbone, story, "isolated", config=lower,
+                                                      num_inference_steps=STEPS, progress=False).images)
