@@ -13,10 +13,9 @@ import dataclasses
 import numpy as np
 
 from .bank import ReferenceBank
+from .config import OVERLAP_RULES, IsolationConfig
 from .figures import comic_strip, live_figure
 from .generation import generate_story
-from .isolation import IsolationConfig
-from .masks import OVERLAP_RULES
 from .story import Story
 
 __all__ = ["StoryStrip", "story_controls", "intro_scenes"]

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .attention import LayerInfo, attention_prologue, find_attention_layers, installed_processors
+from .config import IsolationConfig
 from .generation import generate_story
-from .isolation import IsolationConfig, IsolationController
+from .isolation import IsolationController
+from .layers import LayerInfo, attention_prologue, find_attention_layers, installed_processors
 from .masks import resize_masks
 from .story import Story, StoryError
 

@@ -170,7 +170,7 @@ def test_empty_token_group_is_value_error():
 
 
 def test_layer_labels_are_unique_and_readable():
-    from osa_lib.attention import LayerInfo
+    from osa_lib.layers import LayerInfo
     a = LayerInfo("up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor", "up", 1, "cross", 2)
     b = LayerInfo("up_blocks.1.attentions.1.transformer_blocks.0.attn2.processor", "up", 1, "cross", 2)
     c = LayerInfo("up_blocks.1.attentions.1.transformer_blocks.3.attn2.processor", "up", 1, "cross", 2)

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "osa_lib"
 #: Bottom to top. A module may import from its own layer (without loops) and from the layers below.
 LAYERS = {
     "foundations": ["osa_lib.config", "osa_lib.layers", "osa_lib.transfer", "osa_lib.masks", "osa_lib.records",
-                    "osa_lib.figures", "osa_lib.testing", "osa_lib.sdxl_metrics", "osa_lib.toy"],
+                    "osa_lib.figures", "osa_lib.block_figures", "osa_lib.testing", "osa_lib.sdxl_metrics", "osa_lib.toy"],
     "toy world": ["osa_lib.toy.world", "osa_lib.toy.analyzer", "osa_lib.toy.metrics", "osa_lib.toy.flipbook"],
     "toy model": ["osa_lib.toy.model", "osa_lib.toy.reference", "osa_lib.toy.drawn_pool", "osa_lib.toy.train",
                   "osa_lib.toy.delta"],
@@ -25,7 +25,8 @@ LAYERS = {
     "method": ["osa_lib.attention", "osa_lib.bank", "osa_lib.baselines", "osa_lib.isolation"],
     "stories": ["osa_lib.story", "osa_lib.llm", "osa_lib.generation", "osa_lib.video"],
     "experiments": ["osa_lib.experiments", "osa_lib.experiments.maps", "osa_lib.experiments.stories",
-                    "osa_lib.experiments.teaching", "osa_lib.experiments.exercises"],
+                    "osa_lib.experiments.teaching", "osa_lib.experiments.exercises",
+                    "osa_lib.inside_block", "osa_lib.controls", "osa_lib.claims"],
     "toy probes": ["osa_lib.toy.probes", "osa_lib.toy.probes.appearance", "osa_lib.toy.probes.binding",
                    "osa_lib.toy.probes.evaluate"],
     "face": ["osa_lib"],
