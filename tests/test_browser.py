@@ -33,8 +33,9 @@ def free_port() -> int:
 def prepared_notebook(folder: Path) -> Path:
     """Notebook 04 with its quick parameters injected (as papermill would), paths made absolute."""
     import nbformat
+    from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = load_notebook_node(str(NOTEBOOK))  # as papermill reads it (every cell gets its tags list)
     stories = ROOT / "data" / "stories"
     nb = parameterize_notebook(nb, {"quick": True, "story_file": str(stories / "toy_uncoloured_pair.yaml"),
                                     "attribute_story_file": str(stories / "toy_two_contrasting.yaml")})
@@ -84,25 +85,34 @@ def test_lambda_slider_redraws_the_story_strip(jupyterlab, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{url}/lab/tree/{notebook.name}?token={token}")
         page.locator(".jp-NotebookPanel").wait_for(timeout=120_000)
-        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle'], .jp-Toolbar-kernelStatus").first.wait_for(timeout=120_000)
+        page.locator(".jp-StatusBar-TextItem", has_text="Idle").first.wait_for(timeout=180_000)  # the kernel is up
+        page.locator(".jp-Cell").first.click()  # the notebook has the focus, so the Run menu acts on it
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
         page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        page.locator(".jp-InputPrompt", has_text="*").first.wait_for(timeout=60_000)  # the cells are running
         slider = page.locator(".widget-slider", has_text="λ (merge)")
         slider.wait_for(timeout=RUN_SECONDS * 1000)
         # the kernel handles a control's change after the cells queued before it: wait for them
         page.wait_for_function("() => ![...document.querySelectorAll('.jp-InputPrompt')].some(e => e.textContent.includes('*'))",
                                timeout=RUN_SECONDS * 1000)
-        cell = page.locator(".jp-CodeCell", has=slider)
-        image = cell.locator(".jp-OutputArea-output img").last
-        before = image.get_attribute("src")
+        # the strip is the last image of the controls' cell; a redraw replaces the <img> element
+        last_src = """() => {
+            const cell = [...document.querySelectorAll('.jp-CodeCell')].find(c => c.textContent.includes('λ (merge)'));
+            const images = cell ? cell.querySelectorAll('.jp-OutputArea-output img') : [];
+            return images.length ? images[images.length - 1].getAttribute('src') : null; }"""
+        before = page.evaluate(last_src)
         assert before and before.startswith("data:image/png"), "the strip's first state is an image"
         readout = slider.locator(".widget-readout")
         readout.click()
         page.keyboard.press("Control+A")
         page.keyboard.type("0.3")
         page.keyboard.press("Enter")
-        page.wait_for_function("([img, before]) => img.getAttribute('src') !== before", arg=[image.element_handle(), before],
-                               timeout=180_000)
-        after = image.get_attribute("src")
+        try:
+            page.wait_for_function(f"(before) => ({last_src})() !== before", arg=before, timeout=300_000)
+        except Exception:
+            page.screenshot(path=str(tmp_path / "after_slider.png"), full_page=True)
+            raise AssertionError(f"the strip did not change after λ was set (readout reads {readout.inner_text()!r}; "
+                                 f"screenshot {tmp_path / 'after_slider.png'})")
+        after = page.evaluate(last_src)
         browser.close()
     assert after.startswith("data:image/png") and after != before, "moving λ redrew the strip"
