@@ -104,7 +104,7 @@ class StoryStrip:
 
     def figure(self, config: IsolationConfig):
         """The comic strip: the unmodified model's row above isolated attention's under ``config``."""
-        label = f"isolated (paper's)\nλ={config.lam:g} w={config.reweight:g}\nwarm-up {config.warmup:.0%}, {config.overlap_rule}"
+        label = f"isolated\nλ={config.lam:g} w={config.reweight:g}\nwarm-up {config.warmup:.0%}, {config.overlap_rule}"
         return comic_strip({"vanilla": self.vanilla(), label: self.isolated(config)},
                            [s.prompt for s in self.story.scenes], title=self.story.title)
 
