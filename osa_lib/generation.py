@@ -113,6 +113,9 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
         record_masks: vanilla and CSA: also record the up-block cross-attention maps and keep
             each scene's masks, made as isolated attention makes them (for IIS crops). Isolated
             scenes always keep theirs. The images are the same either way.
+        scene_hook: isolated only: called as ``scene_hook(i, controller)`` before scene ``i``'s
+            U-Net runs; a context manager it returns stays open while it runs (``osa_lib.inside_block``
+            records one layer's inputs and outputs with it). None: nothing is called.
     """
     if method not in METHODS:
         raise StoryError(f"unknown method {method!r}; choose one of {list(METHODS)}")
