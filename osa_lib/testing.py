@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .shipped import DATA_DIR
+
 __all__ = ["build_tiny_sdxl_pipeline", "build_tiny_clip_tokenizer", "build_random_sdxl_pipeline", "SDXL_UNET_CONFIG",
            "SDXL_RANDOM_DIR"]
 
@@ -22,7 +24,7 @@ SDXL_UNET_CONFIG = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/confi
     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816)
-SDXL_RANDOM_DIR = Path(__file__).resolve().parents[1] / "data" / "sdxl_random"
+SDXL_RANDOM_DIR = DATA_DIR / "sdxl_random"
 
 
 # --- tiny SDXL, for offline tests -----------------------------------------------------------

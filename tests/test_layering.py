@@ -17,7 +17,8 @@ PACKAGE = ROOT / "osa_lib"
 #: Bottom to top. A module may import from its own layer (without loops) and from the layers below.
 LAYERS = {
     "foundations": ["osa_lib.config", "osa_lib.layers", "osa_lib.transfer", "osa_lib.masks", "osa_lib.records",
-                    "osa_lib.figures", "osa_lib.block_figures", "osa_lib.testing", "osa_lib.sdxl_metrics", "osa_lib.toy"],
+                    "osa_lib.figures", "osa_lib.block_figures", "osa_lib.testing", "osa_lib.sdxl_metrics", "osa_lib.shipped",
+                    "osa_lib.toy"],
     "toy world": ["osa_lib.toy.world", "osa_lib.toy.analyzer", "osa_lib.toy.metrics", "osa_lib.toy.flipbook"],
     "toy model": ["osa_lib.toy.model", "osa_lib.toy.reference", "osa_lib.toy.drawn_pool", "osa_lib.toy.train",
                   "osa_lib.toy.delta"],
@@ -32,7 +33,7 @@ LAYERS = {
     "face": ["osa_lib"],
 }
 #: Leaves: they import nothing from osa_lib, so anything can check its input or install a processor cheaply.
-LEAVES = ("osa_lib.config", "osa_lib.layers", "osa_lib.transfer", "osa_lib.toy.world")
+LEAVES = ("osa_lib.config", "osa_lib.layers", "osa_lib.transfer", "osa_lib.shipped", "osa_lib.toy.world")
 
 
 def module_name(path: Path) -> str:

@@ -15,14 +15,13 @@ as for SDXL:
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
+from ..shipped import DATA_DIR
 from .world import IMAGE_SIZE, VOCABULARY, normalise_prompt, parse_caption
 
 __all__ = ["ToyPipeline", "build_tokenizer", "build_toy_pipeline", "images_to_latents",
@@ -32,7 +31,7 @@ __all__ = ["ToyPipeline", "build_tokenizer", "build_toy_pipeline", "images_to_la
 MAX_TOKENS = 16  # longest caption (3 characters) is 14 words + <bos> + <eos>
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 LATENT_CHANNELS, LATENT_SIZE = 12, IMAGE_SIZE // 2
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "toy_model"
+DEFAULT_MODEL_DIR = DATA_DIR / "toy_model"  # data/toy_model in a clone, or the copy an installed wheel carries
 # Classifier-free guidance scale, picked by scripts/tune_guidance.py on validation prompts from the
 # training distribution (not the held-out test prompts): on the 12,590-step weights 1.5 beat
 # 1, 1.25, 2, 2.5, 3 and 4 there (README, "Guidance scale").
