@@ -36,13 +36,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from osa_lib import IsolationConfig, generate_story, load_backbone  # noqa: E402
-from osa_lib.attention import find_attention_layers  # noqa: E402
-from osa_lib.bank import ReferenceBank, estimate_bank_bytes  # noqa: E402
-from osa_lib.figures import markdown_table  # noqa: E402
-from osa_lib.story import parse_story  # noqa: E402
+from osa_lib import IsolationConfig, generate_story, load_backbone
+from osa_lib.attention import find_attention_layers
+from osa_lib.bank import ReferenceBank, estimate_bank_bytes
+from osa_lib.figures import markdown_table
+from osa_lib.story import parse_story
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # two characters, the words of the tiny local tokenizer; the last scenes bring both back

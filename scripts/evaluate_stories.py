@@ -42,7 +42,6 @@ import dataclasses
 import io
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -50,12 +49,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from osa_lib import IsolationConfig, generate_story, load_backbone, load_story  # noqa: E402
-from osa_lib.figures import markdown_table  # noqa: E402
-from osa_lib.generation import METHODS  # noqa: E402
-from osa_lib.toy.metrics import IDENTITY_DETAILS, METRIC_NAMES, toy_story_metrics  # noqa: E402
+from osa_lib import IsolationConfig, generate_story, load_backbone, load_story
+from osa_lib.figures import markdown_table
+from osa_lib.generation import METHODS
+from osa_lib.toy.metrics import IDENTITY_DETAILS, METRIC_NAMES, toy_story_metrics
 
 SEED_STRIDE = 1000
 TUNED = "isolated-tuned"  # isolated attention with the backbone's tuned switches, a labelled row

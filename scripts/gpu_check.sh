@@ -1,23 +1,22 @@
 #!/usr/bin/env bash
-# One prepared call on a lent GPU (issue 14): the CUDA tests, then bench_sdxl.py at full size.
+# On a machine with a CUDA GPU (torch's CUDA build installed, see the README): the CUDA tests, then
+# scripts/bench_sdxl.py at full size (SDXL's architecture with random weights, no download).
 #
-#   bash scripts/gpu_check.sh                      # on the GPU machine; results under $OUT
-#   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh    # CPU dry run of the same steps (--quick bench)
-#   GPU_CHECK_PROFILE=1 / GPU_CHECK_OVERHEAD=1        # also torch.profiler tables / the attribution
-#                                                    # of isolated's time (scripts/gpu/isolated_overhead.py)
+#   bash scripts/gpu_check.sh                      # results under $OUT (default ./gpu_out)
+#   GPU_CHECK_QUICK=1 bash scripts/gpu_check.sh    # the same steps on the CPU, with a --quick bench
+#   GPU_CHECK_PROFILE=1 / GPU_CHECK_OVERHEAD=1     # also torch.profiler tables / the attribution
+#                                                  # of isolated's time (scripts/research/isolated_overhead.py)
 #
-# Everything (each step's log, summary.txt, the bench's .md/.json) goes to "$OUT" (default
-# ./gpu_out). A failing step is logged and the next one still runs; the exit status is 1 if any
-# step failed. Budget on an H200: tests ~40 s, bench ~3 min (sdxl-random, 1024², fp16, 30 steps,
-# 4 scenes x 3 methods, one round took 58 s; --repeats 3 because the VM's host drifts between
-# runs more than the gap being measured); each step has a timeout so the whole stays under 6 minutes.
+# Everything (each step's log, summary.txt, the bench's .md/.json) goes to "$OUT". A failing step is
+# logged and the next one still runs; the exit status is 1 if any step failed. On an H200: tests
+# ~40 s, bench ~3 min (1024², fp16, 30 steps, 4 scenes x 3 methods, --repeats 3 because a shared
+# host drifts between runs more than the gap being measured); each step has a timeout.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-.venv/bin/python}"
 QUICK="${GPU_CHECK_QUICK:-0}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 FAILED=0
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -38,18 +37,14 @@ step() {  # step NAME TIMEOUT_S COMMAND...: log to $OUT/NAME.log, never stop the
 step environment 60 "$PY" -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__); print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
-if "$PY" -c "import pytest" 2> /dev/null; then
-  step cuda_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_device.py
-else  # the GPU image may lack pytest: the CUDA tests run as a script
-  step cuda_tests 150 "$PY" tests/test_cuda.py
-fi
+step cuda_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_device.py
 
 if [ "$QUICK" = "1" ]; then
   step bench_sdxl 480 "$PY" scripts/bench_sdxl.py --quick --out "$OUT"
 else
   step bench_sdxl 300 "$PY" scripts/bench_sdxl.py --device cuda --dtype fp16 --size 1024 --steps 30 --scenes 4 --repeats 3 \
     ${GPU_CHECK_PROFILE:+--profile} --out "$OUT"
-  [ -n "${GPU_CHECK_OVERHEAD:-}" ] && step isolated_overhead 120 "$PY" scripts/gpu/isolated_overhead.py --out "$OUT"
+  [ -n "${GPU_CHECK_OVERHEAD:-}" ] && step isolated_overhead 120 "$PY" scripts/research/isolated_overhead.py --out "$OUT"
 fi
 
 echo "== done: $([ $FAILED -eq 0 ] && echo 'all steps passed' || echo 'some step FAILED, see the logs') (results in $OUT)" | tee -a "$SUMMARY"

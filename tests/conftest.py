@@ -6,7 +6,7 @@ save. Set OSA_TEST_THREADS to use more.
 
 The ``tiny`` fixture is shared by every module that runs the method on SDXL's structure, and
 ``two_characters`` is the story (as a dict) they draw on it: each character alone, then together.
-``load_script`` imports one of ``scripts/*.py`` (not a package) by name.
+``load_script`` imports one of ``scripts/*.py`` or ``scripts/research/*.py`` (not a package) by name.
 """
 import importlib.util
 import os
@@ -43,9 +43,11 @@ def two_characters() -> dict:
 
 @pytest.fixture(scope="session")
 def load_script():
-    """``load_script("tune_isolation")``: a fresh import of ``scripts/tune_isolation.py``."""
+    """``load_script("tune_isolation")``: a fresh import of ``scripts/tune_isolation.py``, or of
+    ``scripts/research/tune_isolation.py`` for research tooling."""
     def load(name: str):
-        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        scripts = Path(__file__).resolve().parents[1] / "scripts"
+        path = next(p for p in (scripts / f"{name}.py", scripts / "research" / f"{name}.py") if p.exists())
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -4,8 +4,7 @@ synchronises with the host (``torch.cuda.set_sync_debug_mode("error")`` inside e
 vanilla equals the stock pipeline in fp16; ``cpu_offload`` gives the same image; the reference
 bank stays on the GPU while generating, and a bank loaded on the CPU gives the same scenes.
 
-Runs under pytest, or as ``python tests/test_cuda.py`` where pytest is not installed (the GPU
-image of scripts/gpu_check.sh may lack it).
+Runs under pytest, or as ``python tests/test_cuda.py`` where pytest is not installed.
 """
 from __future__ import annotations
 
@@ -17,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from osa_lib import IsolationConfig, load_backbone  # noqa: E402
-from osa_lib.bank import ReferenceBank  # noqa: E402
-from osa_lib.isolation import IsolatedCrossAttention, IsolatedSelfAttention  # noqa: E402
-from osa_lib.generation import METHODS, generate_story  # noqa: E402
-from osa_lib.story import parse_story  # noqa: E402
+from osa_lib import IsolationConfig, load_backbone
+from osa_lib.bank import ReferenceBank
+from osa_lib.isolation import IsolatedCrossAttention, IsolatedSelfAttention
+from osa_lib.generation import METHODS, generate_story
+from osa_lib.story import parse_story
 
 try:
     import pytest

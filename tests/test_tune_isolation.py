@@ -1,4 +1,4 @@
-"""scripts/tune_isolation.py: every candidate on the same validation seeds, the winner named."""
+"""scripts/research/tune_isolation.py: every candidate on the same validation seeds, the winner named."""
 
 
 def test_validation_seeds_are_not_the_evaluations(load_script):
@@ -96,6 +96,6 @@ def test_report_command_quotes_arguments_a_shell_would_split(tmp_path, monkeypat
     monkeypatch.setattr(tune, "STORIES", ("toy_uncoloured_single",))
     argv = ["--seeds", "1", "--steps", "2", "--threads", "1", "--configs", "lam=0; lam=0.5", "--md", str(tmp_path / "t.md")]
     tune.main(argv)
-    line = next(line for line in (tmp_path / "t.md").read_text().splitlines() if "scripts/tune_isolation.py" in line)
+    line = next(line for line in (tmp_path / "t.md").read_text().splitlines() if "scripts/research/tune_isolation.py" in line)
     command = line.split("`")[1]
     assert shlex.split(command)[2:] == argv  # pasted back into a shell, the same arguments

@@ -32,7 +32,7 @@ MAX_TOKENS = 16  # longest caption (3 characters) is 14 words + <bos> + <eos>
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 LATENT_CHANNELS, LATENT_SIZE = 12, IMAGE_SIZE // 2
 DEFAULT_MODEL_DIR = DATA_DIR / "toy_model"  # data/toy_model in a clone, or the copy an installed wheel carries
-# Classifier-free guidance scale, picked by scripts/tune_guidance.py on validation prompts from the
+# Classifier-free guidance scale, picked by scripts/research/tune_guidance.py on validation prompts from the
 # training distribution (not the held-out test prompts): on the 12,590-step weights 1.5 beat
 # 1, 1.25, 2, 2.5, 3 and 4 there (README, "Guidance scale").
 DEFAULT_GUIDANCE = 1.5

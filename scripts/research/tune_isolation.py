@@ -17,23 +17,21 @@ is within ``NAMED_TOLERANCE`` points of vanilla's (the issue's target). Without 
 that keeps uncoloured characters' colour by losing named characters
 (``results/toy_attn_only_finetune.md``, "Eighth look").
 
-    python scripts/tune_isolation.py --model runs/new --seeds 6 --md results/toy_isolation_tuning.md
-    python scripts/tune_isolation.py --model runs/new --seeds 6 --named --configs 'mask_area_cap=0.2'
+    python scripts/research/tune_isolation.py --model runs/new --seeds 6 --md results/toy_isolation_tuning.md
+    python scripts/research/tune_isolation.py --model runs/new --seeds 6 --named --configs 'mask_area_cap=0.2'
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from osa_lib import IsolationConfig, load_backbone, load_story  # noqa: E402
-from osa_lib.experiments import StoryScorer, mean_and_sem  # noqa: E402
+from osa_lib import IsolationConfig, load_backbone, load_story
+from osa_lib.experiments import StoryScorer, mean_and_sem
 
 VALIDATION_OFFSET = 500_000  # scripts/evaluate_stories.py shifts by k * 1000, k < its --seeds
 STORIES = ("toy_uncoloured_single", "toy_uncoloured_pair", "toy_uncoloured_newcomer")
@@ -126,7 +124,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     backbone = load_backbone("toy", model_id=args.model)
-    root = Path(__file__).resolve().parents[1] / "data" / "stories"
+    root = Path(__file__).resolve().parents[2] / "data" / "stories"
     stories = [load_story(root / f"{name}.yaml").with_seed_offset(VALIDATION_OFFSET) for name in STORIES]
     named = [load_story(root / f"{name}.yaml").with_seed_offset(VALIDATION_OFFSET)
              for name in NAMED_STORIES] if args.named else []
@@ -161,7 +159,7 @@ def main(argv=None) -> None:
     if args.md:
         from osa_lib.figures import command_line, write_results
         write_results(args.md, "Isolated attention's switches for a toy model, on validation seeds", "\n".join(lines),
-                      command_line("python scripts/tune_isolation.py", argv))
+                      command_line("python scripts/research/tune_isolation.py", argv))
 
 
 if __name__ == "__main__":

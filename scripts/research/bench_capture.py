@@ -1,6 +1,6 @@
 """Overhead of recording cross-attention versus plain sampling on the toy backbone, one run.
 
-    python scripts/bench_capture.py
+    python scripts/research/bench_capture.py
 
 Prints the best-of-N wall time of the same generation (same prompts, seeds, steps) without and
 with ``capture_attention`` on every cross-attention layer, their ratio (target <= 1.25), and the
@@ -8,13 +8,10 @@ peak memory the store holds (it keeps a running mean, so it does not grow with s
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from osa_lib import AttentionStore, capture_attention, load_backbone  # noqa: E402
+from osa_lib import AttentionStore, capture_attention, load_backbone
 
 
 def best_of(fn, repeats: int = 5) -> float:

@@ -3,13 +3,12 @@ SDXL at 1024², fp16, a scene whose two characters return, timed (warm, synchron
 variants that switch parts of the method off one at a time. Prints a table; writes it to
 ``<out>/isolated_overhead.md``.
 
-    python scripts/gpu/isolated_overhead.py --out "$OUT"
+    python scripts/research/isolated_overhead.py --out "$OUT"
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,10 +16,9 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from osa_lib import IsolationConfig, generate_story, load_backbone  # noqa: E402
-from osa_lib.isolation import IsolationController  # noqa: E402
-from osa_lib.story import parse_story  # noqa: E402
+from osa_lib import IsolationConfig, generate_story, load_backbone
+from osa_lib.isolation import IsolationController
+from osa_lib.story import parse_story
 
 STORY = {"characters": [{"name": "Lily", "word": "girl", "id_prompt": "a girl with blonde hair and a red dress"},
                         {"name": "Tom", "word": "boy", "id_prompt": "a boy with black hair"}],

@@ -5,23 +5,20 @@ the best of ``--repeats`` runs (best-of filters out interruptions by other proce
 ``--threads`` threads (default 1): skimage's loop is single-threaded, and on a shared machine
 extra torch threads mostly wait for a core.
 
-    python scripts/bench_otsu.py                 # 64 maps of 64x64, as SDXL's largest up-block grid
-    python scripts/bench_otsu.py --maps 256 --threads 2
+    python scripts/research/bench_otsu.py                 # 64 maps of 64x64, as SDXL's largest up-block grid
+    python scripts/research/bench_otsu.py --maps 256 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 from skimage.filters import threshold_otsu
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from osa_lib.masks import otsu_masks, otsu_threshold
 
 

@@ -9,8 +9,8 @@ and every synchronising one (``.item()``, ``.tolist()``, ``nonzero``, boolean in
 scene whose two characters return, per denoising step, split into the work done inside the
 attention processors' calls and the rest (U-Net, scheduler, step callback).
 
-    python scripts/count_ops.py                 # CPU, bf16, 256², 6 steps: about 3 minutes
-    python scripts/count_ops.py --out results   # also writes results/op_counts.md
+    python scripts/research/count_ops.py                 # CPU, bf16, 256², 6 steps: about 3 minutes
+    python scripts/research/count_ops.py --out results   # also writes results/op_counts.md
 
 The counts do not depend on the device; their host time per operator does.
 """
@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
-from osa_lib import IsolationConfig, generate_story, load_backbone  # noqa: E402
-from osa_lib.isolation import IsolationController  # noqa: E402
-from osa_lib.story import parse_story  # noqa: E402
+from osa_lib import IsolationConfig, generate_story, load_backbone
+from osa_lib.isolation import IsolationController
+from osa_lib.story import parse_story
 
 STORY = {"characters": [{"name": "Lily", "word": "girl", "id_prompt": "a girl with blonde hair and a red dress"},
                         {"name": "Tom", "word": "boy", "id_prompt": "a boy with black hair"}],

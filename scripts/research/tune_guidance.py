@@ -6,19 +6,16 @@ colour x shape x scene triples are *not* held out), so the held-out prompts that
 script generates the same prompts with the same seeds and prints how often the analyzer finds
 what the prompt names; the scale with the best mean of the single- and two-character rates wins.
 
-    python scripts/tune_guidance.py                       # scales 1 1.25 1.5 2 2.5 3 4
-    python scripts/tune_guidance.py --scales 1 2 3 --prompts 16 --steps 50
+    python scripts/research/tune_guidance.py                       # scales 1 1.25 1.5 2 2.5 3 4
+    python scripts/research/tune_guidance.py --scales 1 2 3 --prompts 16 --steps 50
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from osa_lib.backbones import load_backbone
 from osa_lib.toy import world
 from osa_lib.toy.metrics import check_prompt
@@ -71,7 +68,7 @@ def main() -> None:
     if args.md:
         from osa_lib.figures import command_line, write_results
         write_results(args.md, "Toy guidance scale on validation prompts", "\n".join(lines),
-                      command_line("python scripts/tune_guidance.py"))
+                      command_line("python scripts/research/tune_guidance.py"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Reference-bank options (issue 14, item 5): bytes per character against the IIS-toy they cost,
 on the toy stories, every option on the same seeds in one run.
 
-    python scripts/bench_bank_options.py --seeds 6
+    python scripts/research/bench_bank_options.py --seeds 6
 
 Options: every step after warm-up (the paper; warm-up steps are never read, so not storing them is
 bit-identical), every k-th step after warm-up with the nearest stored step reused (k = 3 is the
@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
-from osa_lib import IsolationConfig, generate_story, load_backbone, load_story  # noqa: E402
-from osa_lib.backbones import SDXL_UNET_CONFIG  # noqa: E402
-from osa_lib.bank import estimate_bank_bytes  # noqa: E402
-from osa_lib.figures import markdown_table, write_results  # noqa: E402
-from osa_lib.toy.metrics import toy_story_metrics  # noqa: E402
+from osa_lib import IsolationConfig, generate_story, load_backbone, load_story
+from osa_lib.backbones import SDXL_UNET_CONFIG
+from osa_lib.bank import estimate_bank_bytes
+from osa_lib.figures import markdown_table, write_results
+from osa_lib.toy.metrics import toy_story_metrics
 
 BASE = "every step (the paper; warm-up not stored)"
 OPTIONS = {BASE: {"bank_step_stride": 1}, "every 2nd step": {"bank_step_stride": 2},

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Continue issue 13's fine-tune of the toy model's up-block self-attention from its committed state:
-#   bash scripts/continue_finetune.sh 100        # minutes; CPU by default
+# Continue the fine-tune of the toy model's up-block self-attention (data/toy_finetune) from its
+# committed state:
+#   bash scripts/research/continue_finetune.sh 100                             # minutes; CPU by default
+#   DEVICE=cuda BATCH=256 WORKERS=7 bash scripts/research/continue_finetune.sh 3   # on a GPU
 # It rebuilds the fine-tune from data/toy_finetune/up_self_attention.safetensors on data/toy_model
 # (osa_lib.toy.delta), trains it on with data/toy_finetune/recipe.txt, the preservation term still
 # holding rows without a reference at data/toy_model, and writes the new delta to $DELTA_OUT (by
@@ -8,11 +10,11 @@
 # The run's folders are in $WORK (git-ignored runs/ by default); a run cut short still exports its
 # last checkpoint, so the save step can be run again by hand.
 # A recipe with --drawn-share trains on the model's own drawings (osa_lib.toy.drawn_pool): the pool is
-# drawn by the rebuilt model first, unless $POOL exists (about 25 minutes for 3,000 on this CPU).
+# drawn by the rebuilt model first, unless $POOL exists (about 25 minutes for 3,000 on a 2-core CPU).
 # Environment: DEVICE (cpu), BATCH (64), WORKERS (1), THREADS (2), WORK (runs/finetune), DELTA_OUT,
-# POOL ($WORK/drawn_pool.npz), POOL_N (3000).
+# POOL ($WORK/drawn_pool.npz), POOL_N (3000), PY (.venv/bin/python).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 MINUTES="${1:?give the minutes to train, e.g. 100}"
 PY="${PY:-.venv/bin/python}"; DEVICE="${DEVICE:-cpu}"; BATCH="${BATCH:-64}"; WORKERS="${WORKERS:-1}"
 THREADS="${THREADS:-2}"; WORK="${WORK:-runs/finetune}"
