@@ -51,7 +51,7 @@ class IsolationConfig:
             those of highest ``Â_m``; None (default): the whole mask, as the paper. Not in the paper:
             on a small model the early steps' maps are diffuse, Otsu keeps half the image, and
             copying the reference there paints its colour over it, which feeds the next step's map
-            (a flood, ``results/toy_attn_only_finetune.md``); a cap near the largest share of the
+            (a flood, ``results/history/toy_attn_only_finetune.md``); a cap near the largest share of the
             image a character covers keeps the copying every step in a region of plausible size.
         one_region: keep only the 4-connected region of each mask with the most ``Â_m``
             (``masks.strongest_region``). Not in the paper: a small model's first masks fall apart

@@ -448,7 +448,7 @@ def strongest_region(masks: Tensor, A_hat: Tensor) -> Tensor:
 
     A character is one object; in a small model's first steps the maps are diffuse and Otsu's
     mask falls apart into several patches, and copying the reference into each of them draws the
-    character more than once (``results/toy_attn_only_finetune.md``, "Ninth look"). Not in the paper.
+    character more than once (``results/history/toy_attn_only_finetune.md``, "Ninth look"). Not in the paper.
 
     Regions are found by propagating the largest pixel index through each mask's 4-neighbours
     until it settles (at most one pass per pixel of the longest path inside a region).

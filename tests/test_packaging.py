@@ -59,3 +59,19 @@ def test_readme_is_a_front_page_whose_links_exist():
         if link.endswith(".md") and link.startswith("results/") and link not in NO_PROVENANCE:
             text = path.read_text()
             assert "commit" in text, f"{link} does not say which commit it was measured on"
+
+
+def test_results_readme_lists_every_results_file_and_its_links_exist():
+    """results/README.md is the folder's index: every file in results/ (history/ included) is linked
+    from it, every link points at a file, and no current file asks for a run folder a clone lacks."""
+    import re
+    results = ROOT / "results"
+    index = (results / "README.md").read_text()
+    files = sorted(p.relative_to(results).as_posix() for p in results.rglob("*")
+                   if p.is_file() and p.name != "README.md")
+    links = set(re.findall(r"\]\(([^)#]+)\)", index))
+    assert [f for f in files if f not in links] == [], "results files missing from results/README.md"
+    assert [link for link in links if not (results / link).is_file()] == [], "results/README.md links a missing file"
+    current = [f for f in files if not f.startswith("history/")]
+    assert [f for f in current if "runs/" in (results / f).read_text()] == [], \
+        "a current results file names a runs/ folder, which a clone lacks: move it to history/ or re-run it"

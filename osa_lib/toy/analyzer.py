@@ -67,7 +67,7 @@ MIN_AREA = 12  # pixels; the smallest visible character in world scenes is ~35 p
 MIN_SCORE = 0.6  # a detection whose best shape template fits worse than this is a blob, not that shape
 #: a detection larger than any character the world draws (its largest radius plus a pixel of blurred
 #: edge) is a flood of colour, not that shape: isolated attention at high w can paint a character's
-#: colour over half the image, which a square template still fits (results/toy_attn_only_finetune.md)
+#: colour over half the image, which a square template still fits (results/history/toy_attn_only_finetune.md)
 MAX_SIZE = world.SIZE_RANGE[1] + 1.0
 _FAMILIES = tuple(world.COLOURS)
 _FAMILY_HUES = np.array([world.COLOURS[f] for f in _FAMILIES], np.float32)  # (5,)

@@ -6,7 +6,7 @@
 An uncoloured story's bank holds the first scene as the model drew it from a prompt without a
 colour ("a circle in the snow"), and fine-tunes of the up-block self-attention copied such references far less than the
 rendered ones they were trained on (probe, ``--references drawn-uncoloured``: 49-52 % against
-70-79 %; ``results/toy_attn_only_finetune.md``). This pool puts that case into training: each
+70-79 %; ``results/history/toy_attn_only_finetune.md``). This pool puts that case into training: each
 entry is a drawing of a one-character uncoloured caption, its character read back by the analyzer
 (``drawn_references``). ``world.sample_pair(reference=...)`` then renders a target
 with the character as read (shape, colour family, exact hue, brightness, size, mark), so a pair

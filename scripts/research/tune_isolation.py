@@ -15,7 +15,7 @@ prints their attribute accuracy, how often a returning character is drawn at all
 run; the winner is then the highest colour kept among the runs whose named-colour attribute accuracy
 is within ``NAMED_TOLERANCE`` points of vanilla's (the issue's target). Without it a setting can win
 that keeps uncoloured characters' colour by losing named characters
-(``results/toy_attn_only_finetune.md``, "Eighth look").
+(``results/history/toy_attn_only_finetune.md``, "Eighth look").
 
     python scripts/research/tune_isolation.py --model runs/new --seeds 6 --md results/toy_isolation_tuning.md
     python scripts/research/tune_isolation.py --model runs/new --seeds 6 --named --configs 'mask_area_cap=0.2'

@@ -21,7 +21,7 @@ i.e. chance. Every setting uses the same noise and references, so rows are paire
 (``drawn_references``) instead of rendered scenes: what a story's bank holds. An uncoloured story's
 first scene is drawn from a prompt without a colour, and on the fine-tunes of the up-block
 self-attention such references were copied far less than rendered or colour-named ones
-(``results/toy_attn_only_finetune.md``, fifth run). ``--reference-captions colour-named`` /
+(``results/history/toy_attn_only_finetune.md``, fifth run). ``--reference-captions colour-named`` /
 ``uncoloured`` shows the same references with their caption rewritten, the colour word of what they
 show put in or left out, to tell the image's part from the caption's.
 
