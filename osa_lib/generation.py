@@ -85,7 +85,7 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
                    bank: ReferenceBank | None = None, num_inference_steps: int | None = None,
                    guidance_scale: float | None = None, csa_rate: float | None = None,
                    csa_config: CSAConfig | None = None, record_masks: bool = False,
-                   progress: bool = True) -> StoryResult:
+                   progress: bool = True, describe: bool | None = None) -> StoryResult:
     """Generate a story scene by scene.
 
     Args:
@@ -102,9 +102,16 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
         record_masks: vanilla and CSA: also record the up-block cross-attention maps and keep
             each scene's masks, made as isolated attention makes them (for IIS crops). Isolated
             scenes always keep theirs. The images are the same either way.
+        describe: put each character's description into its scene prompts, for every method
+            (``Story.with_descriptions``); None (default): as the story says
+            (``describe_characters``). The results' prompts are the ones drawn.
     """
     if method not in METHODS:
         raise StoryError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if describe is not None and not isinstance(describe, bool):
+        raise StoryError(f"describe={describe!r} must be True, False or None (the story's describe_characters)")
+    if story.describe_characters if describe is None else describe:
+        story = story.with_descriptions()
     check_prompts(backbone, story)
     steps = check_steps(num_inference_steps, backbone.default_steps)
     known = bank.characters if bank is not None else []  # a continued story: these are not introduced here
@@ -192,9 +199,9 @@ def _isolated_scene(run: _Run, i: int, bank: ReferenceBank) -> SceneResult:
                                  is_new=name not in bank)
                   for name in scene.characters]
     config = run.config
-    if all(c.is_new for c in characters):  # first scene of everyone: no references yet
-        config = dataclasses.replace(config, isolated_self=False,
-                                     isolated_cross=config.isolated_cross and len(characters) > 1)
+    if all(c.is_new for c in characters):  # first scene of everyone: no references yet; the ID prompts
+        solo_off = len(characters) == 1 and not config.solo_cross  # blend in (Eq. 6), even alone
+        config = dataclasses.replace(config, isolated_self=False, isolated_cross=config.isolated_cross and not solo_off)
     controller = IsolationController(characters, run.latent_hw, run.sampler["num_inference_steps"], config, bank)
     with isolated_attention(backbone.unet, controller):
         latents = backbone.denoise(backbone.encode([scene.prompt]), backbone.initial_latents([run.seeds[i]]),

@@ -121,10 +121,11 @@ def check_03(c):
 
 
 def check_04(c):
-    """Three methods, one image per scene each; a character's first scene alone is the model as is;
-    the bank holds every character; the toy metrics are percentages."""
+    """Three methods, one image per scene each; in a character's first scene alone isolated
+    cross-attention blends its ID prompt in, so it is not the model as is; the bank holds every
+    character; the toy metrics are percentages."""
     assert len(set(c["scenes"].values())) == 1 and set(c["scenes"]) == {"vanilla", "csa", "isolated"}
-    assert c["first_scene_isolated_equals_vanilla"]
+    assert not c["first_scene_isolated_equals_vanilla"]
     assert c["bank_characters"] == c["story_characters"]
     assert c["fallbacks"] >= 0
     # the comic strip and the attribute test are seed 0 of the metrics table: shared, not generated

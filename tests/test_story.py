@@ -11,7 +11,8 @@ from osa_lib.testing import _TINY_WORDS
 from osa_lib.bank import BankError, ReferenceBank
 from osa_lib.isolation import IsolationConfig
 from osa_lib.generation import METHODS, generate_story
-from osa_lib.story import Story, StoryError, load_story, parse_story
+from osa_lib.story import (Story, StoryCharacter, StoryError, described_prompt, load_story, parse_story,
+                           undescribed_prompt)
 
 STORY_DIR = Path(__file__).resolve().parent.parent / "data" / "stories"
 STORY_FILES = sorted(glob.glob(str(STORY_DIR / "*.yaml")))
@@ -375,3 +376,96 @@ def test_seed_offset_past_the_range_is_refused_before_generation(tiny, story, un
     with pytest.raises(StoryError, match=r"scene 1, seed: 18446744073709551622 is not accepted"):
         generate_story(tiny, story.with_seed_offset(2 ** 64 - 1), "vanilla", num_inference_steps=STEPS, progress=False)
     assert unet_calls == []
+
+
+# --- the same text for every method: descriptions in the scene prompts --------------------------
+def test_descriptions_go_where_the_word_is():
+    girl = StoryCharacter("Lily", "girl", "girl: blonde hair, black dress")
+    boy = StoryCharacter("Tom", "boy", "a boy with black hair")
+    circle = StoryCharacter("Rosa", "circle", "a red circle")
+    assert girl.description == "girl, blonde hair, black dress"
+    assert boy.description == "boy with black hair" and circle.description == "red circle"
+    assert described_prompt("a girl reading a book in the park", [girl]) == \
+        "a girl, blonde hair, black dress, reading a book in the park"
+    assert described_prompt("a girl and a boy in the snow", [girl, boy]) == \
+        "a girl, blonde hair, black dress, and a boy with black hair in the snow"
+    assert described_prompt("in the park, a girl", [girl]) == "in the park, a girl, blonde hair, black dress"
+    assert described_prompt("a circle in the meadow", [circle]) == "a red circle in the meadow"
+    assert described_prompt("a red circle in the meadow", [circle]) == "a red circle in the meadow"  # already there
+    assert undescribed_prompt("a red circle and a blue square in the snow", [circle]) == \
+        "a circle and a blue square in the snow"
+    with pytest.raises(StoryError, match="'Tom': its word 'boy' is not in the scene prompt"):
+        described_prompt("a girl in the park", [boy])
+
+
+@pytest.mark.parametrize("path", STORY_FILES, ids=lambda p: Path(p).stem)
+def test_shipped_stories_describe_their_characters_only_on_sdxl(path):
+    """SDXL stories put descriptions in for every method; toy stories do not (their uncoloured
+    stories test what a method copies), and stripping then describing gives the story back."""
+    story = load_story(path)
+    assert story.describe_characters == Path(path).stem.startswith("sdxl_")
+    described = story.with_descriptions()
+    for scene, drawn in zip(story.scenes, described.scenes):
+        for name in scene.characters:
+            assert story.characters[name].description.lower() in drawn.prompt.lower()
+    if not story.describe_characters:
+        assert [s.prompt for s in story.without_descriptions().with_descriptions().scenes] == \
+            [s.prompt for s in described.scenes]
+
+
+def test_describe_characters_must_be_a_boolean(tmp_path):
+    assert parse_story(story_dict()).describe_characters is False
+    assert parse_story(story_dict(describe_characters=True)).describe_characters is True
+    with pytest.raises(StoryError, match="field 'describe_characters': 'yes please' must be true or false"):
+        parse_story(story_dict(describe_characters="yes please"), "bad")
+    assert parse_story(story_dict(describe_characters=True)).with_seed_offset(5).describe_characters
+
+
+def _encoded_prompts(backbone, story, method, monkeypatch, **kwargs) -> list[str]:
+    """Every scene prompt ``method`` hands to ``backbone.encode``, sorted (CSA batches scenes)."""
+    seen = []
+    encode = backbone.encode
+
+    def recording(prompts, *args, **kw):
+        seen.extend(prompts)
+        return encode(prompts, *args, **kw)
+
+    monkeypatch.setattr(backbone, "encode", recording)
+    generate_story(backbone, story, method, progress=False, **kwargs)
+    monkeypatch.undo()
+    return sorted(seen)
+
+
+@pytest.mark.parametrize("describe", [True, False])
+def test_every_method_encodes_the_same_prompts_on_tiny_sdxl(tiny, monkeypatch, describe):
+    story = parse_story(story_dict())
+    expected = sorted(s.prompt for s in (story.with_descriptions() if describe else story).scenes)
+    assert (expected != sorted(s.prompt for s in story.scenes)) == describe
+    for method in METHODS:
+        assert _encoded_prompts(tiny, story, method, monkeypatch, num_inference_steps=2,
+                                describe=describe) == expected, method
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_backbone("toy", device="cpu")
+
+
+def test_every_method_encodes_the_same_described_prompts_on_the_toy(toy, monkeypatch):
+    """A named-colour toy story stripped of its colours, drawn with the description option: every
+    method reads the colour words again, the same prompts."""
+    story = load_story(STORY_DIR / "toy_newcomer.yaml").without_descriptions()
+    assert "red" not in story.scenes[0].prompt
+    expected = sorted(s.prompt for s in load_story(STORY_DIR / "toy_newcomer.yaml").scenes)
+    for method in METHODS:
+        assert _encoded_prompts(toy, story, method, monkeypatch, num_inference_steps=2, describe=True) == expected
+
+
+def test_the_stories_setting_is_the_default_and_results_carry_the_drawn_prompts(tiny):
+    story = parse_story(story_dict(describe_characters=True))
+    result = generate_story(tiny, story, "vanilla", num_inference_steps=2, progress=False)
+    assert [s.prompt for s in result.scenes] == [s.prompt for s in story.with_descriptions().scenes]
+    plain = generate_story(tiny, story, "vanilla", num_inference_steps=2, progress=False, describe=False)
+    assert [s.prompt for s in plain.scenes] == [s.prompt for s in story.scenes]
+    with pytest.raises(StoryError, match="describe=1 must be True, False or None"):
+        generate_story(tiny, story, "vanilla", describe=1)
