@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .attention import AttentionStore, capture_attention
-from .bank import ReferenceBank
+from .bank import ReferenceBank, drawn_with
 from .baselines import CSABank, CSAConfig, CSAController, consistent_self_attention, csa_layers, reference_scenes
 from .config import check_steps
 from .isolation import (IsolationConfig, IsolationController, SceneCharacter, check_mask_resolution,
@@ -142,10 +142,11 @@ def _generate_isolated(run: _Run, bank: ReferenceBank | None) -> StoryResult:
     ``bank`` and writes its new characters' references into it."""
     steps = run.sampler["num_inference_steps"]
     check_mask_resolution(run.backbone.unet, run.latent_hw, run.config)
+    drawn = drawn_with(run.backbone, steps)
     if bank is None:
-        bank = ReferenceBank(run.backbone.name, run.latent_hw, steps, device=run.backbone.bank_device)
+        bank = ReferenceBank(run.backbone.name, run.latent_hw, steps, device=run.backbone.bank_device, drawn=drawn)
     else:
-        bank.check_compatible(run.backbone.name, run.latent_hw, steps)
+        bank.check_compatible(run.backbone.name, run.latent_hw, steps, drawn)
         for name, c in run.story.characters.items():
             bank.check_identity(name, c.id_prompt, c.word)
     results = [_isolated_scene(run, i, bank) if run.story.scenes[i].characters else _plain_scene(run, i)

@@ -469,3 +469,22 @@ def test_the_stories_setting_is_the_default_and_results_carry_the_drawn_prompts(
     assert [s.prompt for s in plain.scenes] == [s.prompt for s in story.scenes]
     with pytest.raises(StoryError, match="describe=1 must be True, False or None"):
         generate_story(tiny, story, "vanilla", describe=1)
+
+
+def test_a_bank_drawn_by_other_weights_is_refused_before_the_unet_runs(toy):
+    """The base toy model and the shipped backbone (its fine-tuned up-block self-attention) share a
+    name, shapes and scheduler; only the weights tell their banks apart."""
+    base = load_backbone("toy", model_id=str(Path(__file__).resolve().parents[1] / "data" / "toy_model"), device="cpu")
+    story = load_story(STORY_DIR / "toy_single_journey.yaml")
+    first = Story(story.characters, story.scenes[:1], source="first scene")
+    bank = generate_story(base, first, "isolated", num_inference_steps=2, progress=False).bank
+    calls = []
+    hook = toy.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(BankError, match=r"other U-Net weights \(model_dir \S*toy_model, fingerprint \w+\) than "
+                                            r"this run's \(model_dir \S*toy_model, finetune \S*toy_finetune\S*, fingerprint"):
+            generate_story(toy, story, "isolated", bank=bank, num_inference_steps=2, progress=False)
+    finally:
+        hook.remove()
+    assert calls == []
+    generate_story(base, story, "isolated", bank=bank, num_inference_steps=2, progress=False)  # its own weights: fine
