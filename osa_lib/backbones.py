@@ -166,17 +166,20 @@ class Backbone:
             ends = i + n == len(word_of) or word_of[i + n] != word_of[i + n - 1]
             return starts and ends
 
-        positions = [i + k for i in range(len(prompt_ids) - n + 1)
-                     if prompt_ids[i:i + n] == word_ids and whole_words(i) for k in range(n)]
-        if not positions:
+        starts = [i for i in range(len(prompt_ids) - n + 1) if prompt_ids[i:i + n] == word_ids and whole_words(i)]
+        if not starts:
             raise ValueError(f"word {word!r} does not occur in prompt {prompt!r}; its words are "
                              f"{prompt.split()}. Put the character's word in the scene prompt.")
-        limit = tokenizer.model_max_length  # the text encoder cuts the prompt there
-        if min(positions) >= limit:
-            raise ValueError(f"word {word!r} is at token {min(positions)} of prompt {prompt!r}, but the text "
-                             f"encoder reads only the first {limit} tokens. Shorten the prompt or name the "
-                             f"character earlier.")
-        return [p for p in positions if p < limit]
+        # the text encoder reads the start token, model_max_length - 2 tokens and the end token:
+        # a token past the last real one (the end token's slot after truncation) is never read
+        last = tokenizer.model_max_length - 2
+        kept = [i for i in starts if i + n - 1 <= last]
+        if not kept:
+            raise ValueError(f"word {word!r} is at token {starts[0]} of prompt {prompt!r}, but the text encoder "
+                             f"reads only tokens 1 to {last} (the first {tokenizer.model_max_length} tokens hold "
+                             f"the start token, {last} words' tokens and the end token, which replaces token "
+                             f"{last + 1} when the prompt is cut). Shorten the prompt or name the character earlier.")
+        return [i + k for i in kept for k in range(n)]
 
     # --- sampling ---------------------------------------------------------------------
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:

@@ -488,3 +488,17 @@ def test_a_bank_drawn_by_other_weights_is_refused_before_the_unet_runs(toy):
         hook.remove()
     assert calls == []
     generate_story(base, story, "isolated", bank=bank, num_inference_steps=2, progress=False)  # its own weights: fine
+
+
+def test_subject_word_in_the_end_tokens_slot_is_refused_before_generation(tiny, unet_calls):
+    """Token 76 holds the end token once a prompt is cut to 77: a word there is never read."""
+    at = {m: "a " + "the " * m + "boy" for m in (73, 74)}  # start token, 'a', m × 'the', 'boy' at m + 2
+    assert tiny.token_positions(at[73], "boy") == [75]
+    data = story_dict()
+    data["scenes"][1]["prompt"] = at[74]
+    with pytest.raises(StoryError, match=r"scene 2, field 'prompt': word 'boy' is at token 76 .* reads only "
+                                         r"tokens 1 to 75 .* end token, which replaces token 76"):
+        generate_story(tiny, parse_story(data), "isolated", num_inference_steps=STEPS, progress=False)
+    assert unet_calls == []
+    twice = "a boy " + "the " * 73 + "boy"  # the second 'boy' is at 76: only the first is T_m
+    assert tiny.token_positions(twice, "boy") == [2]
