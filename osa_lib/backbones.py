@@ -21,12 +21,13 @@ SDXL share it) differ only in how they read prompts and decode latents; ``load_b
 name up in a registry of loaders (``_LOADERS``). Every backbone exposes the same small surface: ``encode`` (prompts -> conditioning with the
 classifier-free-guidance batch ``[uncond; cond]``), ``encode_text`` (hidden states only, for ID
 prompts), ``token_positions`` (where a word sits in a prompt), ``unet``, ``scheduler``,
-``initial_latents`` (one seed per image), ``denoise`` (the loop, with a per-step callback and
+``initial_latents`` / ``noise`` (one seed per image), ``timesteps`` (what the sampler visits), ``denoise`` (the loop, with a per-step callback and
 ``cross_attention_kwargs``) and ``decode`` (latents -> images).
 """
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -182,26 +183,57 @@ class Backbone:
         return [i + k for i in kept for k in range(n)]
 
     # --- sampling ---------------------------------------------------------------------
+    def noise(self, seeds: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """(B, C, h, w) initial noise and, per seed, the CPU generator that drew it: ``denoise``
+        draws an ancestral or SDE sampler's noise from it next (as diffusers' pipelines use one
+        generator for both), so an image depends only on its own seed, never on the global RNG."""
+        generators = [torch.Generator("cpu").manual_seed(check_seed(s)) for s in seeds]
+        noise = [torch.randn(self.latent_shape, generator=g) for g in generators]
+        return torch.stack(noise).to(self.device, self.dtype), generators
+
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:
         """(B, C, h, w) noise, one CPU generator per seed, so a scene's noise depends only on its seed."""
-        noise = [torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(check_seed(s)))
-                 for s in seeds]
-        return torch.stack(noise).to(self.device, self.dtype)
+        return self.noise(seeds)[0]
+
+    def timesteps(self, num_inference_steps: int | None = None) -> torch.Tensor:
+        """The timesteps the sampler visits for ``num_inference_steps`` steps, one U-Net call each: as
+        many as the steps for a first-order sampler (Euler, DDIM), about twice as many for a
+        second-order one (Heun, KDPM2). Step windows (warm-up, end, the bank's steps) count these."""
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(check_steps(num_inference_steps, self.default_steps), device="cpu")
+        return scheduler.timesteps
+
+    def unet_calls(self, num_inference_steps: int | None = None) -> int:
+        """How many U-Net calls (timesteps) ``denoise`` makes for ``num_inference_steps`` steps."""
+        return len(self.timesteps(num_inference_steps))
 
     def denoise(self, cond: Conditioning, latents: torch.Tensor, num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, callback: Callable | None = None,
-                cross_attention_kwargs: dict | None = None, progress: bool = True) -> torch.Tensor:
+                cross_attention_kwargs: dict | None = None, progress: bool = True,
+                generator: list[torch.Generator] | None = None) -> torch.Tensor:
         """Run the sampler from ``latents`` (B, C, h, w); returns the final latents.
 
         Args:
-            callback: called as ``callback(step_index, timestep, latents)`` after every step;
-                processors can read the step through shared state they own.
+            callback: called as ``callback(call_index, timestep, latents)`` after every U-Net call
+                (``unet_calls`` of them: two per step for a second-order sampler); processors can
+                read the step through shared state they own.
             cross_attention_kwargs: passed to every attention processor.
+            generator: one CPU generator per image (``noise``'s), from which a sampler that draws
+                noise at every step (ancestral, SDE) draws it. None: one seeded 0 per image, so a
+                run never reads the global RNG.
         """
         steps = check_steps(num_inference_steps, self.default_steps)
         guidance = self.default_guidance if guidance_scale is None else guidance_scale
         scheduler = copy.deepcopy(self.scheduler)  # samplers keep state; never share one
         scheduler.set_timesteps(steps, device=self.device)
+        step_kwargs = {}
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            if generator is None:
+                generator = [torch.Generator("cpu").manual_seed(0) for _ in range(latents.shape[0])]
+            if len(generator) != latents.shape[0]:
+                raise ValueError(f"{len(generator)} generators for {latents.shape[0]} images; give one per image "
+                                 f"(Backbone.noise(seeds) returns them)")
+            step_kwargs["generator"] = generator
         latents = latents * scheduler.init_noise_sigma
         with torch.no_grad():
             for i, t in enumerate(tqdm(scheduler.timesteps, desc=f"{self.name} sampling", disable=not progress,
@@ -211,7 +243,7 @@ class Backbone:
                                 added_cond_kwargs=cond.added, cross_attention_kwargs=cross_attention_kwargs).sample
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance * (eps_cond - eps_uncond)  # classifier-free guidance
-                latents = scheduler.step(eps, t, latents).prev_sample
+                latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
                 if callback is not None:
                     callback(i, t, latents)
         return latents
@@ -239,7 +271,8 @@ class Backbone:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         check_steps(kwargs.get("num_inference_steps"), self.default_steps)  # before encoding anything
-        latents = self.denoise(self.encode(list(prompts)), self.initial_latents(seeds), **kwargs)
+        latents, generators = self.noise(seeds)
+        latents = self.denoise(self.encode(list(prompts)), latents, generator=generators, **kwargs)
         return self.decode(latents)
 
 

@@ -69,6 +69,11 @@ class _Run:
     progress: bool
 
     @property
+    def unet_calls(self) -> int:
+        """U-Net calls per scene (the sampler's timesteps): what the method's step windows count."""
+        return self.backbone.unet_calls(self.sampler["num_inference_steps"])
+
+    @property
     def latent_hw(self) -> tuple[int, int]:
         return tuple(self.backbone.latent_shape[1:])
 
@@ -203,10 +208,11 @@ def _isolated_scene(run: _Run, i: int, bank: ReferenceBank) -> SceneResult:
     if all(c.is_new for c in characters):  # first scene of everyone: no references yet; the ID prompts
         solo_off = len(characters) == 1 and not config.solo_cross  # blend in (Eq. 6), even alone
         config = dataclasses.replace(config, isolated_self=False, isolated_cross=config.isolated_cross and not solo_off)
-    controller = IsolationController(characters, run.latent_hw, run.sampler["num_inference_steps"], config, bank)
+    controller = IsolationController(characters, run.latent_hw, run.unet_calls, config, bank)
+    noise, generators = backbone.noise([run.seeds[i]])
     with isolated_attention(backbone.unet, controller):
-        latents = backbone.denoise(backbone.encode([scene.prompt]), backbone.initial_latents([run.seeds[i]]),
-                                   callback=controller.step_callback, **run.sampler)
+        latents = backbone.denoise(backbone.encode([scene.prompt]), noise, callback=controller.step_callback,
+                                   generator=generators, **run.sampler)
     for c in characters:
         if c.is_new:
             bank.set_identity(c.name, story.characters[c.name].id_prompt, story.characters[c.name].word)
@@ -233,9 +239,9 @@ def _generate_batch(run: _Run, indices: list[int], csa: CSAController | None = N
             callback = store.step_callback
         if csa is not None:
             stack.enter_context(consistent_self_attention(backbone.unet, csa))
-        latents = backbone.denoise(backbone.encode([s.prompt for s in scenes]),
-                                   backbone.initial_latents([run.seeds[i] for i in indices]),
-                                   callback=callback, **run.sampler)
+        noise, generators = backbone.noise([run.seeds[i] for i in indices])
+        latents = backbone.denoise(backbone.encode([s.prompt for s in scenes]), noise, callback=callback,
+                                   generator=generators, **run.sampler)
     images = backbone.decode(latents)
     masks = _recorded_masks(store, counts, run.config) if record else [None] * len(scenes)
     return images, masks
