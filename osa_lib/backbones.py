@@ -40,6 +40,7 @@ from .config import SEED_RANGE, IsolationConfig, check_seed, check_steps, read_i
 from .testing import (SDXL_RANDOM_DIR, SDXL_UNET_CONFIG, build_random_sdxl_pipeline, build_tiny_clip_tokenizer,
                       build_tiny_sdxl_pipeline)
 from .toy.model import DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline
+from .toy.model import images_to_latents as toy_images_to_latents
 from .toy.model import latents_to_images as toy_latents_to_images
 from .toy.delta import DEFAULT_TOY_VARIANT, TOY_VARIANTS, load_toy_variant
 from .toy.world import normalise_prompt, parse_caption
@@ -136,6 +137,11 @@ class Backbone:
 
     def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, h, w) -> images (B, 3, H, W) float in [0, 1], not yet checked for NaN."""
+        raise NotImplementedError
+
+    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) float in [0, 1] -> latents (B, C, h, w): the inverse of ``decode_pixels``
+        (to re-noise a finished image, ``osa_lib.locate``)."""
         raise NotImplementedError
 
     def token_positions(self, prompt: str, word: str) -> list[int]:
@@ -302,6 +308,9 @@ class ToyBackbone(Backbone):
     def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         return toy_latents_to_images(latents.float())
 
+    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        return toy_images_to_latents(images.float() * 2 - 1).to(self.device, self.dtype)  # lossless
+
 
 @dataclass
 class SDXLBackbone(Backbone):
@@ -348,6 +357,29 @@ class SDXLBackbone(Backbone):
             if upcast:
                 vae.to(dtype=torch.float16)
         return (images.float() / 2 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize
+
+    @torch.no_grad()
+    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """The VAE's posterior mean, scaled as the pipeline scales latents (fp32 for an fp16 VAE
+        with ``force_upcast``, as ``decode_pixels``)."""
+        vae = self.pipe.vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            dtype = next(iter(vae.encoder.parameters())).dtype
+            latents = vae.encode((images * 2 - 1).to(vae.device, dtype)).latent_dist.mean
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = (latents - mean) * vae.config.scaling_factor / std
+        else:
+            latents = latents * vae.config.scaling_factor
+        return latents.to(self.device, self.dtype)
 
 
 def _resolve_device(device: str | None) -> torch.device:

@@ -29,8 +29,10 @@ IIS-toy per identity detail, mixed-scene counts and the reference-bank size.
 SDXL backbones (``osa_lib.sdxl_metrics``): TIS (CLIP score, higher is better), IIS (CLIP image
 cosine of the same character's crops across scenes, %, higher), AQ (LAION aesthetic predictor,
 1-10, higher) and DS (DreamSim similarity of the same character's crops across scenes, %,
-100·(1 − distance), higher). Crops come from the cross-attention + Otsu masks of each scene,
-recorded for vanilla and CSA exactly as isolated attention makes its masks. Which metric models
+100·(1 − distance), higher). Crops are square, around boxes found the same way in every method's
+final images (``osa_lib.locate``: each image re-noised to one timestep, one pass of the unmodified
+U-Net with its scene prompt, Otsu on the cross-attention maps; or OWLv2 with ``--detector``), and
+the report counts the crops found per method and names the scenes where one was not. Which metric models
 are missing, and how to get them, is said before any generation; the metrics that can be
 computed are, the others are left empty (the script stops if none can be).
 """
@@ -126,26 +128,40 @@ def sdxl_metric_models(args, device) -> tuple[dict, list[str]]:
         models["dreamsim"] = load_dreamsim(device, args.dreamsim_cache)
     except MissingWeightsError as error:
         missing.append(f"DS needs DreamSim: {error}")
+    if args.detector and models:
+        from osa_lib.locate import owlv2_detector
+        try:
+            models["detector"] = owlv2_detector(args.detector, device)
+        except MissingWeightsError as error:
+            missing.append(f"crops are located by the U-Net instead of OWLv2: {error}")
     return models, missing
 
 
-def character_crops(story, result) -> dict[str, list[np.ndarray]]:
-    """Each character's crop in every scene where its mask is not empty."""
-    from osa_lib.sdxl_metrics import crop_character
-    crops = {n: [] for n in story.characters}
+def character_crops(backbone, story, result, detector=None) -> tuple[dict[str, list[np.ndarray]], list[str]]:
+    """Each character's square crop in every scene it is in, located the same way for every method
+    (``osa_lib.locate.locate_characters``: one unmodified U-Net pass on the re-noised final image,
+    or ``detector``), and one line per crop not found, saying where and why."""
+    from osa_lib.locate import locate_characters
+    from osa_lib.sdxl_metrics import square_crop
+    crops, missing = {n: [] for n in story.characters}, []
     for scene in result.scenes:
-        if scene.masks is None:
+        if not scene.characters:
             continue
-        for name, mask in zip(scene.characters, scene.masks):
-            if mask.any():
-                crops[name].append(crop_character(scene.image, mask))
-    return crops
+        words = [story.characters[n].word for n in scene.characters]
+        located = locate_characters(backbone, scene.image, scene.prompt, words, detector=detector)
+        for name, box, reason in zip(scene.characters, located.boxes, located.reasons):
+            if box is None:
+                missing.append(f"scene {scene.index + 1}, {name}: {reason or 'not found'}")
+            else:
+                crops[name].append(square_crop(scene.image, box))
+    return crops, missing
 
 
-def sdxl_row_metrics(story, result, models: dict) -> dict:
-    """TIS, IIS, AQ, DS of one generated story (None where a model is missing or nothing to compare)."""
+def sdxl_row_metrics(backbone, story, result, models: dict) -> dict:
+    """TIS, IIS, AQ, DS of one generated story (None where a model is missing or nothing to compare),
+    with the crops found and expected and which were not found."""
     from osa_lib.sdxl_metrics import dreamsim_similarity, identity_similarity
-    crops = character_crops(story, result)
+    crops, missing = character_crops(backbone, story, result, models.get("detector"))
     row = {k: None for k in SDXL_METRICS}
     if "clip" in models:
         clip = models["clip"]
@@ -167,6 +183,7 @@ def sdxl_row_metrics(story, result, models: dict) -> dict:
                 per_character.append(float(ds.mean()))
         row["DS"] = float(np.mean(per_character)) if per_character else None
     row["crops per character"] = {n: len(c) for n, c in crops.items()}
+    row["crops found"], row["crops missing"] = sum(len(c) for c in crops.values()), missing
     return row
 
 
@@ -181,11 +198,11 @@ def run_job(backbone, path: str, k: int, methods: list[str], steps: int | None, 
     for method in methods:
         chosen = backbone.isolation_config(tuned=True) if method == TUNED else config
         result = generate_story(backbone, story, "isolated" if method == TUNED else method, config=chosen,
-                                num_inference_steps=steps, record_masks=models is not None, progress=False)
+                                num_inference_steps=steps, progress=False)
         if models is None:
             metrics = toy_story_metrics(story, result, details=True)
         else:
-            metrics = {**sdxl_row_metrics(story, result, models),
+            metrics = {**sdxl_row_metrics(backbone, story, result, models),
                        "seconds per scene": float(np.mean([s.seconds for s in result.scenes]))}
         rows.append({"story": Path(path).stem, "seed": k, "method": method, **metrics})
     return rows
@@ -215,6 +232,8 @@ def parse_args(argv=None):
     parser.add_argument("--clip", default=None, help="SDXL metrics: local folder of CLIP ViT-L/14")
     parser.add_argument("--aesthetic-weights", default=None, help="SDXL metrics: the LAION aesthetic head (.pth)")
     parser.add_argument("--dreamsim-cache", default=None, help="SDXL metrics: DreamSim's cache folder")
+    parser.add_argument("--detector", default=None, metavar="OWLV2_DIR",
+                        help="SDXL crops: locate characters with OWLv2 from this local folder instead of the U-Net")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in LABELS]
@@ -325,6 +344,15 @@ def report_sdxl(rows, args) -> None:
     keys = list(SDXL_METRICS) + ["seconds per scene"]
     print(f"## Per story ({args.seeds} seeds each; mean ± standard error; empty = not computed)\n")
     print(markdown_table(_per_story_table(rows, keys, args.methods)))
+    print("\n## Character crops (located the same way in every method's images)\n")
+    crops = []
+    for method in args.methods:
+        chosen = [r for r in rows if r["method"] == method]
+        found = sum(r["crops found"] for r in chosen)
+        missing = [f"{r['story']} seed {r['seed']}: {m}" for r in chosen for m in r["crops missing"]]
+        crops.append({"method": method, "crops found": f"{found} of {found + len(missing)}",
+                      "not found": "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")})
+    print(markdown_table(crops))
     print("\nDirections: " + "; ".join(f"{k} {d}" for k, d in SDXL_METRICS.items()) + "; seconds per scene lower is better.")
 
 

@@ -114,10 +114,14 @@ def test_sdxl_tiny_story_gets_every_metric_with_crops_for_every_method(tmp_path,
     assert [r["method"] for r in rows] == ["vanilla", "csa", "isolated"]
     for row in rows:
         assert 0 <= row["TIS"] <= 100 and np.isfinite(row["AQ"])
-        assert sum(row["crops per character"].values()) > 0, f"{row['method']}: masks recorded, crops made"
+        assert row["crops found"] + len(row["crops missing"]) == 5, row  # Lily twice, Tom once, then both
+        assert sum(row["crops per character"].values()) == row["crops found"] > 0, row
         if max(row["crops per character"].values()) >= 2:
             assert np.isfinite(row["IIS"]) and np.isfinite(row["DS"])
     assert any(r["IIS"] is not None for r in rows)
+    assert "## Character crops (located the same way in every method's images)" in out
+    for row in rows:
+        assert f"| {row['method']} | {row['crops found']} of 5 |" in out
 
 
 def test_missing_metric_models_are_named_before_any_generation(tmp_path, monkeypatch, capsys, load_script):
