@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from .attention import AttentionStore, capture_attention
@@ -50,6 +51,9 @@ class StoryResult:
     method: str
     scenes: list[SceneResult]
     bank: ReferenceBank | None = None
+    #: bytes of the method's bank (isolated: ``ReferenceBank``, CSA: ``CSABank``) kept on the
+    #: generating device at the end of the story; 0 when there is none or it is on the host
+    device_bank_bytes: int = 0
 
     @property
     def images(self) -> list[np.ndarray]:
@@ -156,7 +160,8 @@ def _generate_isolated(run: _Run, bank: ReferenceBank | None) -> StoryResult:
             bank.check_identity(name, c.id_prompt, c.word)
     results = [_isolated_scene(run, i, bank) if run.story.scenes[i].characters else _plain_scene(run, i)
                for i in run.scenes("isolated story")]
-    return StoryResult("isolated", results, bank)
+    on_device = bank.device.type == torch.device(run.backbone.device).type != "cpu"
+    return StoryResult("isolated", results, bank, bank.nbytes() if on_device else 0)
 
 
 def _generate_csa(run: _Run, csa: CSAConfig) -> StoryResult:
@@ -166,7 +171,7 @@ def _generate_csa(run: _Run, csa: CSAConfig) -> StoryResult:
     story = run.story
     refs = reference_scenes(story, csa.id_length)
     layers = csa_layers(run.backbone.unet)
-    bank, results = CSABank(), {}
+    bank, results = CSABank(device=run.backbone.bank_device), {}
     batches = []
     for name in story.characters:  # one write batch per character, scenes not drawn yet
         batch = [i for i in refs[name] if all(i not in b for b in batches)]
@@ -186,7 +191,10 @@ def _generate_csa(run: _Run, csa: CSAConfig) -> StoryResult:
         per_scene = (time.perf_counter() - started) / len(batch)
         for i, image, mask in zip(batch, images, masks):
             results[i] = run.result(i, image, per_scene, mask)
-    return StoryResult("csa", [results[i] for i in range(len(story.scenes))])
+    device = torch.device(run.backbone.device)
+    on_device = sum(t.numel() * t.element_size() for steps in bank.entries.values() for layers in steps.values()
+                    for t in layers.values() if t.device.type == device.type != "cpu")
+    return StoryResult("csa", [results[i] for i in range(len(story.scenes))], None, on_device)
 
 
 def _plain_scene(run: _Run, i: int) -> SceneResult:
