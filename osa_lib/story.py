@@ -224,6 +224,14 @@ def parse_story(data, source: str = "<story>") -> Story:
             fail(f"{where}, field 'seed'", seed_problem(seed))
         words[word] = name
         characters[name] = StoryCharacter(name, word, c["id_prompt"].strip(), seed)
+    if describe:  # another character's word inside a description would become part of its T_m
+        for name, c in characters.items():
+            for other in characters.values():
+                if other.name != name and _word_in(other.word, c.description):
+                    fail(f"character {name!r}, field 'id_prompt'", f"its description {c.description!r} holds the word "
+                                                                   f"{other.word!r} of {other.name!r}, so with "
+                                                                   f"describe_characters both would be read as "
+                                                                   f"{other.name!r}; reword one of them")
     scenes = []
     for i, s in enumerate(data["scenes"]):
         where = f"scene {i + 1}"

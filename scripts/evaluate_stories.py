@@ -8,6 +8,11 @@
     accelerate launch --multi_gpu --num_processes 4 scripts/evaluate_stories.py ...   # stories x seeds split over GPUs
     CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 scripts/evaluate_stories.py ...  # over CPU processes
 
+SDXL runs: ``--cpu-offload`` for 12-16 GB cards (the metric models come to the GPU only to score,
+after each story is drawn); ``--export DIR`` writes every image in ViStoryBench's layout
+(``DIR/<method>/<story>/shot_XX.png`` and a ``prompts.json``); the report pairs isolated attention
+with each other method by story and seed (mean difference ± standard error).
+
 Seed k of a story shifts every scene seed by k * 1000 (``Story.with_seed_offset``). Under
 ``accelerate launch`` the (story, seed) jobs are split over the processes with
 ``PartialState().split_between_processes``, each process loads the backbone on its own device,
@@ -191,21 +196,79 @@ def clip_device(models):
     return models["clip"].device if "clip" in models else None
 
 
+@contextlib.contextmanager
+def scoring_on(models: dict, device):
+    """The metric models on ``device`` while open, back on the host after: they are loaded on the
+    host and take the GPU's memory only while they score, never while a story is drawn."""
+    def place(where):
+        where = torch.device(where)
+        if "clip" in models:
+            models["clip"].model.to(where)
+            models["clip"].device = where
+        if "aesthetic" in models:
+            models["aesthetic"].to(where)
+        if "dreamsim" in models and hasattr(models["dreamsim"][0], "to"):
+            models["dreamsim"][0].to(where)
+    place(device)
+    try:
+        yield models
+    finally:
+        place("cpu")
+
+
 # --- one job: one story, one seed, every method -----------------------------------------------
-def run_job(backbone, path: str, k: int, methods: list[str], steps: int | None, config, models: dict | None) -> list[dict]:
+def run_job(backbone, path: str, k: int, methods: list[str], steps: int | None, config, models: dict | None,
+            export: str | None = None, seeds: int = 1, device="cpu") -> list[dict]:
+    """Every method on one story and seed: generated first, then scored (SDXL: the metric models
+    come to ``device`` only for the scoring); with ``export``, each image is also written out."""
     story = load_story(path).with_seed_offset(k * SEED_STRIDE)
+    results = {m: generate_story(backbone, story, "isolated" if m == TUNED else m, num_inference_steps=steps,
+                                 config=backbone.isolation_config(tuned=True) if m == TUNED else config, progress=False)
+               for m in methods}
+    if export:
+        export_vistorybench(export, story_id(path, k, seeds), story, results)
     rows = []
-    for method in methods:
-        chosen = backbone.isolation_config(tuned=True) if method == TUNED else config
-        result = generate_story(backbone, story, "isolated" if method == TUNED else method, config=chosen,
-                                num_inference_steps=steps, progress=False)
-        if models is None:
-            metrics = toy_story_metrics(story, result, details=True)
-        else:
-            metrics = {**sdxl_row_metrics(backbone, story, result, models),
-                       "seconds per scene": float(np.mean([s.seconds for s in result.scenes]))}
-        rows.append({"story": Path(path).stem, "seed": k, "method": method, **metrics})
+    with (scoring_on(models, device) if models else contextlib.nullcontext()):
+        for method, result in results.items():
+            if models is None:
+                metrics = toy_story_metrics(story, result, details=True)
+            else:
+                metrics = {**sdxl_row_metrics(backbone, story, result, models),
+                           "seconds per scene": float(np.mean([s.seconds for s in result.scenes]))}
+            rows.append({"story": Path(path).stem, "seed": k, "method": method, **metrics})
     return rows
+
+
+def story_id(path: str, k: int, seeds: int) -> str:
+    """A story's folder name in an export: its file's stem, with the seed when there are several."""
+    return Path(path).stem if seeds == 1 else f"{Path(path).stem}_seed{k}"
+
+
+def export_vistorybench(folder: str, story_name: str, story, results: dict) -> None:
+    """Write each method's images as ``<folder>/<method>/<story>/shot_XX.png`` (ViStoryBench's
+    layout) and the story's shots, prompts and characters to ``<folder>/<method>/<story>/prompts.json``,
+    so the run can be scored with that benchmark's tools. Every file is written to a temporary
+    name and renamed into place."""
+    import os
+
+    from PIL import Image
+    for method, result in results.items():
+        out = Path(folder) / method / story_name
+        out.mkdir(parents=True, exist_ok=True)
+        shots = []
+        for i, scene in enumerate(result.scenes, start=1):
+            name = f"shot_{i:02d}.png"
+            tmp = out / f".{name}.tmp"
+            Image.fromarray(np.round(np.clip(scene.image, 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG")
+            os.replace(tmp, out / name)
+            shots.append({"index": i, "image": name, "prompt": scene.prompt, "characters": scene.characters,
+                          "seed": scene.seed})
+        record = {"story": story_name, "title": story.title, "method": method,
+                  "characters": {n: {"word": c.word, "id_prompt": c.id_prompt} for n, c in story.characters.items()},
+                  "shots": shots}
+        tmp = out / ".prompts.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, out / "prompts.json")
 
 
 def _json_ready(value):
@@ -232,6 +295,12 @@ def parse_args(argv=None):
     parser.add_argument("--clip", default=None, help="SDXL metrics: local folder of CLIP ViT-L/14")
     parser.add_argument("--aesthetic-weights", default=None, help="SDXL metrics: the LAION aesthetic head (.pth)")
     parser.add_argument("--dreamsim-cache", default=None, help="SDXL metrics: DreamSim's cache folder")
+    parser.add_argument("--cpu-offload", action="store_true",
+                        help="SDXL on a 12-16 GB card: each model on the GPU only while it runs (load_backbone's "
+                             "cpu_offload; reference banks on the host)")
+    parser.add_argument("--export", default=None, metavar="DIR",
+                        help="also write every image as DIR/<method>/<story>/shot_XX.png with a prompts.json "
+                             "(ViStoryBench's layout)")
     parser.add_argument("--detector", default=None, metavar="OWLV2_DIR",
                         help="SDXL crops: locate characters with OWLv2 from this local folder instead of the U-Net")
     args = parser.parse_args(argv)
@@ -239,6 +308,8 @@ def parse_args(argv=None):
     unknown = [m for m in args.methods if m not in LABELS]
     if unknown or not args.methods:
         parser.error(f"unknown method(s) {unknown}; choose from {list(LABELS)}")
+    if args.cpu_offload and args.backbone == "toy":
+        parser.error("--cpu-offload is for the SDXL backbones (the toy model is small and runs on the CPU)")
     if args.stories is None:
         pattern = "toy_*.yaml" if args.backbone == "toy" else "sdxl_*.yaml"
         args.stories = sorted(str(p) for p in (ROOT / "data" / "stories").glob(pattern))
@@ -253,7 +324,7 @@ def main(argv=None) -> list[dict] | None:
         load_story(path)  # every story file is checked before anything is generated
     models = None
     if args.backbone != "toy":
-        models, missing = sdxl_metric_models(args, state.device)
+        models, missing = sdxl_metric_models(args, "cpu")  # on the device only while scoring (scoring_on)
         say("## Metric models\n")
         for name, direction in SDXL_METRICS.items():
             say(f"- {name}: {direction}")
@@ -265,7 +336,8 @@ def main(argv=None) -> list[dict] | None:
         say(f"\nComputing {', '.join(k for k in SDXL_METRICS if _computable(k, models))}; "
             f"the other columns stay empty.\n" if missing else "")
     torch.manual_seed(0)
-    backbone = load_backbone(args.backbone, model_id=args.model_id, device=str(state.device))
+    backbone = load_backbone(args.backbone, model_id=args.model_id, device=str(state.device),
+                             cpu_offload=args.cpu_offload)
     config = backbone.isolation_config()
     if TUNED in args.methods and not backbone.tuned_isolation:
         args.methods = [m for m in args.methods if m != TUNED]
@@ -275,7 +347,8 @@ def main(argv=None) -> list[dict] | None:
     rows = []
     with state.split_between_processes(jobs) as mine:
         for path, k in mine:
-            rows += run_job(backbone, path, k, args.methods, args.steps, config, models)
+            rows += run_job(backbone, path, k, args.methods, args.steps, config, models, args.export, args.seeds,
+                            state.device)
     rows = gather_rows(state, rows)
     try:
         if state.is_main_process:
@@ -340,10 +413,33 @@ def _per_story_table(rows, metrics, methods):
     return table
 
 
+def paired_differences(rows, metrics, methods, reference: str = "isolated") -> list[dict]:
+    """Per other method: ``reference`` minus it on each metric, over the (story, seed) pairs where
+    both have a number, as "mean ± standard error (n pairs)"."""
+    if reference not in methods:
+        return []
+    by = {(r["story"], r["seed"], r["method"]): r for r in rows}
+    table = []
+    for other in [m for m in methods if m != reference]:
+        cells = {"difference": f"{reference} − {other}"}
+        for key in metrics:
+            d = [by[(s, k, reference)][key] - by[(s, k, other)][key] for (s, k, m) in by if m == reference
+                 and (s, k, other) in by and by[(s, k, reference)].get(key) is not None
+                 and by[(s, k, other)].get(key) is not None]
+            mean, sem = _mean_sem(d)
+            cells[key] = f"{mean:+.2f} ± {sem:.2f} ({len(d)})" if d else ""
+        table.append(cells)
+    return table
+
+
 def report_sdxl(rows, args) -> None:
     keys = list(SDXL_METRICS) + ["seconds per scene"]
     print(f"## Per story ({args.seeds} seeds each; mean ± standard error; empty = not computed)\n")
     print(markdown_table(_per_story_table(rows, keys, args.methods)))
+    paired = paired_differences(rows, list(SDXL_METRICS), args.methods)
+    if paired:
+        print("\n## Isolated minus each other method, paired by story and seed (mean ± standard error)\n")
+        print(markdown_table(paired))
     print("\n## Character crops (located the same way in every method's images)\n")
     crops = []
     for method in args.methods:

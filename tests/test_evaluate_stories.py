@@ -177,3 +177,31 @@ def test_the_tuned_row_runs_isolated_with_the_backbones_tuned_switches(tmp_path,
     report = (tmp_path / "report.md").read_text()
     assert "Isolated attention ran with the paper's switches." in report
     assert "isolated-tuned ran with the paper's switches except " in report and "variant 'isolation-tuned'" in report
+
+
+def test_sdxl_run_exports_vistorybench_layout_and_pairs_the_methods(tmp_path, tiny_metric_models, capsys, load_script):
+    """``--export``: method/story/shot_XX.png with a prompts.json for every method; the report pairs
+    isolated attention with the others by story and seed; metric models are back on the host."""
+    script = load_script("evaluate_stories")
+    story = _story(tmp_path, SDXL_STORY, "pair.yaml")
+    rows = script.main(["--backbone", "sdxl-tiny", "--stories", story, "--seeds", "2", "--methods", "vanilla,isolated",
+                        "--steps", "2", "--export", str(tmp_path / "export"), *tiny_metric_models])
+    out = capsys.readouterr().out
+    for method in ("vanilla", "isolated"):
+        for k in (0, 1):
+            folder = tmp_path / "export" / method / f"pair_seed{k}"
+            assert sorted(p.name for p in folder.iterdir()) == ["prompts.json"] + [f"shot_{i:02d}.png" for i in range(1, 5)]
+            record = json.loads((folder / "prompts.json").read_text())
+            assert [s["prompt"] for s in record["shots"]] == [s["prompt"] for s in SDXL_STORY["scenes"]]
+            assert record["characters"]["Lily"]["id_prompt"] == "a girl with blonde hair"
+    assert "## Isolated minus each other method, paired by story and seed" in out
+    by = {(r["seed"], r["method"]): r for r in rows}
+    tis = [by[(k, "isolated")]["TIS"] - by[(k, "vanilla")]["TIS"] for k in (0, 1)]
+    expected = f"{np.mean(tis):+.2f} ± {np.std(tis, ddof=1) / np.sqrt(2):.2f} (2)"
+    assert f"| isolated − vanilla | {expected} |" in out
+
+
+def test_cpu_offload_is_for_sdxl(load_script):
+    with pytest.raises(SystemExit):
+        load_script("evaluate_stories").parse_args(["--cpu-offload"])
+    assert load_script("evaluate_stories").parse_args(["--backbone", "sdxl-tiny", "--cpu-offload"]).cpu_offload

@@ -502,3 +502,27 @@ def test_subject_word_in_the_end_tokens_slot_is_refused_before_generation(tiny, 
     assert unet_calls == []
     twice = "a boy " + "the " * 73 + "boy"  # the second 'boy' is at 76: only the first is T_m
     assert tiny.token_positions(twice, "boy") == [2]
+
+
+def test_a_description_may_not_hold_another_characters_word():
+    data = story_dict(describe_characters=True)
+    data["characters"][1]["id_prompt"] = "a boy with a girl hat"
+    with pytest.raises(StoryError, match="character 'Tom', field 'id_prompt': its description 'boy with a girl hat' "
+                                         "holds the word 'girl' of 'Lily'"):
+        parse_story(data, "bad")
+    data["describe_characters"] = False  # without descriptions in the scene prompts it does no harm
+    parse_story(data, "fine")
+
+
+def test_the_sdxl_story_set_covers_singles_pairs_newcomers_and_similar_characters():
+    stories = {Path(p).stem: load_story(p) for p in STORY_FILES if Path(p).stem.startswith("sdxl_")}
+    assert 8 <= len(stories) <= 10
+    assert all(4 <= len(s.scenes) <= 6 for s in stories.values())
+    sizes = [len(s.characters) for s in stories.values()]
+    assert sizes.count(1) >= 2 and sizes.count(2) >= 4
+    newcomer = [n for n, s in stories.items()
+                if any(any(c not in {x for prev in s.scenes[:i] for x in prev.characters} for c in scene.characters)
+                       and any(c in {x for prev in s.scenes[:i] for x in prev.characters} for c in scene.characters)
+                       for i, scene in enumerate(s.scenes))]
+    assert newcomer, "a story where a new character is drawn beside a returning one"
+    assert "girl" in {c.word for c in stories["sdxl_two_girls"].characters.values()}
