@@ -21,12 +21,13 @@ SDXL share it) differ only in how they read prompts and decode latents; ``load_b
 name up in a registry of loaders (``_LOADERS``). Every backbone exposes the same small surface: ``encode`` (prompts -> conditioning with the
 classifier-free-guidance batch ``[uncond; cond]``), ``encode_text`` (hidden states only, for ID
 prompts), ``token_positions`` (where a word sits in a prompt), ``unet``, ``scheduler``,
-``initial_latents`` (one seed per image), ``denoise`` (the loop, with a per-step callback and
+``initial_latents`` / ``noise`` (one seed per image), ``timesteps`` (what the sampler visits), ``denoise`` (the loop, with a per-step callback and
 ``cross_attention_kwargs``) and ``decode`` (latents -> images).
 """
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -39,6 +40,7 @@ from .config import SEED_RANGE, IsolationConfig, check_seed, check_steps, read_i
 from .testing import (SDXL_RANDOM_DIR, SDXL_UNET_CONFIG, build_random_sdxl_pipeline, build_tiny_clip_tokenizer,
                       build_tiny_sdxl_pipeline)
 from .toy.model import DEFAULT_GUIDANCE, DEFAULT_MODEL_DIR, DEFAULT_STEPS, LATENT_CHANNELS, LATENT_SIZE, ToyPipeline
+from .toy.model import images_to_latents as toy_images_to_latents
 from .toy.model import latents_to_images as toy_latents_to_images
 from .toy.delta import DEFAULT_TOY_VARIANT, TOY_VARIANTS, load_toy_variant
 from .toy.world import normalise_prompt, parse_caption
@@ -137,6 +139,11 @@ class Backbone:
         """Latents (B, C, h, w) -> images (B, 3, H, W) float in [0, 1], not yet checked for NaN."""
         raise NotImplementedError
 
+    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) float in [0, 1] -> latents (B, C, h, w): the inverse of ``decode_pixels``
+        (to re-noise a finished image, ``osa_lib.locate``)."""
+        raise NotImplementedError
+
     def token_positions(self, prompt: str, word: str) -> list[int]:
         """Indices of the token(s) of ``word`` in the tokenised ``prompt`` (all occurrences).
 
@@ -166,39 +173,73 @@ class Backbone:
             ends = i + n == len(word_of) or word_of[i + n] != word_of[i + n - 1]
             return starts and ends
 
-        positions = [i + k for i in range(len(prompt_ids) - n + 1)
-                     if prompt_ids[i:i + n] == word_ids and whole_words(i) for k in range(n)]
-        if not positions:
+        starts = [i for i in range(len(prompt_ids) - n + 1) if prompt_ids[i:i + n] == word_ids and whole_words(i)]
+        if not starts:
             raise ValueError(f"word {word!r} does not occur in prompt {prompt!r}; its words are "
                              f"{prompt.split()}. Put the character's word in the scene prompt.")
-        limit = tokenizer.model_max_length  # the text encoder cuts the prompt there
-        if min(positions) >= limit:
-            raise ValueError(f"word {word!r} is at token {min(positions)} of prompt {prompt!r}, but the text "
-                             f"encoder reads only the first {limit} tokens. Shorten the prompt or name the "
-                             f"character earlier.")
-        return [p for p in positions if p < limit]
+        # the text encoder reads the start token, model_max_length - 2 tokens and the end token:
+        # a token past the last real one (the end token's slot after truncation) is never read
+        last = tokenizer.model_max_length - 2
+        kept = [i for i in starts if i + n - 1 <= last]
+        if not kept:
+            raise ValueError(f"word {word!r} is at token {starts[0]} of prompt {prompt!r}, but the text encoder "
+                             f"reads only tokens 1 to {last} (the first {tokenizer.model_max_length} tokens hold "
+                             f"the start token, {last} words' tokens and the end token, which replaces token "
+                             f"{last + 1} when the prompt is cut). Shorten the prompt or name the character earlier.")
+        return [i + k for i in kept for k in range(n)]
 
     # --- sampling ---------------------------------------------------------------------
+    def noise(self, seeds: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """(B, C, h, w) initial noise and, per seed, the CPU generator that drew it: ``denoise``
+        draws an ancestral or SDE sampler's noise from it next (as diffusers' pipelines use one
+        generator for both), so an image depends only on its own seed, never on the global RNG."""
+        generators = [torch.Generator("cpu").manual_seed(check_seed(s)) for s in seeds]
+        noise = [torch.randn(self.latent_shape, generator=g) for g in generators]
+        return torch.stack(noise).to(self.device, self.dtype), generators
+
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:
         """(B, C, h, w) noise, one CPU generator per seed, so a scene's noise depends only on its seed."""
-        noise = [torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(check_seed(s)))
-                 for s in seeds]
-        return torch.stack(noise).to(self.device, self.dtype)
+        return self.noise(seeds)[0]
+
+    def timesteps(self, num_inference_steps: int | None = None) -> torch.Tensor:
+        """The timesteps the sampler visits for ``num_inference_steps`` steps, one U-Net call each: as
+        many as the steps for a first-order sampler (Euler, DDIM), about twice as many for a
+        second-order one (Heun, KDPM2). Step windows (warm-up, end, the bank's steps) count these."""
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(check_steps(num_inference_steps, self.default_steps), device="cpu")
+        return scheduler.timesteps
+
+    def unet_calls(self, num_inference_steps: int | None = None) -> int:
+        """How many U-Net calls (timesteps) ``denoise`` makes for ``num_inference_steps`` steps."""
+        return len(self.timesteps(num_inference_steps))
 
     def denoise(self, cond: Conditioning, latents: torch.Tensor, num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, callback: Callable | None = None,
-                cross_attention_kwargs: dict | None = None, progress: bool = True) -> torch.Tensor:
+                cross_attention_kwargs: dict | None = None, progress: bool = True,
+                generator: list[torch.Generator] | None = None) -> torch.Tensor:
         """Run the sampler from ``latents`` (B, C, h, w); returns the final latents.
 
         Args:
-            callback: called as ``callback(step_index, timestep, latents)`` after every step;
-                processors can read the step through shared state they own.
+            callback: called as ``callback(call_index, timestep, latents)`` after every U-Net call
+                (``unet_calls`` of them: two per step for a second-order sampler); processors can
+                read the step through shared state they own.
             cross_attention_kwargs: passed to every attention processor.
+            generator: one CPU generator per image (``noise``'s), from which a sampler that draws
+                noise at every step (ancestral, SDE) draws it. None: one seeded 0 per image, so a
+                run never reads the global RNG.
         """
         steps = check_steps(num_inference_steps, self.default_steps)
         guidance = self.default_guidance if guidance_scale is None else guidance_scale
         scheduler = copy.deepcopy(self.scheduler)  # samplers keep state; never share one
         scheduler.set_timesteps(steps, device=self.device)
+        step_kwargs = {}
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            if generator is None:
+                generator = [torch.Generator("cpu").manual_seed(0) for _ in range(latents.shape[0])]
+            if len(generator) != latents.shape[0]:
+                raise ValueError(f"{len(generator)} generators for {latents.shape[0]} images; give one per image "
+                                 f"(Backbone.noise(seeds) returns them)")
+            step_kwargs["generator"] = generator
         latents = latents * scheduler.init_noise_sigma
         with torch.no_grad():
             for i, t in enumerate(tqdm(scheduler.timesteps, desc=f"{self.name} sampling", disable=not progress,
@@ -208,7 +249,7 @@ class Backbone:
                                 added_cond_kwargs=cond.added, cross_attention_kwargs=cross_attention_kwargs).sample
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance * (eps_cond - eps_uncond)  # classifier-free guidance
-                latents = scheduler.step(eps, t, latents).prev_sample
+                latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
                 if callback is not None:
                     callback(i, t, latents)
         return latents
@@ -236,7 +277,8 @@ class Backbone:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         check_steps(kwargs.get("num_inference_steps"), self.default_steps)  # before encoding anything
-        latents = self.denoise(self.encode(list(prompts)), self.initial_latents(seeds), **kwargs)
+        latents, generators = self.noise(seeds)
+        latents = self.denoise(self.encode(list(prompts)), latents, generator=generators, **kwargs)
         return self.decode(latents)
 
 
@@ -265,6 +307,9 @@ class ToyBackbone(Backbone):
 
     def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         return toy_latents_to_images(latents.float())
+
+    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        return toy_images_to_latents(images.float() * 2 - 1).to(self.device, self.dtype)  # lossless
 
 
 @dataclass
@@ -312,6 +357,29 @@ class SDXLBackbone(Backbone):
             if upcast:
                 vae.to(dtype=torch.float16)
         return (images.float() / 2 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize
+
+    @torch.no_grad()
+    def encode_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """The VAE's posterior mean, scaled as the pipeline scales latents (fp32 for an fp16 VAE
+        with ``force_upcast``, as ``decode_pixels``)."""
+        vae = self.pipe.vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            dtype = next(iter(vae.encoder.parameters())).dtype
+            latents = vae.encode((images * 2 - 1).to(vae.device, dtype)).latent_dist.mean
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = (latents - mean) * vae.config.scaling_factor / std
+        else:
+            latents = latents * vae.config.scaling_factor
+        return latents.to(self.device, self.dtype)
 
 
 def _resolve_device(device: str | None) -> torch.device:

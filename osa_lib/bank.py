@@ -9,13 +9,21 @@ SDXL on a GPU) and on the bank's ``device``: the generating device by default, s
 GPU never copies references between host and device
 (``Backbone.bank_device``; the CPU when the backbone offloads its models to fit a small card).
 
+A bank knows what drew it (``drawn_with``): a fingerprint of the U-Net's weights
+(``weights_fingerprint``: its config and a sample of every up-block self-attention layer's key and
+value projections, the weights that made the stored tokens) and the scheduler with its timesteps.
+A bank drawn with other weights (a fine-tune, another checkpoint) or another sampling schedule
+holds keys and values those weights never produce at those noise levels; it is refused before
+the U-Net runs (``check_compatible``), naming both.
+
 On disk: one safetensors file; its metadata carries a JSON header (format version, backbone,
-latent size, number of steps, characters with their ID prompts and words, a sha256 of the tensor
-data) so a bank from another backbone, an altered or a damaged file is refused with a clear
-error. Writes go to a temporary ``.<name>.tmp`` file that is renamed into place.
+latent size, number of steps, what drew it, characters with their ID prompts and words, a sha256
+of the tensor data) so a bank from another backbone, an altered or a damaged file is refused with
+a clear error. Writes go to a temporary ``.<name>.tmp`` file that is renamed into place.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -29,9 +37,42 @@ import torch
 from .layers import find_attention_layers
 from .transfer import concrete_device
 
-__all__ = ["ReferenceBank", "BankError", "BANK_FORMAT_VERSION", "check_name", "estimate_bank_bytes"]
+__all__ = ["ReferenceBank", "BankError", "BANK_FORMAT_VERSION", "check_name", "estimate_bank_bytes",
+           "weights_fingerprint", "drawn_with"]
 
-BANK_FORMAT_VERSION = 2  # 2: sha256 of the tensor data and each character's ID prompt and word
+BANK_FORMAT_VERSION = 3  # 3: the weights' fingerprint and the scheduler; 2: sha256, ID prompts and words
+_SAMPLES_PER_TENSOR = 1024  # values of each hashed weight, evenly spaced
+
+
+def weights_fingerprint(unet) -> str:
+    """A short hash of a U-Net's weights: its config and, for every up-block self-attention layer,
+    1024 evenly spaced values of its key and value projections (the weights that make a bank's
+    tokens), rounded to float16 so the same checkpoint loaded in fp32 or fp16 agrees. Reading a
+    few thousand values per layer, it costs milliseconds even for SDXL on a GPU."""
+    digest = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    modules = dict(unet.named_modules())
+    for layer in find_attention_layers(unet, kind="self", places=("up",)):
+        attn = modules[layer.name.rsplit(".processor", 1)[0]]
+        for part in ("to_k", "to_v"):
+            weight = getattr(attn, part).weight.detach().reshape(-1)  # (out·in,)
+            picks = torch.linspace(0, weight.numel() - 1, min(_SAMPLES_PER_TENSOR, weight.numel()),
+                                   device=weight.device).long()
+            sample = weight.index_select(0, picks).to("cpu", torch.float16)
+            digest.update(f"{layer.name}.{part}|{tuple(weight.shape)}|".encode())
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def drawn_with(backbone, num_steps: int) -> dict:
+    """What a bank drawn on ``backbone`` with ``num_steps`` steps records about its making:
+    ``{"weights": {"fingerprint", "source"}, "scheduler": {"name", "timesteps"}}``."""
+    info = getattr(backbone, "info", {})
+    source = ", ".join(f"{key} {info[key]}" for key in ("model_id", "model_dir", "finetune") if info.get(key))
+    scheduler = copy.deepcopy(backbone.scheduler)
+    scheduler.set_timesteps(num_steps, device="cpu")
+    return {"weights": {"fingerprint": weights_fingerprint(backbone.unet), "source": source or backbone.name},
+            "scheduler": {"name": type(scheduler).__name__,
+                          "timesteps": [round(float(t), 4) for t in scheduler.timesteps]}}
 
 
 class BankError(ValueError):
@@ -60,6 +101,8 @@ class ReferenceBank:
     tokens: dict[str, dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     identities: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {"id_prompt", "word"}
     device: torch.device = torch.device("cpu")
+    #: what drew the tokens (``drawn_with``); None for a bank not drawn by a backbone (not checked)
+    drawn: dict | None = None
 
     def __post_init__(self):
         self.device = concrete_device(self.device)
@@ -114,8 +157,14 @@ class ReferenceBank:
         nearest = self.nearest_step(name, step)
         return {layer: kv for (layer, s), kv in self.tokens.get(name, {}).items() if s == nearest}
 
-    def check_compatible(self, backbone: str, latent_hw: tuple[int, int], num_steps: int) -> None:
-        """Raise ``BankError`` if this bank cannot serve a run with these settings."""
+    def check_compatible(self, backbone: str, latent_hw: tuple[int, int], num_steps: int,
+                         drawn: dict | None = None) -> None:
+        """Raise ``BankError`` if this bank cannot serve a run with these settings.
+
+        Args:
+            drawn: the run's ``drawn_with(backbone, num_steps)``; its weights and scheduler are
+                compared with the bank's when both are known.
+        """
         problems = []
         if backbone != self.backbone:
             problems.append(f"it was made with backbone {self.backbone!r}, this run uses {backbone!r}")
@@ -123,6 +172,18 @@ class ReferenceBank:
             problems.append(f"latent size {tuple(self.latent_hw)} != {tuple(latent_hw)}")
         if num_steps != self.num_steps:
             problems.append(f"it has {self.num_steps} denoising steps, this run uses {num_steps}")
+        if drawn is not None and self.drawn is not None:
+            ours, theirs = self.drawn["weights"], drawn["weights"]
+            if ours["fingerprint"] != theirs["fingerprint"]:
+                problems.append(f"it was drawn with other U-Net weights ({ours['source']}, fingerprint "
+                                f"{ours['fingerprint']}) than this run's ({theirs['source']}, fingerprint "
+                                f"{theirs['fingerprint']})")
+            ours, theirs = self.drawn["scheduler"], drawn["scheduler"]
+            if ours["name"] != theirs["name"]:
+                problems.append(f"it was drawn with the scheduler {ours['name']}, this run uses {theirs['name']}")
+            elif ours["timesteps"] != theirs["timesteps"]:
+                problems.append(f"its {ours['name']} timesteps {_short(ours['timesteps'])} differ from this run's "
+                                f"{_short(theirs['timesteps'])} (another timestep spacing or offset)")
         if problems:
             raise BankError("reference bank does not fit this run: " + "; ".join(problems) +
                             ". Regenerate the characters' first scenes with these settings.")
@@ -149,7 +210,7 @@ class ReferenceBank:
                 tensors[f"{name}|{i}|k"], tensors[f"{name}|{i}|v"] = k.contiguous().cpu(), v.contiguous().cpu()
                 index.append([name, i, layer, step])
         header = {"format": "osa-lab reference bank", "version": BANK_FORMAT_VERSION, "backbone": self.backbone,
-                  "latent_hw": list(self.latent_hw), "num_steps": self.num_steps,
+                  "latent_hw": list(self.latent_hw), "num_steps": self.num_steps, "drawn": self.drawn,
                   "characters": list(self.tokens), "identities": self.identities, "index": index,
                   "sha256": _digest(tensors)}
         tmp = path.with_name(f".{path.name}.tmp")
@@ -179,10 +240,15 @@ class ReferenceBank:
                             f"The file is damaged or not a bank saved by ReferenceBank.save.") from error
         _check_header(header, tensors, path)
         bank = cls(header["backbone"], tuple(header["latent_hw"]), header["num_steps"],
-                   identities={n: dict(i) for n, i in header["identities"].items()}, device=device)
+                   identities={n: dict(i) for n, i in header["identities"].items()}, device=device,
+                   drawn=header["drawn"])
         for name, i, layer, step in header["index"]:
             bank.add(name, layer, step, tensors[f"{name}|{i}|k"], tensors[f"{name}|{i}|v"])
         return bank
+
+
+def _short(values: list) -> str:
+    return str(values) if len(values) <= 6 else f"[{values[0]}, {values[1]}, {values[2]}, ..., {values[-1]}]"
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -207,9 +273,16 @@ def _check_header(header, tensors: dict[str, torch.Tensor], path: Path) -> None:
     if version != BANK_FORMAT_VERSION:
         older = isinstance(version, int) and version < BANK_FORMAT_VERSION
         raise BankError(f"bank {path} has format version {version!r}; this library reads version "
-                        f"{BANK_FORMAT_VERSION}" + (" (older files have no checksum and no ID prompts). "
+                        f"{BANK_FORMAT_VERSION}" + (" (older files do not say which weights drew them). "
                                                     "Regenerate the bank by drawing the characters' first "
                                                     "scenes again." if older else "."))
+    drawn = header.get("drawn")
+    if drawn is not None and not (
+            isinstance(drawn, dict) and isinstance(drawn.get("weights"), dict) and isinstance(drawn.get("scheduler"), dict)
+            and all(isinstance(drawn["weights"].get(k), str) for k in ("fingerprint", "source"))
+            and isinstance(drawn["scheduler"].get("name"), str) and isinstance(drawn["scheduler"].get("timesteps"), list)):
+        fail(f"header field 'drawn' is {drawn!r}, expected null or {{'weights': {{'fingerprint': str, 'source': str}}, "
+             f"'scheduler': {{'name': str, 'timesteps': list}}}}")
     types = {"backbone": str, "latent_hw": list, "num_steps": int, "characters": list, "identities": dict,
              "index": list, "sha256": str}
     for key, kind in types.items():

@@ -37,8 +37,9 @@ Deviations from that code (each on purpose):
   uses the first scene it appears in, which is then generated in write mode (it reads no bank)
   and serves as the reference of every character in it. A scene that is the reference of
   several characters is generated once and read once.
-- The bank stays on the device it was computed on, and is dropped after the story (the app can
-  save it to disk; ``ReferenceBank`` is the isolated method's bank, not this one).
+- The bank stays on the device it was computed on (as the app's), or on the host under
+  ``cpu_offload``, and is dropped after the story (the app can save it to disk; ``ReferenceBank``
+  is the isolated method's bank, not this one).
 - A call whose images draw no extra tokens (rate 0, or an empty bank entry) runs the batched
   plain attention, bit-identical to diffusers' ``AttnProcessor2_0`` (rate 0 = vanilla exactly).
 """
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 
 from .layers import (LayerInfo, attention_epilogue, attention_prologue, find_attention_layers,
                      installed_processors, merge_heads, split_heads)
+from .transfer import concrete_device, move_together, to_device
 
 __all__ = ["CSAConfig", "CSABank", "CSAController", "ConsistentSelfAttention", "consistent_self_attention",
            "reference_scenes"]
@@ -93,15 +95,29 @@ class CSAConfig:
 @dataclass
 class CSABank:
     """Sampled input tokens of reference images: ``entries[key][step][layer name]`` (2, n, C),
-    both CFG halves. ``key`` is the reference scene's index in the story."""
+    both CFG halves: StoryDiffusion's later scenes attend to the bank in both halves (the negative
+    prompt's queries to the references' negative-prompt tokens), so neither can be dropped. ``key``
+    is the reference scene's index in the story.
+
+    Args:
+        device: where the tokens are kept: None (default) where they were computed; the CPU under
+            ``cpu_offload`` (``Backbone.bank_device``), so that the bank, which grows with every
+            layer and step, does not hold the small card's memory; each read copies one layer's
+            entries to the reading device.
+    """
 
     entries: dict = field(default_factory=dict)
+    device: torch.device | None = None
 
     def write(self, key, step: int, layer: str, tokens: torch.Tensor) -> None:
+        if self.device is not None:
+            tokens = to_device(tokens, self.device)
         self.entries.setdefault(key, {}).setdefault(step, {})[layer] = tokens
 
-    def read(self, keys, step: int, layer: str) -> list[torch.Tensor]:
-        return [self.entries[k][step][layer] for k in keys]
+    def read(self, keys, step: int, layer: str, device=None) -> list[torch.Tensor]:
+        """The entries of ``keys`` at this step and layer, on ``device`` (one copy for all of them)."""
+        tokens = [self.entries[k][step][layer] for k in keys]
+        return tokens if device is None else move_together(tokens, concrete_device(device))
 
     def nbytes(self, key=None) -> int:
         keys = self.entries if key is None else [key]
@@ -198,7 +214,7 @@ class ConsistentSelfAttention:
         if ctl.writing:
             extra = [[sampled[j] for j in range(n_img) if j != b] for b in range(n_img)]
         else:
-            extra = [ctl.bank.read(ctl.read_keys, ctl.step, self.layer.name)] * n_img
+            extra = [ctl.bank.read(ctl.read_keys, ctl.step, self.layer.name, x.device)] * n_img
         extra = [torch.cat(e, dim=1) if e else None for e in extra]  # (2, n_extra, C) per image
         if not ctl.paired() or all(e is None or e.shape[1] == 0 for e in extra):
             out = _plain(attn, q, k, v)  # (2B, heads, N, d), exactly AttnProcessor2_0

@@ -43,6 +43,10 @@ class IsolationConfig:
             won back part of the named-colour attribute accuracy isolation cost (docs/history.md).
             Only the steps in [warmup, end) are stored in the bank.
         isolated_self / isolated_cross: switch each half of the branch for ablations.
+        solo_cross: isolated cross-attention also in a scene that introduces one character alone
+            (METHOD.md's story loop: it needs no reference, only the ID prompt). False (an
+            ablation): that scene runs the original branch alone, so the character's description
+            reaches it only through the scene prompt.
         overlap_rule: "lower_cv" (paper), "higher_cv" or "argmax".
         mask_resolution: feature-map height of the up-block layers whose maps make the masks
             (None: the smallest one, ``AttentionStore.mask_resolution``).
@@ -79,6 +83,7 @@ class IsolationConfig:
     end: float = 1.0
     isolated_self: bool = True
     isolated_cross: bool = True
+    solo_cross: bool = True
     overlap_rule: str = "lower_cv"
     mask_resolution: int | None = None
     min_fraction: float = 0.01
@@ -124,7 +129,7 @@ class IsolationConfig:
         if self.overlap_rule not in OVERLAP_RULES:
             raise ValueError(f"IsolationConfig.overlap_rule={self.overlap_rule!r} is unknown; "
                              f"choose one of {list(OVERLAP_RULES)} ('lower_cv' is the paper's).")
-        for name in ("isolated_self", "isolated_cross", "one_region"):
+        for name in ("isolated_self", "isolated_cross", "solo_cross", "one_region"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"IsolationConfig.{name}={getattr(self, name)!r} must be True or False")
         r = self.mask_resolution

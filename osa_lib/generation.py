@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .attention import AttentionStore, capture_attention
-from .bank import ReferenceBank
+from .bank import ReferenceBank, drawn_with
 from .baselines import CSABank, CSAConfig, CSAController, consistent_self_attention, csa_layers, reference_scenes
 from .config import check_steps
 from .isolation import (IsolationConfig, IsolationController, SceneCharacter, check_mask_resolution,
@@ -52,6 +52,9 @@ class StoryResult:
     method: str
     scenes: list[SceneResult]
     bank: ReferenceBank | None = None
+    #: bytes of the method's bank (isolated: ``ReferenceBank``, CSA: ``CSABank``) kept on the
+    #: generating device at the end of the story; 0 when there is none or it is on the host
+    device_bank_bytes: int = 0
 
     @property
     def images(self) -> list[np.ndarray]:
@@ -73,14 +76,21 @@ class _Run:
     scene_hook: Callable | None = None
 
     @property
+    def unet_calls(self) -> int:
+        """U-Net calls per scene (the sampler's timesteps): what the method's step windows count."""
+        return self.backbone.unet_calls(self.sampler["num_inference_steps"])
+
+    @property
     def latent_hw(self) -> tuple[int, int]:
         return tuple(self.backbone.latent_shape[1:])
 
-    def noise(self, indices: list[int]) -> torch.Tensor:
-        """(B, C, h, w) starting noise of these scenes: the given latents, or each scene's seed's."""
-        if self.latents is None:
-            return self.backbone.initial_latents([self.seeds[i] for i in indices])
-        return self.latents[indices].to(self.backbone.device, self.backbone.dtype)
+    def noise(self, indices: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """(B, C, h, w) starting noise of these scenes (the given latents, or each scene's seed's)
+        and each scene's seeded generator, which an ancestral or SDE sampler draws from next."""
+        noise, generators = self.backbone.noise([self.seeds[i] for i in indices])
+        if self.latents is not None:
+            noise = self.latents[indices].to(self.backbone.device, self.backbone.dtype)
+        return noise, generators
 
     def scenes(self, desc: str):
         """Scene indices, with a progress bar when asked for."""
@@ -96,7 +106,7 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
                    guidance_scale: float | None = None, csa_rate: float | None = None,
                    csa_config: CSAConfig | None = None, record_masks: bool = False,
                    progress: bool = True, initial_latents: torch.Tensor | None = None,
-                   scene_hook: Callable | None = None) -> StoryResult:
+                   scene_hook: Callable | None = None, describe: bool | None = None) -> StoryResult:
     """Generate a story scene by scene.
 
     Args:
@@ -116,9 +126,16 @@ def generate_story(backbone, story: Story, method: str = "isolated", config: Iso
         scene_hook: isolated only: called as ``scene_hook(i, controller)`` before scene ``i``'s
             U-Net runs; a context manager it returns stays open while it runs (``osa_lib.inside_block``
             records one layer's inputs and outputs with it). None: nothing is called.
+        describe: put each character's description into its scene prompts, for every method
+            (``Story.with_descriptions``); None (default): as the story says
+            (``describe_characters``). The results' prompts are the ones drawn.
     """
     if method not in METHODS:
         raise StoryError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if describe is not None and not isinstance(describe, bool):
+        raise StoryError(f"describe={describe!r} must be True, False or None (the story's describe_characters)")
+    if story.describe_characters if describe is None else describe:
+        story = story.with_descriptions()
     check_prompts(backbone, story)
     steps = check_steps(num_inference_steps, backbone.default_steps)
     known = bank.characters if bank is not None else []  # a continued story: these are not introduced here
@@ -163,15 +180,17 @@ def _generate_isolated(run: _Run, bank: ReferenceBank | None) -> StoryResult:
     ``bank`` and writes its new characters' references into it."""
     steps = run.sampler["num_inference_steps"]
     check_mask_resolution(run.backbone.unet, run.latent_hw, run.config)
+    drawn = drawn_with(run.backbone, steps)
     if bank is None:
-        bank = ReferenceBank(run.backbone.name, run.latent_hw, steps, device=run.backbone.bank_device)
+        bank = ReferenceBank(run.backbone.name, run.latent_hw, steps, device=run.backbone.bank_device, drawn=drawn)
     else:
-        bank.check_compatible(run.backbone.name, run.latent_hw, steps)
+        bank.check_compatible(run.backbone.name, run.latent_hw, steps, drawn)
         for name, c in run.story.characters.items():
             bank.check_identity(name, c.id_prompt, c.word)
     results = [_isolated_scene(run, i, bank) if run.story.scenes[i].characters else _plain_scene(run, i)
                for i in run.scenes("isolated story")]
-    return StoryResult("isolated", results, bank)
+    on_device = bank.device.type == torch.device(run.backbone.device).type != "cpu"
+    return StoryResult("isolated", results, bank, bank.nbytes() if on_device else 0)
 
 
 def _generate_csa(run: _Run, csa: CSAConfig) -> StoryResult:
@@ -181,7 +200,7 @@ def _generate_csa(run: _Run, csa: CSAConfig) -> StoryResult:
     story = run.story
     refs = reference_scenes(story, csa.id_length)
     layers = csa_layers(run.backbone.unet)
-    bank, results = CSABank(), {}
+    bank, results = CSABank(device=run.backbone.bank_device), {}
     batches = []
     for name in story.characters:  # one write batch per character, scenes not drawn yet
         batch = [i for i in refs[name] if all(i not in b for b in batches)]
@@ -201,7 +220,10 @@ def _generate_csa(run: _Run, csa: CSAConfig) -> StoryResult:
         per_scene = (time.perf_counter() - started) / len(batch)
         for i, image, mask in zip(batch, images, masks):
             results[i] = run.result(i, image, per_scene, mask)
-    return StoryResult("csa", [results[i] for i in range(len(story.scenes))])
+    device = torch.device(run.backbone.device)
+    on_device = sum(t.numel() * t.element_size() for steps in bank.entries.values() for layers in steps.values()
+                    for t in layers.values() if t.device.type == device.type != "cpu")
+    return StoryResult("csa", [results[i] for i in range(len(story.scenes))], None, on_device)
 
 
 def _plain_scene(run: _Run, i: int) -> SceneResult:
@@ -220,14 +242,15 @@ def _isolated_scene(run: _Run, i: int, bank: ReferenceBank) -> SceneResult:
                                  is_new=name not in bank)
                   for name in scene.characters]
     config = run.config
-    if all(c.is_new for c in characters):  # first scene of everyone: no references yet
-        config = dataclasses.replace(config, isolated_self=False,
-                                     isolated_cross=config.isolated_cross and len(characters) > 1)
-    controller = IsolationController(characters, run.latent_hw, run.sampler["num_inference_steps"], config, bank)
+    if all(c.is_new for c in characters):  # first scene of everyone: no references yet; the ID prompts
+        solo_off = len(characters) == 1 and not config.solo_cross  # blend in (Eq. 6), even alone
+        config = dataclasses.replace(config, isolated_self=False, isolated_cross=config.isolated_cross and not solo_off)
+    controller = IsolationController(characters, run.latent_hw, run.unet_calls, config, bank)
     hook = run.scene_hook(i, controller) if run.scene_hook is not None else None
+    noise, generators = run.noise([i])
     with isolated_attention(backbone.unet, controller), hook if hook is not None else nullcontext():
-        latents = backbone.denoise(backbone.encode([scene.prompt]), run.noise([i]),
-                                   callback=controller.step_callback, **run.sampler)
+        latents = backbone.denoise(backbone.encode([scene.prompt]), noise, callback=controller.step_callback,
+                                   generator=generators, **run.sampler)
     for c in characters:
         if c.is_new:
             bank.set_identity(c.name, story.characters[c.name].id_prompt, story.characters[c.name].word)
@@ -254,8 +277,9 @@ def _generate_batch(run: _Run, indices: list[int], csa: CSAController | None = N
             callback = store.step_callback
         if csa is not None:
             stack.enter_context(consistent_self_attention(backbone.unet, csa))
-        latents = backbone.denoise(backbone.encode([s.prompt for s in scenes]),
-                                   run.noise(indices), callback=callback, **run.sampler)
+        noise, generators = run.noise(indices)
+        latents = backbone.denoise(backbone.encode([s.prompt for s in scenes]), noise, callback=callback,
+                                   generator=generators, **run.sampler)
     images = backbone.decode(latents)
     masks = _recorded_masks(store, counts, run.config) if record else [None] * len(scenes)
     return images, masks

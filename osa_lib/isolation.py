@@ -64,7 +64,9 @@ class IsolationController:
     Args:
         characters: the scene's characters (at least one).
         latent_hw: latent height and width.
-        num_steps: denoising steps of the run (warm-up is a fraction of them).
+        num_steps: U-Net calls of the run, one per sampler timestep (``Backbone.unet_calls``: twice
+            the denoising steps for a second-order sampler); warm-up and end are fractions of them,
+            so they cover the same share of sampling whatever the sampler.
         config: the method's switches (``IsolationConfig()``).
         bank: references of returning characters; new characters' references are written to it.
         write_bank: False to read the bank without writing (tests, ablations).

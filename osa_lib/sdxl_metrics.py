@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["MissingWeightsError", "ClipScorer", "crop_character", "identity_similarity", "AestheticPredictor",
+__all__ = ["MissingWeightsError", "ClipScorer", "crop_character", "square_crop", "mask_box", "identity_similarity", "AestheticPredictor",
            "load_dreamsim", "dreamsim_similarity", "story_metrics", "CLIP_MODEL_ID", "AESTHETIC_WEIGHTS"]
 
 CLIP_MODEL_ID = "openai/clip-vit-large-patch14"  # ViT-L/14: the CLIP the aesthetic head was trained on
@@ -141,29 +141,55 @@ class ClipScorer:
         return (100 * (img * txt).sum(-1).clamp(min=0)).numpy()  # (B,)
 
 
+def square_crop(image, box: tuple[int, int, int, int], margin: float = 0.1) -> np.ndarray:
+    """The box ``(y0, x0, y1, x1)`` (pixels, end exclusive) grown by ``margin`` × its longer side on
+    each side and padded to a square around its centre; what falls outside the image is filled
+    with the image's mean colour, so a character at the border keeps its size and CLIP's centre
+    crop (which cuts a tall crop to its middle square) sees all of it."""
+    image = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
+    H, W = image.shape[:2]
+    y0, x0, y1, x1 = box
+    if not (y1 > y0 and x1 > x0):
+        raise ValueError(f"box {box} is empty; a box is (y0, x0, y1, x1) with y1 > y0 and x1 > x0")
+    side = max(1, int(round(max(y1 - y0, x1 - x0) * (1 + 2 * margin))))
+    top, left = int(round((y0 + y1 - side) / 2)), int(round((x0 + x1 - side) / 2))
+    out = np.empty((side, side) + image.shape[2:], image.dtype)
+    out[:] = image.reshape(H * W, -1).mean(0).astype(image.dtype)
+    sy0, sx0, sy1, sx1 = max(top, 0), max(left, 0), min(top + side, H), min(left + side, W)
+    if sy1 > sy0 and sx1 > sx0:
+        out[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = image[sy0:sy1, sx0:sx1]
+    return out
+
+
+def mask_box(mask, image_hw: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The box ``(y0, x0, y1, x1)`` in an image of ``image_hw`` pixels of a (h, w) mask (each mask
+    cell covers ``H/h × W/w`` pixels), or None for an empty mask."""
+    mask = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask).astype(bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (h, w), got shape {mask.shape}")
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if rows.size == 0:
+        return None
+    (H, W), (h, w) = image_hw, mask.shape
+    return (int(rows[0] * H // h), int(cols[0] * W // w), int((rows[-1] + 1) * H // h), int((cols[-1] + 1) * W // w))
+
+
 def crop_character(image, mask, margin: float = 0.1) -> np.ndarray:
-    """Crop a character's bounding box (plus ``margin`` × box size per side) so IIS compares identities, not scenes.
+    """A character's square crop (``square_crop``) around its mask's bounding box, so IIS compares
+    identities, not scenes.
 
     Args:
         image: (H, W, C) array.
         mask: (h, w) boolean mask of the character; may be lower resolution than the image
-            (e.g. a latent-resolution mask), it is upsampled nearest-neighbour to (H, W).
-        margin: fraction of the box height / width added on each side, clipped to the image.
+            (e.g. a latent-resolution mask): each cell covers ``H/h × W/w`` pixels.
+        margin: fraction of the box's longer side added on each side.
     """
     image = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
-    mask = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask).astype(bool)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D (h, w), got shape {mask.shape}")
-    H, W = image.shape[:2]
-    h, w = mask.shape
-    mask = mask[(np.arange(H) * h) // H][:, (np.arange(W) * w) // W]  # nearest upsample -> (H, W)
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if rows.size == 0:
+    box = mask_box(mask, image.shape[:2])
+    if box is None:
         raise ValueError("empty mask: the character was not found in this image, so there is nothing to crop; "
-                         "skip this scene for this character")
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    dy, dx = int(round(margin * (y1 - y0))), int(round(margin * (x1 - x0)))
-    return image[max(0, y0 - dy):min(H, y1 + dy), max(0, x0 - dx):min(W, x1 + dx)]
+                         "count the scene as a crop not found")
+    return square_crop(image, box, margin)
 
 
 def identity_similarity(scorer: ClipScorer, crops_by_character: dict[str, list[np.ndarray]]) -> float:

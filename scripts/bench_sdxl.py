@@ -6,7 +6,9 @@
 
 Prints, per method: seconds per scene (whole story / scenes; isolated also over the scenes with
 returning characters, where the isolated branch acts), peak memory (CUDA: max allocated; CPU:
-peak resident set size of the process, sampled), and for isolated attention the reference bank's
+peak resident set size of the process, sampled), the bytes each method's bank (isolated: the
+reference bank, CSA: its sampled tokens, both CFG halves) holds on the GPU at the story's end (0 on
+the host: ``--cpu-offload``, or a CPU run), and for isolated attention the reference bank's
 bytes per character measured from the bank saved to disk and loaded back, with the share of the
 image the character's tokens cover and the bytes scaled to 25 % coverage. Then the ratios to
 vanilla and the bank size at 1024², 50 steps, fp16 estimated from the layer shapes for the bank
@@ -136,6 +138,8 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=4, help=f"scenes of the two-character story (<= {len(SCENES)})")
     parser.add_argument("--quick", action="store_true", help="CPU structure check: bf16, 128², 2 steps, 3 scenes")
     parser.add_argument("--methods", default="vanilla,csa,isolated")
+    parser.add_argument("--cpu-offload", action="store_true",
+                        help="each model on the GPU only while it runs, reference banks on the host (12-16 GB cards)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of every method, in rotating order; times are medians over rounds and each "
                              "ratio the median of the rounds' ratios, so a host whose speed drifts between runs "
@@ -160,7 +164,7 @@ def main() -> None:
           f"{args.steps} steps, {args.scenes} scenes; commit {env['commit'][:12]}", flush=True)
 
     started = time.perf_counter()
-    backbone = load_backbone(args.backbone, device=str(device), dtype=dtype)
+    backbone = load_backbone(args.backbone, device=str(device), dtype=dtype, cpu_offload=args.cpu_offload)
     backbone.latent_shape = (backbone.latent_shape[0], args.size // 8, args.size // 8)
     build_s = time.perf_counter() - started
     n_params = sum(p.numel() for p in backbone.unet.parameters())
@@ -195,7 +199,7 @@ def main() -> None:
         if method in raw:  # a later round: its time only
             continue
         entry = {"method": method, "seconds per scene": seconds / len(the_story.scenes), "peak memory GiB": peak.peak / 2**30,
-                 "non-finite images": nonfinite["count"]}
+                 "non-finite images": nonfinite["count"], "bank bytes on the device": result.device_bank_bytes}
         if method == "isolated":
             with tempfile.TemporaryDirectory() as tmp:
                 path = result.bank.save(Path(tmp) / "bank.safetensors")
@@ -220,7 +224,8 @@ def main() -> None:
         e["seconds per scene, each round"] = per_scene.tolist()
         e["seconds per scene"] = float(np.median(per_scene))
         row = {"method": method, "s / scene": f"{e['seconds per scene']:.3f}", "× vanilla time": "",
-               "peak memory (GiB)": f"{e['peak memory GiB']:.2f}"}
+               "peak memory (GiB)": f"{e['peak memory GiB']:.2f}",
+               "bank on the device (GiB)": f"{e['bank bytes on the device'] / 2**30:.3f}"}
         if "vanilla" in raw:
             vanilla = np.array(rounds["vanilla"])[:, 0]
             e["× vanilla, each round"] = (per_scene / vanilla).tolist()

@@ -8,6 +8,11 @@
     accelerate launch --multi_gpu --num_processes 4 scripts/evaluate_stories.py ...   # stories x seeds split over GPUs
     CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 scripts/evaluate_stories.py ...  # over CPU processes
 
+SDXL runs: ``--cpu-offload`` for 12-16 GB cards (the metric models come to the GPU only to score,
+after each story is drawn); ``--export DIR`` writes every image in ViStoryBench's layout
+(``DIR/<method>/<story>/shot_XX.png`` and a ``prompts.json``); the report pairs isolated attention
+with each other method by story and seed (mean difference ± standard error).
+
 Seed k of a story shifts every scene seed by k * 1000 (``Story.with_seed_offset``). Under
 ``accelerate launch`` the (story, seed) jobs are split over the processes with
 ``PartialState().split_between_processes``, each process loads the backbone on its own device,
@@ -29,8 +34,10 @@ IIS-toy per identity detail, mixed-scene counts and the reference-bank size.
 SDXL backbones (``osa_lib.sdxl_metrics``): TIS (CLIP score, higher is better), IIS (CLIP image
 cosine of the same character's crops across scenes, %, higher), AQ (LAION aesthetic predictor,
 1-10, higher) and DS (DreamSim similarity of the same character's crops across scenes, %,
-100·(1 − distance), higher). Crops come from the cross-attention + Otsu masks of each scene,
-recorded for vanilla and CSA exactly as isolated attention makes its masks. Which metric models
+100·(1 − distance), higher). Crops are square, around boxes found the same way in every method's
+final images (``osa_lib.locate``: each image re-noised to one timestep, one pass of the unmodified
+U-Net with its scene prompt, Otsu on the cross-attention maps; or OWLv2 with ``--detector``), and
+the report counts the crops found per method and names the scenes where one was not. Which metric models
 are missing, and how to get them, is said before any generation; the metrics that can be
 computed are, the others are left empty (the script stops if none can be).
 """
@@ -124,26 +131,40 @@ def sdxl_metric_models(args, device) -> tuple[dict, list[str]]:
         models["dreamsim"] = load_dreamsim(device, args.dreamsim_cache)
     except MissingWeightsError as error:
         missing.append(f"DS needs DreamSim: {error}")
+    if args.detector and models:
+        from osa_lib.locate import owlv2_detector
+        try:
+            models["detector"] = owlv2_detector(args.detector, device)
+        except MissingWeightsError as error:
+            missing.append(f"crops are located by the U-Net instead of OWLv2: {error}")
     return models, missing
 
 
-def character_crops(story, result) -> dict[str, list[np.ndarray]]:
-    """Each character's crop in every scene where its mask is not empty."""
-    from osa_lib.sdxl_metrics import crop_character
-    crops = {n: [] for n in story.characters}
+def character_crops(backbone, story, result, detector=None) -> tuple[dict[str, list[np.ndarray]], list[str]]:
+    """Each character's square crop in every scene it is in, located the same way for every method
+    (``osa_lib.locate.locate_characters``: one unmodified U-Net pass on the re-noised final image,
+    or ``detector``), and one line per crop not found, saying where and why."""
+    from osa_lib.locate import locate_characters
+    from osa_lib.sdxl_metrics import square_crop
+    crops, missing = {n: [] for n in story.characters}, []
     for scene in result.scenes:
-        if scene.masks is None:
+        if not scene.characters:
             continue
-        for name, mask in zip(scene.characters, scene.masks):
-            if mask.any():
-                crops[name].append(crop_character(scene.image, mask))
-    return crops
+        words = [story.characters[n].word for n in scene.characters]
+        located = locate_characters(backbone, scene.image, scene.prompt, words, detector=detector)
+        for name, box, reason in zip(scene.characters, located.boxes, located.reasons):
+            if box is None:
+                missing.append(f"scene {scene.index + 1}, {name}: {reason or 'not found'}")
+            else:
+                crops[name].append(square_crop(scene.image, box))
+    return crops, missing
 
 
-def sdxl_row_metrics(story, result, models: dict) -> dict:
-    """TIS, IIS, AQ, DS of one generated story (None where a model is missing or nothing to compare)."""
+def sdxl_row_metrics(backbone, story, result, models: dict) -> dict:
+    """TIS, IIS, AQ, DS of one generated story (None where a model is missing or nothing to compare),
+    with the crops found and expected and which were not found."""
     from osa_lib.sdxl_metrics import dreamsim_similarity, identity_similarity
-    crops = character_crops(story, result)
+    crops, missing = character_crops(backbone, story, result, models.get("detector"))
     row = {k: None for k in SDXL_METRICS}
     if "clip" in models:
         clip = models["clip"]
@@ -165,6 +186,7 @@ def sdxl_row_metrics(story, result, models: dict) -> dict:
                 per_character.append(float(ds.mean()))
         row["DS"] = float(np.mean(per_character)) if per_character else None
     row["crops per character"] = {n: len(c) for n, c in crops.items()}
+    row["crops found"], row["crops missing"] = sum(len(c) for c in crops.values()), missing
     return row
 
 
@@ -172,21 +194,79 @@ def clip_device(models):
     return models["clip"].device if "clip" in models else None
 
 
+@contextlib.contextmanager
+def scoring_on(models: dict, device):
+    """The metric models on ``device`` while open, back on the host after: they are loaded on the
+    host and take the GPU's memory only while they score, never while a story is drawn."""
+    def place(where):
+        where = torch.device(where)
+        if "clip" in models:
+            models["clip"].model.to(where)
+            models["clip"].device = where
+        if "aesthetic" in models:
+            models["aesthetic"].to(where)
+        if "dreamsim" in models and hasattr(models["dreamsim"][0], "to"):
+            models["dreamsim"][0].to(where)
+    place(device)
+    try:
+        yield models
+    finally:
+        place("cpu")
+
+
 # --- one job: one story, one seed, every method -----------------------------------------------
-def run_job(backbone, path: str, k: int, methods: list[str], steps: int | None, config, models: dict | None) -> list[dict]:
+def run_job(backbone, path: str, k: int, methods: list[str], steps: int | None, config, models: dict | None,
+            export: str | None = None, seeds: int = 1, device="cpu") -> list[dict]:
+    """Every method on one story and seed: generated first, then scored (SDXL: the metric models
+    come to ``device`` only for the scoring); with ``export``, each image is also written out."""
     story = load_story(path).with_seed_offset(k * SEED_STRIDE)
+    results = {m: generate_story(backbone, story, "isolated" if m == TUNED else m, num_inference_steps=steps,
+                                 config=backbone.isolation_config(tuned=True) if m == TUNED else config, progress=False)
+               for m in methods}
+    if export:
+        export_vistorybench(export, story_id(path, k, seeds), story, results)
     rows = []
-    for method in methods:
-        chosen = backbone.isolation_config(tuned=True) if method == TUNED else config
-        result = generate_story(backbone, story, "isolated" if method == TUNED else method, config=chosen,
-                                num_inference_steps=steps, record_masks=models is not None, progress=False)
-        if models is None:
-            metrics = toy_story_metrics(story, result, details=True)
-        else:
-            metrics = {**sdxl_row_metrics(story, result, models),
-                       "seconds per scene": float(np.mean([s.seconds for s in result.scenes]))}
-        rows.append({"story": Path(path).stem, "seed": k, "method": method, **metrics})
+    with (scoring_on(models, device) if models else contextlib.nullcontext()):
+        for method, result in results.items():
+            if models is None:
+                metrics = toy_story_metrics(story, result, details=True)
+            else:
+                metrics = {**sdxl_row_metrics(backbone, story, result, models),
+                           "seconds per scene": float(np.mean([s.seconds for s in result.scenes]))}
+            rows.append({"story": Path(path).stem, "seed": k, "method": method, **metrics})
     return rows
+
+
+def story_id(path: str, k: int, seeds: int) -> str:
+    """A story's folder name in an export: its file's stem, with the seed when there are several."""
+    return Path(path).stem if seeds == 1 else f"{Path(path).stem}_seed{k}"
+
+
+def export_vistorybench(folder: str, story_name: str, story, results: dict) -> None:
+    """Write each method's images as ``<folder>/<method>/<story>/shot_XX.png`` (ViStoryBench's
+    layout) and the story's shots, prompts and characters to ``<folder>/<method>/<story>/prompts.json``,
+    so the run can be scored with that benchmark's tools. Every file is written to a temporary
+    name and renamed into place."""
+    import os
+
+    from PIL import Image
+    for method, result in results.items():
+        out = Path(folder) / method / story_name
+        out.mkdir(parents=True, exist_ok=True)
+        shots = []
+        for i, scene in enumerate(result.scenes, start=1):
+            name = f"shot_{i:02d}.png"
+            tmp = out / f".{name}.tmp"
+            Image.fromarray(np.round(np.clip(scene.image, 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG")
+            os.replace(tmp, out / name)
+            shots.append({"index": i, "image": name, "prompt": scene.prompt, "characters": scene.characters,
+                          "seed": scene.seed})
+        record = {"story": story_name, "title": story.title, "method": method,
+                  "characters": {n: {"word": c.word, "id_prompt": c.id_prompt} for n, c in story.characters.items()},
+                  "shots": shots}
+        tmp = out / ".prompts.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, out / "prompts.json")
 
 
 def _json_ready(value):
@@ -213,11 +293,21 @@ def parse_args(argv=None):
     parser.add_argument("--clip", default=None, help="SDXL metrics: local folder of CLIP ViT-L/14")
     parser.add_argument("--aesthetic-weights", default=None, help="SDXL metrics: the LAION aesthetic head (.pth)")
     parser.add_argument("--dreamsim-cache", default=None, help="SDXL metrics: DreamSim's cache folder")
+    parser.add_argument("--cpu-offload", action="store_true",
+                        help="SDXL on a 12-16 GB card: each model on the GPU only while it runs (load_backbone's "
+                             "cpu_offload; reference banks on the host)")
+    parser.add_argument("--export", default=None, metavar="DIR",
+                        help="also write every image as DIR/<method>/<story>/shot_XX.png with a prompts.json "
+                             "(ViStoryBench's layout)")
+    parser.add_argument("--detector", default=None, metavar="OWLV2_DIR",
+                        help="SDXL crops: locate characters with OWLv2 from this local folder instead of the U-Net")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in LABELS]
     if unknown or not args.methods:
         parser.error(f"unknown method(s) {unknown}; choose from {list(LABELS)}")
+    if args.cpu_offload and args.backbone == "toy":
+        parser.error("--cpu-offload is for the SDXL backbones (the toy model is small and runs on the CPU)")
     if args.stories is None:
         pattern = "toy_*.yaml" if args.backbone == "toy" else "sdxl_*.yaml"
         args.stories = sorted(str(p) for p in (ROOT / "data" / "stories").glob(pattern))
@@ -232,7 +322,7 @@ def main(argv=None) -> list[dict] | None:
         load_story(path)  # every story file is checked before anything is generated
     models = None
     if args.backbone != "toy":
-        models, missing = sdxl_metric_models(args, state.device)
+        models, missing = sdxl_metric_models(args, "cpu")  # on the device only while scoring (scoring_on)
         say("## Metric models\n")
         for name, direction in SDXL_METRICS.items():
             say(f"- {name}: {direction}")
@@ -244,7 +334,8 @@ def main(argv=None) -> list[dict] | None:
         say(f"\nComputing {', '.join(k for k in SDXL_METRICS if _computable(k, models))}; "
             f"the other columns stay empty.\n" if missing else "")
     torch.manual_seed(0)
-    backbone = load_backbone(args.backbone, model_id=args.model_id, device=str(state.device))
+    backbone = load_backbone(args.backbone, model_id=args.model_id, device=str(state.device),
+                             cpu_offload=args.cpu_offload)
     config = backbone.isolation_config()
     if TUNED in args.methods and not backbone.tuned_isolation:
         args.methods = [m for m in args.methods if m != TUNED]
@@ -254,7 +345,8 @@ def main(argv=None) -> list[dict] | None:
     rows = []
     with state.split_between_processes(jobs) as mine:
         for path, k in mine:
-            rows += run_job(backbone, path, k, args.methods, args.steps, config, models)
+            rows += run_job(backbone, path, k, args.methods, args.steps, config, models, args.export, args.seeds,
+                            state.device)
     rows = gather_rows(state, rows)
     try:
         if state.is_main_process:
@@ -319,10 +411,42 @@ def _per_story_table(rows, metrics, methods):
     return table
 
 
+def paired_differences(rows, metrics, methods, reference: str = "isolated") -> list[dict]:
+    """Per other method: ``reference`` minus it on each metric, over the (story, seed) pairs where
+    both have a number, as "mean ± standard error (n pairs)"."""
+    if reference not in methods:
+        return []
+    by = {(r["story"], r["seed"], r["method"]): r for r in rows}
+    table = []
+    for other in [m for m in methods if m != reference]:
+        cells = {"difference": f"{reference} − {other}"}
+        for key in metrics:
+            d = [by[(s, k, reference)][key] - by[(s, k, other)][key] for (s, k, m) in by if m == reference
+                 and (s, k, other) in by and by[(s, k, reference)].get(key) is not None
+                 and by[(s, k, other)].get(key) is not None]
+            mean, sem = _mean_sem(d)
+            cells[key] = f"{mean:+.2f} ± {sem:.2f} ({len(d)})" if d else ""
+        table.append(cells)
+    return table
+
+
 def report_sdxl(rows, args) -> None:
     keys = list(SDXL_METRICS) + ["seconds per scene"]
     print(f"## Per story ({args.seeds} seeds each; mean ± standard error; empty = not computed)\n")
     print(markdown_table(_per_story_table(rows, keys, args.methods)))
+    paired = paired_differences(rows, list(SDXL_METRICS), args.methods)
+    if paired:
+        print("\n## Isolated minus each other method, paired by story and seed (mean ± standard error)\n")
+        print(markdown_table(paired))
+    print("\n## Character crops (located the same way in every method's images)\n")
+    crops = []
+    for method in args.methods:
+        chosen = [r for r in rows if r["method"] == method]
+        found = sum(r["crops found"] for r in chosen)
+        missing = [f"{r['story']} seed {r['seed']}: {m}" for r in chosen for m in r["crops missing"]]
+        crops.append({"method": method, "crops found": f"{found} of {found + len(missing)}",
+                      "not found": "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")})
+    print(markdown_table(crops))
     print("\nDirections: " + "; ".join(f"{k} {d}" for k, d in SDXL_METRICS.items()) + "; seconds per scene lower is better.")
 
 

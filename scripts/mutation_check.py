@@ -208,9 +208,9 @@ MUTATIONS = [
              "IIS: only the first character counts"),
     Mutation(METRICS, "    return 100 * (1 - np.asarray(out))  # (B,)", "    return 100 - np.asarray(out)  # (B,)",
              "DS: 100 − d instead of 100·(1 − d)"),
-    Mutation(METRICS, "dy, dx = int(round(margin * (y1 - y0))), int(round(margin * (x1 - x0)))",
-             "dy, dx = int(round(margin * (x1 - x0))), int(round(margin * (y1 - y0)))",
-             "crop margin: height and width swapped"),
+    Mutation(METRICS, "side = max(1, int(round(max(y1 - y0, x1 - x0) * (1 + 2 * margin))))",
+             "side = max(1, int(round(min(y1 - y0, x1 - x0) * (1 + 2 * margin))))",
+             "square crop sized by the box's shorter side (cuts a tall character)"),
     # --- story loop --------------------------------------------------------------------------------
     Mutation("osa_lib/generation.py", "is_new=name not in bank)", "is_new=True)",
              "returning characters treated as new (no references)"),

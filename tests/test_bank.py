@@ -1,11 +1,12 @@
 """The reference bank: storage, size, disk round trip, damaged files, compatibility, atomic writes."""
+import copy
 import json
 import os
 
 import pytest
 import torch
 
-from osa_lib.bank import BANK_FORMAT_VERSION, BankError, ReferenceBank
+from osa_lib.bank import BANK_FORMAT_VERSION, BankError, ReferenceBank, drawn_with, weights_fingerprint
 
 LAYERS = ("up_blocks.0.attentions.0.transformer_blocks.0.attn1.processor",
           "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor")
@@ -208,7 +209,8 @@ def test_changed_tensor_bytes_fail_the_checksum(tmp_path):
     (lambda h, t: h.update(latent_hw=[16]), r"'latent_hw' is \[16\], expected two positive integers"),
     (lambda h, t: h.update(characters=["Lily"]), r"'characters' \['Lily'\] does not match"),
     (lambda h, t: h["identities"].update(Tom=["a boy"]), r"'identities' has \['a boy'\] for 'Tom'"),
-    (lambda h, t: h.update(version=1), r"format version 1; this library reads version 2 \(older files have no checksum"),
+    (lambda h, t: h.update(version=2), r"format version 2; this library reads version 3 \(older files do not say which weights"),
+    (lambda h, t: h.update(drawn={"weights": "abc"}), r"header field 'drawn' is \{'weights': 'abc'\}, expected null or"),
 ])
 def test_every_header_field_is_checked(tmp_path, change, message):
     bank = make_bank()
@@ -259,3 +261,44 @@ def test_save_into_a_missing_folder_names_it(tmp_path):
     with pytest.raises(BankError, match=r"the folder .*missing does not exist. Create it first"):
         make_bank().save(tmp_path / "missing" / "bank.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- a bank knows the weights and the scheduler that drew it --------------------------------------
+def test_fingerprint_follows_the_key_and_value_weights_not_their_dtype(tiny):
+    unet = tiny.unet
+    before = weights_fingerprint(unet)
+    assert len(before) == 16 and weights_fingerprint(unet) == before
+    half = copy.deepcopy(unet).to(torch.float16)  # the same checkpoint in fp16
+    assert weights_fingerprint(half) == before
+    changed = copy.deepcopy(unet)
+    attn1 = changed.up_blocks[0].attentions[0].transformer_blocks[0].attn1
+    with torch.no_grad():
+        attn1.to_v.weight.mul_(1.01)  # a fine-tune of one value projection
+    assert weights_fingerprint(changed) != before
+    other_config = copy.deepcopy(unet)
+    other_config.register_to_config(sample_size=32)
+    assert weights_fingerprint(other_config) != before
+
+
+def test_other_weights_and_schedulers_are_refused_naming_both(tiny, tmp_path):
+    drawn = drawn_with(tiny, 4)
+    assert drawn["scheduler"]["name"] == "EulerDiscreteScheduler" and len(drawn["scheduler"]["timesteps"]) == 4
+    bank = make_bank()
+    bank.drawn = drawn
+    loaded = ReferenceBank.load(bank.save(tmp_path / "b.safetensors"))
+    assert loaded.drawn == drawn
+    loaded.check_compatible("sdxl-tiny", (16, 16), 4, drawn)  # what drew it: fine
+    other = copy.deepcopy(drawn)
+    other["weights"] = {"fingerprint": "0123456789abcdef", "source": "model_id my-finetune"}
+    with pytest.raises(BankError, match=rf"other U-Net weights \(sdxl-tiny, fingerprint {drawn['weights']['fingerprint']}\) "
+                                        r"than this run's \(model_id my-finetune, fingerprint 0123456789abcdef\)"):
+        loaded.check_compatible("sdxl-tiny", (16, 16), 4, other)
+    other = copy.deepcopy(drawn)
+    other["scheduler"]["name"] = "EulerAncestralDiscreteScheduler"
+    with pytest.raises(BankError, match="scheduler EulerDiscreteScheduler, this run uses EulerAncestralDiscreteScheduler"):
+        loaded.check_compatible("sdxl-tiny", (16, 16), 4, other)
+    other = copy.deepcopy(drawn)
+    other["scheduler"]["timesteps"] = [t + 1 for t in other["scheduler"]["timesteps"]]
+    with pytest.raises(BankError, match="timesteps .* differ from this run's"):
+        loaded.check_compatible("sdxl-tiny", (16, 16), 4, other)
+    make_bank().check_compatible("sdxl-tiny", (16, 16), 4, other)  # a bank made by hand knows nothing: not checked

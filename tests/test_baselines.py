@@ -158,3 +158,28 @@ def test_bank_holds_each_reference_images_sampled_tokens_per_step(tiny, story):
                 n = len(ctl.history[step]["indices"][layer.resolution(ctl.latent_hw)][key])
                 assert tokens.shape[0] == 2 and tokens.shape[1] == n  # both CFG halves, the sampled tokens
     assert bank.nbytes() > 0 and ctl.step == STEPS
+
+
+def test_csa_bank_keeps_its_tokens_where_it_is_told_and_reads_them_to_the_reader(tiny, two_characters, monkeypatch):
+    """Under cpu_offload the backbone's bank device is the host, and CSA's bank is made there;
+    ``write`` stores on the bank's device, ``read`` copies to the reading device."""
+    from osa_lib import generation
+    from osa_lib.baselines import CSABank
+    bank = CSABank(device=torch.device("meta"))  # "meta": a device other than the tokens', on any machine
+    bank.write(0, 1, "layer", torch.randn(2, 3, 4))
+    assert bank.entries[0][1]["layer"].is_meta
+    here = CSABank()
+    here.write(0, 1, "layer", torch.randn(2, 3, 4))
+    assert [t.is_meta for t in here.read([0, 0], 1, "layer", device="meta")] == [True, True]
+    assert here.read([0], 1, "layer")[0].device.type == "cpu"
+    made = []
+
+    class Recording(CSABank):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.device)
+
+    monkeypatch.setattr(generation, "CSABank", Recording)
+    monkeypatch.setitem(tiny.info, "cpu_offload", True)
+    result = generation.generate_story(tiny, parse_story(two_characters), "csa", num_inference_steps=2, progress=False)
+    assert made == [torch.device("cpu")] and result.device_bank_bytes == 0

@@ -25,3 +25,5 @@ def test_repeats_report_medians_of_paired_ratios(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| isolated |"))
     assert f"| {np.median(isolated / vanilla):.3f} (returning scenes: " in row, row
     assert "3 rounds in rotating order" in table
+    assert "bank on the device (GiB)" in table  # a CPU run keeps every bank on the host: 0 there
+    assert result["isolated"]["bank bytes on the device"] == result["vanilla"]["bank bytes on the device"] == 0

@@ -2,7 +2,10 @@
 toy and on ``sdxl-tiny``; λ = 0 reproduces vanilla exactly; no isolated attention layer call
 synchronises with the host (``torch.cuda.set_sync_debug_mode("error")`` inside each call);
 vanilla equals the stock pipeline in fp16; ``cpu_offload`` gives the same image; the reference
-bank stays on the GPU while generating, and a bank loaded on the CPU gives the same scenes.
+bank stays on the GPU while generating, and a bank loaded on the CPU gives the same scenes; CSA's
+bank goes to the host under ``cpu_offload`` (same images; peak memory within 2 GB of isolated
+attention's on full-size SDXL at 1024²); an ancestral sampler is deterministic; characters are
+located as on the CPU.
 
 Runs under pytest, or as ``python tests/test_cuda.py`` where pytest is not installed.
 """
@@ -147,6 +150,64 @@ def test_cpu_offload_gives_the_same_image():
     a = plain.generate(["a girl in the park"], [0], **kwargs)
     b = offload.generate(["a girl in the park"], [0], **kwargs)
     assert np.abs(a - b).max() < 1e-4
+
+
+def test_csa_bank_on_the_host_under_offload_gives_the_same_images():
+    """Under cpu_offload CSA's bank (both CFG halves, every layer and step) lives on the host and
+    each read copies one layer's entries to the GPU: the images are those of a bank on the GPU."""
+    plain = load_backbone("sdxl-tiny", device="cuda")
+    offload = load_backbone("sdxl-tiny", device="cuda", cpu_offload=True)
+    a = generate_story(plain, _story("sdxl-tiny"), "csa", num_inference_steps=STEPS, progress=False)
+    b = generate_story(offload, _story("sdxl-tiny"), "csa", num_inference_steps=STEPS, progress=False)
+    assert a.device_bank_bytes > 0 and b.device_bank_bytes == 0
+    for x, y in zip(a.images, b.images):
+        assert np.abs(x - y).max() < 1e-4
+
+
+def test_csa_peak_memory_under_offload_is_within_2_gb_of_isolated():
+    """Full-size SDXL (random weights), 1024², fp16, 30 steps, two characters, under cpu_offload:
+    CSA's peak allocated memory is at most isolated attention's + 2 GB (its bank is on the host)."""
+    bb = load_backbone("sdxl-random", device="cuda", dtype=torch.float16, cpu_offload=True)
+    bb.decode = functools.partial(type(bb).decode, bb, check_finite=False)  # random weights: NaN images allowed
+    story = parse_story({**STORIES["sdxl-tiny"], "scenes": STORIES["sdxl-tiny"]["scenes"] + [
+        {"prompt": "a girl and a boy in the park", "characters": ["Lily", "Tom"], "seed": 4}]}, "peak")
+    peaks = {}
+    for method in ("isolated", "csa"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        result = generate_story(bb, story, method, num_inference_steps=30, progress=False)
+        torch.cuda.synchronize()
+        peaks[method] = torch.cuda.max_memory_allocated()
+        assert result.device_bank_bytes == 0, method
+    print(f"peak GiB under offload: { {m: round(v / 2**30, 2) for m, v in peaks.items()} }")
+    assert peaks["csa"] <= peaks["isolated"] + 2e9, peaks
+
+
+def test_ancestral_sampler_is_deterministic_on_the_gpu():
+    """Euler-ancestral's noise comes from each scene's CPU generator: the same seeds give the same
+    images after any use of the global RNG, on the GPU too."""
+    from diffusers import EulerAncestralDiscreteScheduler
+    bb = load_backbone("sdxl-tiny", device="cuda")
+    bb.pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(bb.pipe.scheduler.config)
+    torch.manual_seed(1)
+    a = generate_story(bb, _story("sdxl-tiny"), "isolated", num_inference_steps=STEPS, progress=False).images
+    torch.manual_seed(2)
+    torch.cuda.manual_seed(3)
+    b = generate_story(bb, _story("sdxl-tiny"), "isolated", num_inference_steps=STEPS, progress=False).images
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
+
+
+def test_neutral_boxes_on_the_gpu_match_the_cpu():
+    """Characters located on the GPU (one U-Net pass on the re-noised image) get the CPU's boxes."""
+    from osa_lib.locate import locate_characters
+    gpu, cpu = backbone("toy"), load_backbone("toy", device="cpu")
+    image = generate_story(cpu, _story("toy"), "vanilla", progress=False).images[2]
+    prompt, words = STORIES["toy"]["scenes"][2]["prompt"], ["circle", "square"]
+    a, b = locate_characters(gpu, image, prompt, words), locate_characters(cpu, image, prompt, words)
+    assert a.found == b.found
+    for x, y in zip(a.boxes, b.boxes):
+        assert (x is None) == (y is None) and (x is None or max(abs(i - j) for i, j in zip(x, y)) <= 1)
 
 
 if __name__ == "__main__":

@@ -114,10 +114,14 @@ def test_sdxl_tiny_story_gets_every_metric_with_crops_for_every_method(tmp_path,
     assert [r["method"] for r in rows] == ["vanilla", "csa", "isolated"]
     for row in rows:
         assert 0 <= row["TIS"] <= 100 and np.isfinite(row["AQ"])
-        assert sum(row["crops per character"].values()) > 0, f"{row['method']}: masks recorded, crops made"
+        assert row["crops found"] + len(row["crops missing"]) == 5, row  # Lily twice, Tom once, then both
+        assert sum(row["crops per character"].values()) == row["crops found"] > 0, row
         if max(row["crops per character"].values()) >= 2:
             assert np.isfinite(row["IIS"]) and np.isfinite(row["DS"])
     assert any(r["IIS"] is not None for r in rows)
+    assert "## Character crops (located the same way in every method's images)" in out
+    for row in rows:
+        assert f"| {row['method']} | {row['crops found']} of 5 |" in out
 
 
 def test_missing_metric_models_are_named_before_any_generation(tmp_path, monkeypatch, capsys, load_script):
@@ -173,3 +177,31 @@ def test_the_tuned_row_runs_isolated_with_the_backbones_tuned_switches(tmp_path,
     report = (tmp_path / "report.md").read_text()
     assert "Isolated attention ran with the paper's switches." in report
     assert "isolated-tuned ran with the paper's switches except " in report and "variant 'isolation-tuned'" in report
+
+
+def test_sdxl_run_exports_vistorybench_layout_and_pairs_the_methods(tmp_path, tiny_metric_models, capsys, load_script):
+    """``--export``: method/story/shot_XX.png with a prompts.json for every method; the report pairs
+    isolated attention with the others by story and seed; metric models are back on the host."""
+    script = load_script("evaluate_stories")
+    story = _story(tmp_path, SDXL_STORY, "pair.yaml")
+    rows = script.main(["--backbone", "sdxl-tiny", "--stories", story, "--seeds", "2", "--methods", "vanilla,isolated",
+                        "--steps", "2", "--export", str(tmp_path / "export"), *tiny_metric_models])
+    out = capsys.readouterr().out
+    for method in ("vanilla", "isolated"):
+        for k in (0, 1):
+            folder = tmp_path / "export" / method / f"pair_seed{k}"
+            assert sorted(p.name for p in folder.iterdir()) == ["prompts.json"] + [f"shot_{i:02d}.png" for i in range(1, 5)]
+            record = json.loads((folder / "prompts.json").read_text())
+            assert [s["prompt"] for s in record["shots"]] == [s["prompt"] for s in SDXL_STORY["scenes"]]
+            assert record["characters"]["Lily"]["id_prompt"] == "a girl with blonde hair"
+    assert "## Isolated minus each other method, paired by story and seed" in out
+    by = {(r["seed"], r["method"]): r for r in rows}
+    tis = [by[(k, "isolated")]["TIS"] - by[(k, "vanilla")]["TIS"] for k in (0, 1)]
+    expected = f"{np.mean(tis):+.2f} ± {np.std(tis, ddof=1) / np.sqrt(2):.2f} (2)"
+    assert f"| isolated − vanilla | {expected} |" in out
+
+
+def test_cpu_offload_is_for_sdxl(load_script):
+    with pytest.raises(SystemExit):
+        load_script("evaluate_stories").parse_args(["--cpu-offload"])
+    assert load_script("evaluate_stories").parse_args(["--backbone", "sdxl-tiny", "--cpu-offload"]).cpu_offload

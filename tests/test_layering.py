@@ -23,7 +23,7 @@ LAYERS = {
     "toy model": ["osa_lib.toy.model", "osa_lib.toy.reference", "osa_lib.toy.drawn_pool", "osa_lib.toy.train",
                   "osa_lib.toy.delta"],
     "backbones": ["osa_lib.backbones"],
-    "method": ["osa_lib.attention", "osa_lib.bank", "osa_lib.baselines", "osa_lib.isolation"],
+    "method": ["osa_lib.attention", "osa_lib.bank", "osa_lib.baselines", "osa_lib.isolation", "osa_lib.locate"],
     "stories": ["osa_lib.story", "osa_lib.llm", "osa_lib.generation", "osa_lib.video"],
     "experiments": ["osa_lib.experiments", "osa_lib.experiments.maps", "osa_lib.experiments.stories",
                     "osa_lib.experiments.teaching", "osa_lib.experiments.exercises",

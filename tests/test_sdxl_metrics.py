@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from osa_lib.backbones import build_tiny_clip_tokenizer
-from osa_lib.sdxl_metrics import (AestheticPredictor, ClipScorer, MissingWeightsError, crop_character,
-                                  dreamsim_similarity, identity_similarity, story_metrics)
+from osa_lib.sdxl_metrics import (AestheticPredictor, ClipScorer, MissingWeightsError, crop_character, mask_box,
+                                  dreamsim_similarity, identity_similarity, square_crop, story_metrics)
 
 PROJ = 16  # tiny CLIP's embedding size D
 
@@ -89,10 +89,23 @@ def test_crop_character_upsamples_a_low_res_mask_and_adds_margin():
     image = np.arange(64 * 64 * 3, dtype=np.float32).reshape(64, 64, 3)
     mask = np.zeros((8, 8), bool)
     mask[2:4, 4:6] = True  # image rows 16:32, cols 32:48 after 8x nearest upsampling
+    assert mask_box(mask, (64, 64)) == (16, 32, 32, 48)
     assert np.array_equal(crop_character(image, mask, margin=0.0), image[16:32, 32:48])
     assert np.array_equal(crop_character(image, torch.from_numpy(mask), margin=0.25), image[12:36, 28:52])
-    mask[:, 7] = True  # margin is clipped at the image border
-    assert crop_character(image, mask, margin=0.5).shape == (64, 64 - 16, 3)  # cols 32:64 grow left by 16 only
+
+
+def test_crops_are_square_and_padded_with_the_mean_colour_past_the_border():
+    image = np.arange(64 * 64 * 3, dtype=np.float32).reshape(64, 64, 3)
+    mean = image.reshape(-1, 3).mean(0)
+    tall = square_crop(image, (8, 30, 40, 38), margin=0.0)  # 32 rows, 8 columns: a tall character
+    assert tall.shape == (32, 32, 3)
+    assert np.array_equal(tall, image[8:40, 18:50])  # widened around its centre column 34
+    edge = square_crop(image, (0, 56, 16, 64), margin=0.0)  # 16 × 8 at the right border
+    assert edge.shape == (16, 16, 3)
+    assert np.array_equal(edge[:, :12], image[0:16, 52:64]) and np.allclose(edge[:, 12:], mean)
+    assert crop_character(image, np.ones((8, 8), bool), margin=0.5).shape == (128, 128, 3)  # never shrunk to fit
+    with pytest.raises(ValueError, match=r"box \(4, 4, 4, 9\) is empty"):
+        square_crop(image, (4, 4, 4, 9))
 
 
 def test_crop_character_rejects_an_empty_mask():
@@ -245,8 +258,8 @@ def _pil(image):
     return Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
 
 
-def test_crop_margin_follows_the_box_height_and_width():
+def test_crop_margin_follows_the_boxs_longer_side():
     image = np.arange(64 * 64 * 3, dtype=np.float32).reshape(64, 64, 3)
     mask = np.zeros((64, 64), bool)
-    mask[20:28, 10:50] = True  # 8 rows, 40 columns
-    assert np.array_equal(crop_character(image, mask, margin=0.25), image[18:30, 0:60])  # dy 2, dx 10
+    mask[12:36, 20:44] = True  # 24 × 24
+    assert np.array_equal(crop_character(image, mask, margin=0.25), image[6:42, 14:50])  # 6 more on each side

@@ -11,7 +11,8 @@ from osa_lib.testing import _TINY_WORDS
 from osa_lib.bank import BankError, ReferenceBank
 from osa_lib.isolation import IsolationConfig
 from osa_lib.generation import METHODS, generate_story
-from osa_lib.story import Story, StoryError, load_story, parse_story
+from osa_lib.story import (Story, StoryCharacter, StoryError, described_prompt, load_story, parse_story,
+                           undescribed_prompt)
 
 STORY_DIR = Path(__file__).resolve().parent.parent / "data" / "stories"
 STORY_FILES = sorted(glob.glob(str(STORY_DIR / "*.yaml")))
@@ -375,3 +376,153 @@ def test_seed_offset_past_the_range_is_refused_before_generation(tiny, story, un
     with pytest.raises(StoryError, match=r"scene 1, seed: 18446744073709551622 is not accepted"):
         generate_story(tiny, story.with_seed_offset(2 ** 64 - 1), "vanilla", num_inference_steps=STEPS, progress=False)
     assert unet_calls == []
+
+
+# --- the same text for every method: descriptions in the scene prompts --------------------------
+def test_descriptions_go_where_the_word_is():
+    girl = StoryCharacter("Lily", "girl", "girl: blonde hair, black dress")
+    boy = StoryCharacter("Tom", "boy", "a boy with black hair")
+    circle = StoryCharacter("Rosa", "circle", "a red circle")
+    assert girl.description == "girl, blonde hair, black dress"
+    assert boy.description == "boy with black hair" and circle.description == "red circle"
+    assert described_prompt("a girl reading a book in the park", [girl]) == \
+        "a girl, blonde hair, black dress, reading a book in the park"
+    assert described_prompt("a girl and a boy in the snow", [girl, boy]) == \
+        "a girl, blonde hair, black dress, and a boy with black hair in the snow"
+    assert described_prompt("in the park, a girl", [girl]) == "in the park, a girl, blonde hair, black dress"
+    assert described_prompt("a circle in the meadow", [circle]) == "a red circle in the meadow"
+    assert described_prompt("a red circle in the meadow", [circle]) == "a red circle in the meadow"  # already there
+    assert undescribed_prompt("a red circle and a blue square in the snow", [circle]) == \
+        "a circle and a blue square in the snow"
+    with pytest.raises(StoryError, match="'Tom': its word 'boy' is not in the scene prompt"):
+        described_prompt("a girl in the park", [boy])
+
+
+@pytest.mark.parametrize("path", STORY_FILES, ids=lambda p: Path(p).stem)
+def test_shipped_stories_describe_their_characters_only_on_sdxl(path):
+    """SDXL stories put descriptions in for every method; toy stories do not (their uncoloured
+    stories test what a method copies), and stripping then describing gives the story back."""
+    story = load_story(path)
+    assert story.describe_characters == Path(path).stem.startswith("sdxl_")
+    described = story.with_descriptions()
+    for scene, drawn in zip(story.scenes, described.scenes):
+        for name in scene.characters:
+            assert story.characters[name].description.lower() in drawn.prompt.lower()
+    if not story.describe_characters:
+        assert [s.prompt for s in story.without_descriptions().with_descriptions().scenes] == \
+            [s.prompt for s in described.scenes]
+
+
+def test_describe_characters_must_be_a_boolean(tmp_path):
+    assert parse_story(story_dict()).describe_characters is False
+    assert parse_story(story_dict(describe_characters=True)).describe_characters is True
+    with pytest.raises(StoryError, match="field 'describe_characters': 'yes please' must be true or false"):
+        parse_story(story_dict(describe_characters="yes please"), "bad")
+    assert parse_story(story_dict(describe_characters=True)).with_seed_offset(5).describe_characters
+
+
+def _encoded_prompts(backbone, story, method, monkeypatch, **kwargs) -> list[str]:
+    """Every scene prompt ``method`` hands to ``backbone.encode``, sorted (CSA batches scenes)."""
+    seen = []
+    encode = backbone.encode
+
+    def recording(prompts, *args, **kw):
+        seen.extend(prompts)
+        return encode(prompts, *args, **kw)
+
+    monkeypatch.setattr(backbone, "encode", recording)
+    generate_story(backbone, story, method, progress=False, **kwargs)
+    monkeypatch.undo()
+    return sorted(seen)
+
+
+@pytest.mark.parametrize("describe", [True, False])
+def test_every_method_encodes_the_same_prompts_on_tiny_sdxl(tiny, monkeypatch, describe):
+    story = parse_story(story_dict())
+    expected = sorted(s.prompt for s in (story.with_descriptions() if describe else story).scenes)
+    assert (expected != sorted(s.prompt for s in story.scenes)) == describe
+    for method in METHODS:
+        assert _encoded_prompts(tiny, story, method, monkeypatch, num_inference_steps=2,
+                                describe=describe) == expected, method
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_backbone("toy", device="cpu")
+
+
+def test_every_method_encodes_the_same_described_prompts_on_the_toy(toy, monkeypatch):
+    """A named-colour toy story stripped of its colours, drawn with the description option: every
+    method reads the colour words again, the same prompts."""
+    story = load_story(STORY_DIR / "toy_newcomer.yaml").without_descriptions()
+    assert "red" not in story.scenes[0].prompt
+    expected = sorted(s.prompt for s in load_story(STORY_DIR / "toy_newcomer.yaml").scenes)
+    for method in METHODS:
+        assert _encoded_prompts(toy, story, method, monkeypatch, num_inference_steps=2, describe=True) == expected
+
+
+def test_the_stories_setting_is_the_default_and_results_carry_the_drawn_prompts(tiny):
+    story = parse_story(story_dict(describe_characters=True))
+    result = generate_story(tiny, story, "vanilla", num_inference_steps=2, progress=False)
+    assert [s.prompt for s in result.scenes] == [s.prompt for s in story.with_descriptions().scenes]
+    plain = generate_story(tiny, story, "vanilla", num_inference_steps=2, progress=False, describe=False)
+    assert [s.prompt for s in plain.scenes] == [s.prompt for s in story.scenes]
+    with pytest.raises(StoryError, match="describe=1 must be True, False or None"):
+        generate_story(tiny, story, "vanilla", describe=1)
+
+
+def test_a_bank_drawn_by_other_weights_is_refused_before_the_unet_runs(toy):
+    """The base toy model and the shipped backbone (its fine-tuned up-block self-attention) share a
+    name, shapes and scheduler; only the weights tell their banks apart."""
+    base = load_backbone("toy", model_id=str(Path(__file__).resolve().parents[1] / "data" / "toy_model"), device="cpu")
+    story = load_story(STORY_DIR / "toy_single_journey.yaml")
+    first = Story(story.characters, story.scenes[:1], source="first scene")
+    bank = generate_story(base, first, "isolated", num_inference_steps=2, progress=False).bank
+    calls = []
+    hook = toy.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(BankError, match=r"other U-Net weights \(model_dir \S*toy_model, fingerprint \w+\) than "
+                                            r"this run's \(model_dir \S*toy_model, finetune \S*toy_finetune\S*, fingerprint"):
+            generate_story(toy, story, "isolated", bank=bank, num_inference_steps=2, progress=False)
+    finally:
+        hook.remove()
+    assert calls == []
+    generate_story(base, story, "isolated", bank=bank, num_inference_steps=2, progress=False)  # its own weights: fine
+
+
+def test_subject_word_in_the_end_tokens_slot_is_refused_before_generation(tiny, unet_calls):
+    """Token 76 holds the end token once a prompt is cut to 77: a word there is never read."""
+    at = {m: "a " + "the " * m + "boy" for m in (73, 74)}  # start token, 'a', m × 'the', 'boy' at m + 2
+    assert tiny.token_positions(at[73], "boy") == [75]
+    data = story_dict()
+    data["scenes"][1]["prompt"] = at[74]
+    with pytest.raises(StoryError, match=r"scene 2, field 'prompt': word 'boy' is at token 76 .* reads only "
+                                         r"tokens 1 to 75 .* end token, which replaces token 76"):
+        generate_story(tiny, parse_story(data), "isolated", num_inference_steps=STEPS, progress=False)
+    assert unet_calls == []
+    twice = "a boy " + "the " * 73 + "boy"  # the second 'boy' is at 76: only the first is T_m
+    assert tiny.token_positions(twice, "boy") == [2]
+
+
+def test_a_description_may_not_hold_another_characters_word():
+    data = story_dict(describe_characters=True)
+    data["characters"][1]["id_prompt"] = "a boy with a girl hat"
+    with pytest.raises(StoryError, match="character 'Tom', field 'id_prompt': its description 'boy with a girl hat' "
+                                         "holds the word 'girl' of 'Lily'"):
+        parse_story(data, "bad")
+    data["describe_characters"] = False  # without descriptions in the scene prompts it does no harm
+    parse_story(data, "fine")
+
+
+def test_the_sdxl_story_set_covers_singles_pairs_newcomers_and_similar_characters():
+    stories = {Path(p).stem: load_story(p) for p in STORY_FILES if Path(p).stem.startswith("sdxl_")}
+    assert 8 <= len(stories) <= 10
+    assert all(4 <= len(s.scenes) <= 6 for s in stories.values())
+    sizes = [len(s.characters) for s in stories.values()]
+    assert sizes.count(1) >= 2 and sizes.count(2) >= 4
+    newcomer = [n for n, s in stories.items()
+                if any(any(c not in {x for prev in s.scenes[:i] for x in prev.characters} for c in scene.characters)
+                       and any(c in {x for prev in s.scenes[:i] for x in prev.characters} for c in scene.characters)
+                       for i, scene in enumerate(s.scenes))]
+    assert newcomer, "a story where a new character is drawn beside a returning one"
+    assert "girl" in {c.word for c in stories["sdxl_two_girls"].characters.values()}

@@ -13,7 +13,8 @@ from .maps import (BINDING_OWN_SHARE, binding_table, binding_verdict, CapturedRu
                    mask_iou_records, mask_iou_summary, mask_layer_iou, overlap_rule_runs, overlap_rule_table,
                    pooled_rule_scores, rule_masks, rule_rows, rule_verdict, upsample_masks)
 from .stories import (ablation_rows, carry_over, colour_kept_rows, compare_methods, default_cache_dir, detail_gains,
-                      iis_gain, lambda_sweep, mean_and_sem, mixing_and_neglect, prompts_vs_attention, StoryScorer,
+                      iis_gain, lambda_sweep, mean_and_sem, mixing_and_neglect, PROMPT_EFFECT_METRICS,
+                      prompt_option_effects, prompts_vs_attention, StoryScorer,
                       summary_means, summary_rows, trio_summary, uncoloured_scene_prompts)
 from .teaching import (averaging_verdict, carry_over_errors, compare, difference_sentence, identity_chance,
                        lambda_sweep_errors, lambda_verdict, paired_difference, PAPER_TABLES, paper_vs_toy,
@@ -30,4 +31,4 @@ __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_mas
            "compare", "averaging_verdict", "worst_scored", "scored_overlapping", "rule_ious", "identity_chance",
            "switch_variants", "lambda_sweep_errors", "with_errors", "lambda_verdict", "trio_verdict", "probe_chance",
            "PAPER_TABLES", "paper_vs_toy", "paired_difference", "difference_sentence",
-           "carry_over_errors"]
+           "carry_over_errors", "PROMPT_EFFECT_METRICS", "prompt_option_effects"]

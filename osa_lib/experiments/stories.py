@@ -17,7 +17,7 @@ from ..generation import generate_story
 from ..toy.metrics import IDENTITY_DETAILS, id_colours, is_mixed, read_scene, toy_story_metrics
 from ..toy.world import parse_caption
 
-__all__ = ["mixing_and_neglect", "uncoloured_scene_prompts", "mean_and_sem", "StoryScorer", "default_cache_dir", "summary_rows", "summary_means", "lambda_sweep", "ablation_rows", "prompts_vs_attention", "iis_gain", "carry_over", "detail_gains", "colour_kept_rows", "trio_summary", "compare_methods"]
+__all__ = ["mixing_and_neglect", "uncoloured_scene_prompts", "mean_and_sem", "StoryScorer", "default_cache_dir", "summary_rows", "summary_means", "lambda_sweep", "ablation_rows", "prompts_vs_attention", "PROMPT_EFFECT_METRICS", "prompt_option_effects", "iis_gain", "carry_over", "detail_gains", "colour_kept_rows", "trio_summary", "compare_methods"]
 
 
 def mixing_and_neglect(backbone, story, n_seeds: int, config=None, seed_stride: int = 1000, **kwargs) -> list[dict]:
@@ -203,6 +203,53 @@ def prompts_vs_attention(scorer: StoryScorer, story) -> list[dict]:
     for label, variant in (("refined prompts", story), ("raw prompts", uncoloured_scene_prompts(story))):
         for method, metrics in scorer.score(variant, methods=("vanilla", "isolated")).items():
             rows.append({"prompts": label, "method": method, **{k: v for k, v in metrics.items() if k != "mixing rate"}})
+    return rows
+
+
+#: what ``prompt_option_effects`` reports for each change
+PROMPT_EFFECT_METRICS = ("IIS-toy", "attribute accuracy", "colour kept", "TIS-toy")
+
+
+def prompt_option_effects(scorer: StoryScorer, story, methods=("vanilla", "csa", "isolated"),
+                          config=None) -> list[dict]:
+    """What each of two text changes does, per method, paired over the scorer's seeds.
+
+    The story is first stripped of its characters' descriptions (``Story.without_descriptions``:
+    "a red circle in the meadow" -> "a circle in the meadow"; ID prompts keep theirs). Then:
+
+    - "descriptions in the prompts": every method drawn with ``describe=True`` (each scene prompt
+      gets its characters' descriptions back, the same text for every method) minus without;
+    - "isolated cross-attention alone" (isolated only, on the stripped prompts and on the
+      described ones): ``solo_cross=True`` (the ID prompt blended in a character's solo first
+      scene, METHOD.md's story loop) minus ``solo_cross=False`` (that scene drawn as the model is).
+
+    Args:
+        config: isolated attention's switches (default: the backbone's).
+
+    Returns:
+        one row per (change, prompts, method): ``{"change", "prompts", "method", "seeds", <metric>:
+        mean difference, "<metric> se": its standard error}`` for ``PROMPT_EFFECT_METRICS`` (NaN
+        where a metric is undefined on every seed, e.g. colour kept for a character drawn once).
+    """
+    config = config or scorer.backbone.isolation_config()
+    raw = story.without_descriptions()
+    described = dataclasses.replace(raw, describe_characters=True)
+    no_solo = dataclasses.replace(config, solo_cross=False)
+
+    def paired(change, prompts, method, after, after_config, before, before_config) -> dict:
+        differences = [{m: scorer.seed_metrics(after, method, after_config, k)[m]
+                        - scorer.seed_metrics(before, method, before_config, k)[m] for m in PROMPT_EFFECT_METRICS}
+                       for k in range(scorer.n_seeds)]
+        stats = mean_and_sem(differences)
+        return {"change": change, "prompts": prompts, "method": method, "seeds": scorer.n_seeds,
+                **{m: stats[m][0] for m in PROMPT_EFFECT_METRICS},
+                **{f"{m} se": stats[m][1] for m in PROMPT_EFFECT_METRICS}}
+
+    rows = [paired("descriptions in the prompts", "stripped -> described", m, described, config, raw, config)
+            for m in methods]
+    if "isolated" in methods:
+        for label, variant in (("stripped", raw), ("described", described)):
+            rows.append(paired("isolated cross-attention alone", label, "isolated", variant, config, variant, no_solo))
     return rows
 
 
