@@ -1,4 +1,4 @@
-"""The wheel carries the shipped models: ``pip install .`` copies data/toy_model, data/toy_finetune
+"""The wheel carries the shipped models: ``pip install .`` copies data/toy_model, data/toy_finetune, data/toy_finetune_neutral
 and data/sdxl_random into the package as osa_lib/_data (osa_lib.shipped finds them there). An
 editable install reads data/ in the clone instead. Everything else is in pyproject.toml."""
 import shutil
@@ -7,7 +7,7 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-SHIPPED = ("toy_model", "toy_finetune", "sdxl_random")
+SHIPPED = ("toy_model", "toy_finetune", "toy_finetune_neutral", "sdxl_random")
 
 
 class BuildWithShippedData(build_py):

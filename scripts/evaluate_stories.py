@@ -281,6 +281,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="toy", help="toy (default), sdxl or sdxl-tiny (load_backbone names)")
     parser.add_argument("--model-id", default=None, help="backbone weights: a local folder or hub id")
+    parser.add_argument("--variant", default=None,
+                        help="toy only, instead of --model-id: a named toy backbone (isolation-tuned, base, neutral)")
     parser.add_argument("--stories", nargs="+", default=None, metavar="FILE",
                         help="story files (default: data/stories/toy_*.yaml for the toy, sdxl_*.yaml otherwise)")
     parser.add_argument("--seeds", type=int, default=20, help="seeds per story")

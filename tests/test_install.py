@@ -1,5 +1,5 @@
 """A non-editable install works away from the clone: the wheel carries the shipped models
-(``data/toy_model``, ``data/toy_finetune``, ``data/sdxl_random`` as ``osa_lib/_data``, ``setup.py``)
+(``data/toy_model``, ``data/toy_finetune(_neutral)``, ``data/sdxl_random`` as ``osa_lib/_data``, ``setup.py``)
 and ``load_backbone("toy")`` loads them from the installed copy."""
 import shutil
 import subprocess
@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ("toy_model", "toy_finetune", "sdxl_random")
+SHIPPED = ("toy_model", "toy_finetune", "toy_finetune_neutral", "sdxl_random")
 
 
 def _build_wheel(tmp_path: Path) -> Path:
@@ -36,7 +36,7 @@ def test_wheel_carries_the_models_and_load_backbone_toy_reads_them_from_the_inst
         site = tmp_path / "site"
         archive.extractall(site)  # a pure-Python wheel installs by unpacking
     code = ("import osa_lib, osa_lib.shipped as s, osa_lib.toy.model as m; from osa_lib import load_backbone; "
-            "load_backbone('toy', device='cpu'); "
+            "load_backbone('toy', device='cpu'); load_backbone('toy', variant='neutral', device='cpu'); "
             "print(osa_lib.__file__); print(s.DATA_DIR); print(m.DEFAULT_MODEL_DIR)")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})

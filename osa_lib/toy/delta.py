@@ -34,6 +34,7 @@ FINETUNE_DIR = DEFAULT_MODEL_DIR.parent / "toy_finetune"
 #: the fine-tune the shipped toy backbone puts on top of ``data/toy_model``, and its tuned switches
 SHIPPED_DELTA = FINETUNE_DIR / "up_self_attention.safetensors"
 SHIPPED_ISOLATION = FINETUNE_DIR / "isolation.json"
+NEUTRAL_DELTA = DEFAULT_MODEL_DIR.parent / "toy_finetune_neutral" / "up_self_attention.safetensors"
 
 
 def _state(pipe: ToyPipeline) -> dict[str, torch.Tensor]:
@@ -141,6 +142,11 @@ TOY_VARIANTS = {
                         "way, so comparisons with other methods on it favour isolated attention"),
     "base": (None, None, "data/toy_model alone, trained on single scenes and never shown a reference: no method "
                          "can carry appearance from scene to scene on it"),
+    "neutral": (NEUTRAL_DELTA, None,
+                "data/toy_model with a fine-tune of its up-block self-attention trained in no method's view: pairs of "
+                "scenes from one story, every reference token visible to every target token, no mask and no "
+                "re-weighting; it copies appearance only weakly (data/toy_finetune_neutral/README.md), so it is "
+                "not the default"),
 }
 DEFAULT_TOY_VARIANT = "isolation-tuned"
 
