@@ -337,7 +337,7 @@ def main(argv=None) -> list[dict] | None:
             f"the other columns stay empty.\n" if missing else "")
     torch.manual_seed(0)
     backbone = load_backbone(args.backbone, model_id=args.model_id, device=str(state.device),
-                             cpu_offload=args.cpu_offload)
+                             cpu_offload=args.cpu_offload, variant=args.variant)
     config = backbone.isolation_config()
     if TUNED in args.methods and not backbone.tuned_isolation:
         args.methods = [m for m in args.methods if m != TUNED]
