@@ -327,6 +327,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
                         help="toy pipeline folder (default: the shipped backbone, data/toy_model with data/toy_finetune)")
+    parser.add_argument("--variant", default=None,
+                        help="instead of --model: a named toy backbone (isolation-tuned, base, neutral)")
     parser.add_argument("--samples", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -351,7 +353,7 @@ def main(argv=None) -> None:
     parser.add_argument("--md", default=None, help="also write the tables here, with the command, commit and machine")
     args = parser.parse_args(argv)
     from ...backbones import load_backbone
-    pipe = load_backbone("toy", model_id=args.model, device=args.device).pipe  # progress bars off
+    pipe = load_backbone("toy", model_id=args.model, device=args.device, variant=args.variant).pipe  # progress bars off
     started = time.time()
     settings = PROBE_SETTINGS[:2] if args.quick else PROBE_SETTINGS
     lines = [f"References: {args.references}, captions {args.reference_captions}, view {args.view}.\n",
