@@ -63,12 +63,15 @@ class StoryStrip:
         self.generated_scenes = 0  # scenes actually drawn (a cached request draws none)
 
     def _intro_key(self, config: IsolationConfig) -> str:
-        """The switches the opening scenes read: not w (nothing is read from the bank there) and,
-        when each of them shows one character, not λ, β or the overlap rule either (a lone new
-        character runs the unmodified model and only fills the bank)."""
+        """The switches the opening scenes read: not w (nothing is read from the bank there); when
+        each of them shows one character, not the overlap rule (one mask, nothing overlaps), and
+        not λ or β either when a lone newcomer runs no isolated cross-attention (then it runs the
+        unmodified model and only fills the bank)."""
         unused = {"reweight": 0.0, "isolated_self": True}
         if all(len(s.characters) <= 1 for s in self.story.scenes[:self.intro]):
-            unused.update(lam=1.0, beta=1.0, isolated_cross=True, overlap_rule="lower_cv")
+            unused["overlap_rule"] = "lower_cv"
+            if not (config.isolated_cross and config.solo_cross):
+                unused.update(lam=1.0, beta=1.0, isolated_cross=True, solo_cross=True)
         return repr(dataclasses.replace(config, **unused))
 
     def vanilla(self) -> list[np.ndarray]:

@@ -38,17 +38,21 @@ def test_strip_equals_the_whole_story_and_caches_what_a_change_does_not_touch(ba
     assert same(first, generate_story(backbone, story, "isolated", config=config, num_inference_steps=STEPS,
                                       progress=False).images)
     assert strip.generated_scenes == 5
-    lower = dataclasses.replace(config, lam=0.5, reweight=config.reweight + 1)
-    changed = strip.isolated(lower)
-    assert strip.generated_scenes == 5 + 3, "λ and w redraw only the three scenes that read the bank"
-    assert same(changed, generate_story(backbone, story, "isolated", config=lower, num_inference_steps=STEPS,
+    stronger = dataclasses.replace(config, reweight=config.reweight + 1)
+    changed = strip.isolated(stronger)
+    assert strip.generated_scenes == 5 + 3, "w redraws only the three scenes that read the bank"
+    assert same(changed, generate_story(backbone, story, "isolated", config=stronger, num_inference_steps=STEPS,
                                         progress=False).images)
-    assert not same(changed, first), "λ changes the returning scenes"
+    assert not same(changed, first), "w changes the returning scenes"
     assert same(strip.isolated(config), first) and strip.generated_scenes == 8, "a setting seen before is kept"
+    lower = dataclasses.replace(config, lam=0.5)  # a lone newcomer blends its ID prompt (Eq. 6): λ reaches it too
+    assert same(strip.isolated(lower), generate_story(backbone, story, "isolated", config=lower,
+                                                      num_inference_steps=STEPS, progress=False).images)
+    assert strip.generated_scenes == 8 + 5, "λ redraws every scene"
     later = dataclasses.replace(config, warmup=0.5)
     assert same(strip.isolated(later), generate_story(backbone, story, "isolated", config=later,
                                                       num_inference_steps=STEPS, progress=False).images)
-    assert strip.generated_scenes == 13, "warm-up changes what the bank stores: the whole story"
+    assert strip.generated_scenes == 18, "warm-up changes what the bank stores: the whole story"
 
 
 def test_lambda_zero_is_the_unmodified_model(backbone):
