@@ -3,7 +3,6 @@
 Training pairs come from one story and every reference token is visible to every target token,
 with no mask and no bias; the training code reads no character mask for this view and does not
 import the isolated method. The appearance probe can show references the same way."""
-import ast
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -62,29 +61,14 @@ def test_the_neutral_view_refuses_the_methods_options():
 
 def _imported_osa_modules(module: str) -> set[str]:
     """Every ``osa_lib`` module that ``module`` imports, directly or through others, at any level
-    of the code (function bodies included), read from the source; package ``__init__`` files are
-    not followed (importing a submodule runs them, but they hold re-exports only)."""
+    of the code (function bodies included), read from the source by the layering test's reader."""
+    from test_layering import imports_of
     seen, todo = set(), [module]
     while todo:
         name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        path = ROOT / (name.replace(".", "/") + ".py")
-        if not path.exists():
-            continue
-        package = name.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
-                targets = [base] + [f"{base}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            else:
-                continue
-            todo += [t for t in targets if t.startswith("osa_lib.") and (ROOT / (t.replace(".", "/") + ".py")).exists()]
+        if name not in seen:
+            seen.add(name)
+            todo += list(imports_of(name))
     return seen
 
 
