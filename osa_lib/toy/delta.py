@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from ..config import parse_isolation_defaults
 from .model import DEFAULT_MODEL_DIR, ToyPipeline
 
-__all__ = ["weights_fingerprint", "save_delta", "with_delta", "apply_delta", "load_shipped_toy", "load_toy_variant",
+__all__ = ["weights_fingerprint", "save_delta", "with_delta", "apply_delta", "load_toy_variant",
            "TOY_VARIANTS", "DEFAULT_TOY_VARIANT", "SHIPPED_DELTA",
            "SHIPPED_ISOLATION", "main"]
 
@@ -165,12 +165,6 @@ def load_toy_variant(variant: str = DEFAULT_TOY_VARIANT) -> tuple[ToyPipeline, d
                                 f"but {', '.join(missing)} is missing. Restore it (`git checkout -- {delta.parent}`), "
                                 f"or load the model without the fine-tune: variant='base'.")
     return with_delta(delta, DEFAULT_MODEL_DIR)[0], parse_isolation_defaults(isolation) if isolation else {}, note
-
-
-def load_shipped_toy() -> tuple[ToyPipeline, dict]:
-    """The default toy backbone (``DEFAULT_TOY_VARIANT``) and the isolation switches tuned for it."""
-    pipe, tuned, _ = load_toy_variant(DEFAULT_TOY_VARIANT)
-    return pipe, tuned
 
 
 def main(argv: list[str] | None = None) -> None:
