@@ -9,9 +9,10 @@ import pytest
 from osa_lib import IsolationConfig
 from osa_lib.experiments.exercises import (between_class_variance, check_cv, check_iou, check_lambda_zero,
                                           check_mark_chance, check_otsu)
-from osa_lib.experiments import (averaging_verdict, compare, difference_sentence, identity_chance, lambda_verdict,
-                                 paired_difference, paper_vs_toy, probe_chance, switch_variants, trio_verdict,
-                                 with_errors, worst_scored)
+from osa_lib.claims import (compare, difference_sentence, direction, paired_difference, paper_beside_toy,
+                            paper_vs_toy)
+from osa_lib.experiments import (averaging_verdict, identity_chance, lambda_verdict, probe_chance, seed_difference,
+                                 switch_variants, trio_verdict, with_errors, worst_scored)
 from osa_lib.masks import otsu_threshold
 from osa_lib.toy.probes.appearance import _colour_chance
 
@@ -80,8 +81,15 @@ def test_trio_verdict_direction():
 def test_paired_difference_pairs_by_seed_and_difference_sentence_reads_it():
     per_seed = {("a", 0): 10.0, ("a", 1): 12.0, ("a", 2): float("nan"), ("b", 0): 9.0, ("b", 1): 10.0, ("b", 2): 1.0}
     scorer = SimpleNamespace(n_seeds=3, seed_metrics=lambda story, method, config, k: {"IIS-toy": per_seed[(method, k)]})
-    mean, se = paired_difference(scorer, None, ("a", None), ("b", None))
-    assert mean == pytest.approx(1.5) and se == pytest.approx(0.5)  # seed 2 left out: NaN
+    mean, se, n = seed_difference(scorer, None, ("a", None), ("b", None))
+    assert mean == pytest.approx(1.5) and se == pytest.approx(0.5) and n == 2  # seed 2 left out: NaN
+    # by hand: differences 1 and 2, mean 1.5, sd 0.7071, se = sd / sqrt(2) = 0.5
+    assert paired_difference([10.0, 12.0], [9.0, 10.0]) == pytest.approx((1.5, 0.5, 2))
+    assert paired_difference([1.0], [0.0])[2] == 1 and np.isnan(paired_difference([1.0], [0.0])[1])
+    assert direction(1.5, 0.5) == "higher than" and direction(-1.5, 0.5) == "lower than"
+    assert direction(0.9, 0.5) == "not distinguishable from" and direction(3.0, float("nan")) == "not distinguishable from"
+    assert difference_sentence("x", (mean, se, n)) == "x is higher (+1.5 ± 0.5 points)"
+    assert difference_sentence("x", (-3.0, 0.5)) == "x is lower (-3.0 ± 0.5 points)"
     assert difference_sentence("x", (mean, se)) == "x is higher (+1.5 ± 0.5 points)"
     assert difference_sentence("x", (0.8, 0.5)) == "x is within noise (+0.8 ± 0.5 points)"
     assert difference_sentence("x", (3.0, 0.5)) == "x is higher (+3.0 ± 0.5 points)"
@@ -108,6 +116,11 @@ def test_with_errors_and_paper_rows():
     assert rows[0]["paper (SDXL, Table I)"] == "+5.41" and rows[0]["toy"] == "+2.0 ± 1.0"
     assert rows[1]["toy"] == "not measured"
     assert paper_vs_toy({"TIS": (90.0, float("nan"))})[3]["toy"] == "90.0 (one seed)"
+    beside = {r["metric (paper)"]: r for r in paper_beside_toy({"isolated": {"IIS-toy": 70.0}, "csa": {"IIS-toy": 65.5}})}
+    assert list(beside) == ["TIS", "IIS (%)", "AQ", "DS (%)"]
+    assert beside["IIS (%)"]["paper's method"] == "70.28" and beside["IIS (%)"]["StoryDiffusion (paper)"] == "64.87"
+    assert beside["TIS"]["StoryDiffusion (paper)"] == "27.35" and beside["AQ"]["StoryDiffusion (paper)"] == "n/a"
+    assert beside["IIS (%)"]["isolated (toy)"] == "70.00" and beside["IIS (%)"]["vanilla (toy)"] == "n/a"
 
 
 # --- the exercises' check cells refuse wrong answers, saying why -------------------------------------

@@ -3,8 +3,9 @@
 - ``experiments.maps``: the attention maps (masks against the toy's ground truth, overlap rules,
   layers, steps, word binding);
 - ``experiments.stories``: whole stories over seeds (methods, λ, ablations, identity details);
-- ``experiments.teaching``: the sentences, chance levels and comparisons the notebooks print, with
-  direction words computed from the numbers; ``experiments.exercises``: the exercises' check cells.
+- ``experiments.teaching``: the verdicts, chance levels and seed-paired differences the notebooks
+  print (their direction words come from ``osa_lib.claims``); ``experiments.exercises``: the
+  exercises' check cells.
 
 Every name of both is importable from ``osa_lib.experiments``.
 """
@@ -16,9 +17,8 @@ from .stories import (ablation_rows, carry_over, colour_kept_rows, compare_metho
                       iis_gain, lambda_sweep, mean_and_sem, mixing_and_neglect, PROMPT_EFFECT_METRICS,
                       prompt_option_effects, prompts_vs_attention, StoryScorer,
                       summary_means, summary_rows, trio_summary, uncoloured_scene_prompts)
-from .teaching import (averaging_verdict, carry_over_errors, compare, difference_sentence, identity_chance,
-                       lambda_sweep_errors, lambda_verdict, paired_difference, PAPER_TABLES, paper_vs_toy,
-                       probe_chance, rule_ious, scored_overlapping, switch_variants, trio_verdict, with_errors,
+from .teaching import (averaging_verdict, carry_over_errors, identity_chance, lambda_sweep_errors, lambda_verdict,
+                       probe_chance, seed_difference, rule_ious, scored_overlapping, switch_variants, trio_verdict, with_errors,
                        worst_scored)
 
 __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_masks_vs_truth", "mask_iou_records",
@@ -28,7 +28,6 @@ __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_mas
            "mixing_and_neglect", "uncoloured_scene_prompts", "mean_and_sem", "StoryScorer", "default_cache_dir",
            "summary_rows", "summary_means", "lambda_sweep", "ablation_rows", "prompts_vs_attention", "iis_gain",
            "carry_over", "detail_gains", "colour_kept_rows", "trio_summary", "compare_methods",
-           "compare", "averaging_verdict", "worst_scored", "scored_overlapping", "rule_ious", "identity_chance",
+           "averaging_verdict", "worst_scored", "scored_overlapping", "rule_ious", "identity_chance",
            "switch_variants", "lambda_sweep_errors", "with_errors", "lambda_verdict", "trio_verdict", "probe_chance",
-           "PAPER_TABLES", "paper_vs_toy", "paired_difference", "difference_sentence",
-           "carry_over_errors", "PROMPT_EFFECT_METRICS", "prompt_option_effects"]
+           "seed_difference", "carry_over_errors", "PROMPT_EFFECT_METRICS", "prompt_option_effects"]

@@ -10,23 +10,13 @@ import numpy as np
 from ..config import OVERLAP_RULES
 from ..toy.analyzer import analyze_image
 from ..toy.metrics import IDENTITY_DETAILS
+from ..claims import compare, paired_difference
 from .maps import CapturedRun, character_masks_vs_truth, rule_masks
 from .stories import StoryScorer
 
-__all__ = ["compare", "averaging_verdict", "worst_scored", "scored_overlapping", "rule_ious", "identity_chance",
+__all__ = ["averaging_verdict", "worst_scored", "scored_overlapping", "rule_ious", "identity_chance",
            "switch_variants", "lambda_sweep_errors", "with_errors", "lambda_verdict", "trio_verdict",
-           "probe_chance", "PAPER_TABLES", "paper_vs_toy", "paired_difference", "difference_sentence",
-           "carry_over_errors"]
-
-
-# --- Sentences computed from numbers: a notebook never writes "more" or "better" by hand -----------
-
-def compare(a: float, b: float, words=("higher than", "lower than", "equal to"), tol: float = 0.0) -> str:
-    """The word that says how ``a`` stands to ``b``: ``words[0]`` when ``a > b + tol``, ``words[1]``
-    when ``a < b - tol``, else ``words[2]`` (NaN on either side: "not comparable with")."""
-    if a != a or b != b:
-        return "not comparable with"
-    return words[0] if a > b + tol else words[1] if a < b - tol else words[2]
+           "probe_chance", "seed_difference", "carry_over_errors"]
 
 
 def averaging_verdict(curve: dict, z: float = 2.0) -> dict:
@@ -180,65 +170,12 @@ def probe_chance(probe: list[dict]) -> dict:
             "z_uniform": z_uniform, "z_sample": z_sample, "sentence": sentence}
 
 
-#: The paper's Tables I and II (SDXL at 1024², its test stories), beside which notebook 05 sets the toy's
-PAPER_TABLES = {"TIS": 28.91, "IIS": 70.28, "IIS StoryDiffusion": 64.87, "AQ": 6.52, "DS": 49.63,
-                "IIS without re-weighting": 69.0}
-
-
-def paper_vs_toy(toy: dict[str, tuple[float, float]]) -> list[dict]:
-    """Rows setting the paper's Tables I and II beside the toy's measurements, each saying what can
-    be compared and what cannot.
-
-    Args:
-        toy: ``(mean, standard error)`` in points under "IIS gain over CSA", "IIS gain over vanilla",
-            "w=0 IIS change" (paired differences, ``paired_difference``) and "TIS" (TIS-toy, %).
-    """
-    def cell(key):
-        mean, se = toy.get(key, (float("nan"), float("nan")))
-        if mean != mean:
-            return "not measured"
-        error = f" ± {se:.1f}" if se == se else " (one seed)"
-        return (f"{mean:.1f}" if key == "TIS" else f"{mean:+.1f}") + error
-    gain = PAPER_TABLES["IIS"] - PAPER_TABLES["IIS StoryDiffusion"]
-    return [
-        {"quantity": "identity: the method minus StoryDiffusion (IIS, points)", "paper (SDXL, Table I)": f"+{gain:.2f}",
-         "toy": cell("IIS gain over CSA"),
-         "comparable?": "the sign: both set the method against Consistent Self-Attention on the same stories; not "
-                        "the size (IIS-toy compares exact identity details, IIS compares image embeddings)"},
-        {"quantity": "identity: the method minus the unmodified model (points)", "paper (SDXL, Table I)": "not reported",
-         "toy": cell("IIS gain over vanilla"), "comparable?": "no paper number"},
-        {"quantity": "identity: without re-weighting minus with (points)",
-         "paper (SDXL, Table I)": f"about {PAPER_TABLES['IIS without re-weighting'] - PAPER_TABLES['IIS']:+.1f} (Table II)",
-         "toy": cell("w=0 IIS change"), "comparable?": "the sign; the paper does not state its w"},
-        {"quantity": "text fidelity", "paper (SDXL, Table I)": f"TIS {PAPER_TABLES['TIS']}", "toy": cell("TIS"),
-         "comparable?": "no: a CLIP score ×100 against the share of prompt facts the analyzer finds (TIS-toy, %)"},
-        {"quantity": "aesthetics, DreamSim", "paper (SDXL, Table I)": f"AQ {PAPER_TABLES['AQ']}, DS {PAPER_TABLES['DS']} %",
-         "toy": "no toy counterpart", "comparable?": "no"},
-    ]
-
-
-def paired_difference(scorer: StoryScorer, story, a: tuple, b: tuple, metric: str = "IIS-toy") -> tuple[float, float]:
-    """Mean and standard error over the scorer's seeds of ``metric`` under ``a`` minus under ``b``,
+def seed_difference(scorer: StoryScorer, story, a: tuple, b: tuple, metric: str = "IIS-toy") -> tuple[float, float, int]:
+    """``claims.paired_difference`` of ``metric`` under ``a`` and under ``b`` over the scorer's seeds,
     paired by seed (the same noise); ``a`` and ``b`` are ``(method, config)`` (config None: the
-    backbone's own switches). Seeds where either is NaN are left out."""
-    d = np.array([scorer.seed_metrics(story, *a, k)[metric] - scorer.seed_metrics(story, *b, k)[metric]
-                  for k in range(scorer.n_seeds)], float)  # (seeds,)
-    d = d[~np.isnan(d)]
-    if not len(d):
-        return float("nan"), float("nan")
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-
-
-def difference_sentence(name: str, difference: tuple[float, float], words=("higher", "lower"), z: float = 2.0) -> str:
-    """"<name> is higher/lower (d ± se)" when the paired difference is beyond ``z`` standard errors,
-    else "<name> is within noise (d ± se)"; one seed (no standard error) says so."""
-    d, se = difference
-    if d != d:
-        return f"{name} is not measured in this run"
-    numbers = f"({d:+.1f} ± {se:.1f} points)" if se == se else f"({d:+.1f} points, one seed: no standard error)"
-    if se != se or abs(d) <= z * se:
-        return f"{name} is within noise {numbers}" if se == se else f"{name} cannot be judged {numbers}"
-    return f"{name} is {words[0] if d > 0 else words[1]} {numbers}"
+    backbone's own switches). Returns (mean, standard error, seeds measured under both)."""
+    under_a, under_b = ([scorer.seed_metrics(story, *which, k)[metric] for k in range(scorer.n_seeds)] for which in (a, b))
+    return paired_difference(under_a, under_b)
 
 
 def carry_over_errors(scorer: StoryScorer, stories: dict, methods=("vanilla", "csa", "isolated")) -> list[dict]:
