@@ -279,13 +279,16 @@ def _overlay_as(image: np.ndarray, mask: np.ndarray, colour_index: int) -> np.nd
 
 
 def plot_binding(table: list[dict]):
-    """``experiments.binding_table``: own share per layer group, shape and colour words side by side."""
+    """``experiments.binding_table``: own share per layer group, shape and colour words side by side,
+    each bar with its standard error over scenes."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 2.6))
     labels = sorted({row["layers"] for row in table})
     for k, word in enumerate(("shape", "colour")):
-        share = {row["layers"]: row["own share"] for row in table if row["word"] == word}
-        ax.bar(np.arange(len(labels)) + 0.38 * k, [share[l] for l in labels], width=0.38, label=f"{word} word")
+        rows = {row["layers"]: row for row in table if row["word"] == word}
+        errors = [rows[l].get("own share SE", float("nan")) for l in labels]
+        ax.bar(np.arange(len(labels)) + 0.38 * k, [rows[l]["own share"] for l in labels], width=0.38,
+               yerr=[0 if e != e else e for e in errors], capsize=3, label=f"{word} word (mean ± SE)")
     ax.axhline(0.5, color="k", ls=":", lw=1, label="no binding (0.5)")
     ax.set_xticks(np.arange(len(labels)) + 0.19, labels, fontsize=8), ax.set_ylim(0, 1), ax.set_ylabel("own share")
     ax.set_xlabel("cross-attention layers (place, feature-map size)", fontsize=8)

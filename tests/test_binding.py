@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -31,3 +32,7 @@ def test_binding_scores_read_every_cross_attention_layer_of_an_untrained_model()
     assert {(r["word"], r["place"], r["resolution"]) for r in rows} == {
         (w, p, r) for w in ("shape", "colour") for p, r in (("down", 16), ("down", 8), ("mid", 4), ("up", 8), ("up", 16))}
     assert all(0.0 <= r["own_share"] <= 1.0 and 0.0 <= r["iou"] <= 1.0 for r in rows)
+    # each row keeps its scenes' values, whose mean is the row's
+    assert all(len(r["own_share_scenes"]) == len(r["iou_scenes"]) == 4 for r in rows)
+    assert all(abs(np.mean(r["own_share_scenes"]) - r["own_share"]) < 1e-6 and abs(np.mean(r["iou_scenes"]) - r["iou"]) < 1e-6
+               for r in rows)

@@ -105,6 +105,16 @@ def test_binding_verdict_reads_shape_words_at_the_mask_resolution_against_the_na
     assert [(r["layers"], r["word"]) for r in table] == [("up 8×8", "colour"), ("up 8×8", "shape"),
                                                          ("up 16×16", "colour"), ("up 16×16", "shape")]
     assert table[1]["own share"] == pytest.approx(0.55) and table[1]["Otsu IoU"] == pytest.approx(0.3)
+    assert np.isnan(table[1]["own share SE"])  # rows without per-scene values: no error to give
+
+
+def test_binding_table_errors_are_over_scenes_after_averaging_the_timesteps():
+    # two scenes read at two timesteps: scene means over t are (0.6, 0.8) -> mean 0.7, SE = sd / sqrt(2) = 0.1
+    rows = [{"place": "up", "resolution": 8, "word": "shape", "t": t, "own_share": float(np.mean(v)),
+             "own_share_scenes": v, "iou": 0.5, "iou_scenes": [0.5, 0.5]} for t, v in ((200, [0.5, 0.9]), (800, [0.7, 0.7]))]
+    row = binding_table(rows)[0]
+    assert row["own share"] == pytest.approx(0.7) and row["own share SE"] == pytest.approx(0.1)
+    assert row["Otsu IoU SE"] == pytest.approx(0.0)
 
 
 def test_pooled_rule_scores_keep_scenes_paired_and_rule_rows_summarise():

@@ -108,6 +108,8 @@ def check_02(c):
     assert len(worst) == min(4, c["drawn"]) and worst == sorted(worst) and all(in_range(v, 0, 1) for v in worst)
     share = c["binding_own_share_up_shape"]
     assert in_range(share, 0, 1)
+    # every bar of the binding figure has a standard error over the probe's scenes
+    assert c["binding_table"] and all(r["own share SE"] > 0 and r["Otsu IoU SE"] >= 0 for r in c["binding_table"])
     from osa_lib.experiments import BINDING_OWN_SHARE
     assert c["binding_verdict"] == ("so the mask maps do not tell the two characters apart: the overlap rule has "
                                     "nothing to split them by" if share < BINDING_OWN_SHARE

@@ -15,7 +15,7 @@ from ..toy.analyzer import analyze_image, largest_detection, mask_iou
 
 __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_masks_vs_truth",
            "mask_iou_records", "overlap_rule_table", "rule_verdict", "layer_table", "iou_over_steps", "content_words",
-           "mask_layer_iou", "mask_iou_summary", "lowest_iou", "BINDING_OWN_SHARE", "binding_table", "binding_verdict",
+           "mask_layer_iou", "mask_iou_summary", "lowest_iou", "BINDING_OWN_SHARE", "binding_rows", "binding_table", "binding_verdict",
            "overlap_rule_runs", "pooled_rule_scores", "rule_rows", "first_overlapping", "rule_masks"]
 
 
@@ -210,13 +210,34 @@ other. 0.5 is no binding at all; the shipped model's up-block shape words sit ne
 
 
 def binding_table(probe: list[dict]) -> list[dict]:
-    """``toy.probes.binding.binding_scores`` rows averaged over timesteps: one row per (layers, word kind)."""
+    """``toy.probes.binding.binding_scores`` rows averaged over timesteps: one row per (layers, word
+    kind), with standard errors over scenes (each scene's value averaged over the timesteps first,
+    since every timestep reads the same scenes). Rows without per-scene values get NaN errors."""
     groups: dict[tuple, list[dict]] = {}
     for r in probe:
         groups.setdefault((r["place"], r["resolution"], r["word"]), []).append(r)
-    return [{"layers": f"{place} {res}×{res}", "word": word,
-             "own share": float(np.mean([r["own_share"] for r in rows])), "Otsu IoU": float(np.mean([r["iou"] for r in rows]))}
-            for (place, res, word), rows in sorted(groups.items())]
+
+    def mean_and_error(rows, key):
+        mean = float(np.mean([r[key] for r in rows]))
+        if not all(f"{key}_scenes" in r for r in rows):
+            return mean, float("nan")
+        per_scene = np.mean([r[f"{key}_scenes"] for r in rows], axis=0)  # (scenes,)
+        return mean, float(per_scene.std(ddof=1) / np.sqrt(len(per_scene))) if len(per_scene) > 1 else float("nan")
+
+    table = []
+    for (place, res, word), rows in sorted(groups.items()):
+        (share, share_se), (iou, iou_se) = mean_and_error(rows, "own_share"), mean_and_error(rows, "iou")
+        table.append({"layers": f"{place} {res}×{res}", "word": word, "own share": share, "own share SE": share_se,
+                      "Otsu IoU": iou, "Otsu IoU SE": iou_se})
+    return table
+
+
+def binding_rows(table: list[dict], digits: int = 2) -> list[dict]:
+    """``binding_table`` for display: each value as "mean ± standard error"."""
+    def cell(mean, se):
+        return f"{mean:.{digits}f}" + ("" if se != se else f" ± {se:.{digits}f}")
+    return [{"layers": r["layers"], "word": r["word"], "own share": cell(r["own share"], r["own share SE"]),
+             "Otsu IoU": cell(r["Otsu IoU"], r["Otsu IoU SE"])} for r in table]
 
 
 def binding_verdict(probe: list[dict], threshold: float = BINDING_OWN_SHARE) -> tuple[float, str]:

@@ -58,7 +58,9 @@ def _mask_iou(maps: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def binding_scores(pipe: ToyPipeline, n_scenes: int = 64, timesteps=(200, 500, 800), seed: int = 123) -> list[dict]:
-    """One row per (word kind, timestep, place, resolution): mean own share and mean IoU."""
+    """One row per (word kind, timestep, place, resolution): mean own share and mean IoU, and each
+    scene's value (averaged over its two characters; the same scenes in every row, in order), from
+    which ``experiments.binding_table`` takes standard errors over scenes."""
     rng = np.random.default_rng(seed)
     scenes = [world.sample_scene(rng, n_characters=2, relation="apart", p_drop_colour=0.0)
               for _ in range(n_scenes)]
@@ -84,9 +86,10 @@ def binding_scores(pipe: ToyPipeline, n_scenes: int = 64, timesteps=(200, 500, 8
         for k, kind in enumerate(kinds):
             for place, res in sorted({(l.place, l.resolution(store.latent_hw)[0]) for l in store.layers}):
                 A = store.aggregate((place,), res)[:, 2 * k:2 * k + 2]  # (B, 2, res, res)
+                own, iou = own_object_share(A, truth).mean(1), _mask_iou(A, truth).float().mean(1)  # (B,), (B,)
                 rows.append({"word": kind, "t": t, "place": place, "resolution": res,
-                             "own_share": own_object_share(A, truth).mean().item(),
-                             "iou": _mask_iou(A, truth).mean().item()})
+                             "own_share": own.mean().item(), "iou": iou.mean().item(),
+                             "own_share_scenes": own.tolist(), "iou_scenes": iou.tolist()})
     return rows
 
 
