@@ -199,9 +199,20 @@ def check_05(c):
     assert {r["method"] for r in c["uncoloured"]} == {"vanilla", "csa", "isolated"}
     if len(sweep) == 2 and len(c["ablation"]) == 2:  # the quick run: λ in (0, 0.5), two ablation variants
         # sections share generations: λ sweep 2×2, ablation 2×2 (λ = 1.1 is not in the quick sweep),
-        # raw prompts 2, vanilla single, carry-over 3 new (CSA single, vanilla and CSA pair), uncoloured
-        # single 3 = 17 story runs per seed (21 when every section generated its own)
-        assert c["generations"] == 17 * c["seeds"], c["generations"]
+        # raw prompts 2, the text options 6 new (CSA on the raw story, three described, isolated cross-attention
+        # off on both), vanilla single, carry-over 3 new (CSA single, vanilla and CSA pair), uncoloured single 3
+        # = 23 story runs per seed
+        assert c["generations"] == 23 * c["seeds"], c["generations"]
+    # the same words for every method: each method described, then isolated cross-attention alone on both texts
+    options = c["prompt_options"]
+    assert [(r["change"], r["prompts"], r["method"]) for r in options] == (
+        [("descriptions in the prompts", "stripped -> described", m) for m in ("vanilla", "csa", "isolated")]
+        + [("isolated cross-attention alone", text, "isolated") for text in ("stripped", "described")])
+    for r, sentence in zip(options, c["prompt_option_sentences"], strict=True):
+        d, se = r["IIS-toy"], r["IIS-toy se"]
+        said = ("cannot be judged" if missing(se) else "is higher" if d > 2 * se else "is lower" if d < -2 * se
+                else "is within noise")
+        assert said in sentence and f"{d:+.1f}" in sentence, (r, sentence)
     assert [(e["story"], e["method"]) for e in c["carry_over_errors"]] == [(r["story"], r["method"]) for r in c["carry_over"]]
     for story, gains in c["detail_gains"].items():
         by = {r["method"]: r for r in c["carry_over"] if r["story"] == story}

@@ -16,7 +16,8 @@ from .maps import (BINDING_OWN_SHARE, binding_rows, binding_table, binding_verdi
                    pooled_rule_scores, rule_masks, rule_rows, rule_verdict, upsample_masks)
 from .stories import (ablation_rows, carry_over, colour_kept_rows, compare_methods, default_cache_dir, detail_gains,
                       iis_gain, lambda_sweep, mean_and_sem, mixing_and_neglect, PROMPT_EFFECT_METRICS,
-                      prompt_option_effects, prompts_vs_attention, StoryScorer,
+                      prompt_option_effects, prompt_option_sentences, prompt_option_table,
+                      prompts_vs_attention, StoryScorer,
                       summary_means, summary_rows, trio_summary, uncoloured_scene_prompts)
 from .teaching import (averaging_verdict, carry_over_errors, identity_chance, lambda_sweep_errors, lambda_verdict,
                        probe_chance, rule_ious, scored_overlapping, seed_difference, switch_variants, trio_verdict,
@@ -32,4 +33,5 @@ __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_mas
            "carry_over", "detail_gains", "colour_kept_rows", "trio_summary", "compare_methods",
            "averaging_verdict", "worst_scored", "scored_overlapping", "rule_ious", "identity_chance",
            "switch_variants", "lambda_sweep_errors", "with_errors", "lambda_verdict", "trio_verdict", "probe_chance",
-           "seed_difference", "carry_over_errors", "PROMPT_EFFECT_METRICS", "prompt_option_effects"]
+           "seed_difference", "carry_over_errors", "PROMPT_EFFECT_METRICS", "prompt_option_effects",
+           "prompt_option_table", "prompt_option_sentences"]

@@ -17,7 +17,7 @@ from ..generation import generate_story
 from ..toy.metrics import IDENTITY_DETAILS, id_colours, is_mixed, read_scene, toy_story_metrics
 from ..toy.world import parse_caption
 
-__all__ = ["mixing_and_neglect", "uncoloured_scene_prompts", "mean_and_sem", "StoryScorer", "default_cache_dir", "summary_rows", "summary_means", "lambda_sweep", "ablation_rows", "prompts_vs_attention", "PROMPT_EFFECT_METRICS", "prompt_option_effects", "iis_gain", "carry_over", "detail_gains", "colour_kept_rows", "trio_summary", "compare_methods"]
+__all__ = ["mixing_and_neglect", "uncoloured_scene_prompts", "mean_and_sem", "StoryScorer", "default_cache_dir", "summary_rows", "summary_means", "lambda_sweep", "ablation_rows", "prompts_vs_attention", "PROMPT_EFFECT_METRICS", "prompt_option_effects", "prompt_option_table", "prompt_option_sentences", "iis_gain", "carry_over", "detail_gains", "colour_kept_rows", "trio_summary", "compare_methods"]
 
 
 def mixing_and_neglect(backbone, story, n_seeds: int, config=None, seed_stride: int = 1000, **kwargs) -> list[dict]:
@@ -251,6 +251,22 @@ def prompt_option_effects(scorer: StoryScorer, story, methods=("vanilla", "csa",
         for label, variant in (("stripped", raw), ("described", described)):
             rows.append(paired("isolated cross-attention alone", label, "isolated", variant, config, variant, no_solo))
     return rows
+
+
+def prompt_option_table(rows: list[dict], digits: int = 1) -> list[dict]:
+    """``prompt_option_effects`` rows for display: each metric as "difference ± standard error"."""
+    def cell(mean, se):
+        return "n/a" if mean != mean else f"{mean:+.{digits}f}" + ("" if se != se else f" ± {se:.{digits}f}")
+    return [{"change": r["change"], "prompts": r["prompts"], "method": r["method"],
+             **{m: cell(r[m], r[f"{m} se"]) for m in PROMPT_EFFECT_METRICS}} for r in rows]
+
+
+def prompt_option_sentences(rows: list[dict], metric: str = "IIS-toy") -> list[str]:
+    """One sentence per row of ``prompt_option_effects`` on ``metric``, its direction word computed
+    from the difference and its standard error (``claims.difference_sentence``)."""
+    from ..claims import difference_sentence
+    return [difference_sentence(f"{r['change'].capitalize()} ({r['prompts']}): {r['method']}'s {metric}",
+                                (r[metric], r[f"{metric} se"])) + "." for r in rows]
 
 
 def iis_gain(rows: list[dict]) -> dict[str, float]:
