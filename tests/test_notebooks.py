@@ -197,6 +197,13 @@ def check_05(c):
         assert in_range(r["drawn"], 0, 1) and r["n"] > 0, r
         assert all(in_range(r[k], 0, 1) or (r["drawn"] == 0 and math.isnan(r[k])) for k in ("colour", "mark", "size")), r
     assert {r["method"] for r in c["uncoloured"]} == {"vanilla", "csa", "isolated"}
+    # the two-character probe in the shared view: shares of the drawn characters, and its sentence's word
+    pair, verdict = c["pair_probe"], c["pair_verdict"]
+    assert [r["setting"] for r in pair] == ["none", "up, all steps, neutral"]
+    assert all(abs(r["own"] + r["swapped"] + r["neither"] - 1) < 1e-9 for r in pair if r["drawn"] > 0)
+    d, se = pair[1]["own"] - pair[1]["swapped"], verdict["se"]
+    said = "more often than" if d > 2 * se else "less often than" if d < -2 * se else "as often as"
+    assert verdict["word"] == said and f"its own colour {said} the other's" in verdict["sentence"]
     if len(sweep) == 2 and len(c["ablation"]) == 2:  # the quick run: λ in (0, 0.5), two ablation variants
         # sections share generations: λ sweep 2×2, ablation 2×2 (λ = 1.1 is not in the quick sweep),
         # raw prompts 2, the text options 6 new (CSA on the raw story, three described, isolated cross-attention

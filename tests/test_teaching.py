@@ -11,7 +11,8 @@ from osa_lib.experiments.exercises import (between_class_variance, check_cv, che
                                           check_mark_chance, check_otsu)
 from osa_lib.claims import (compare, difference_sentence, direction, paired_difference, paper_beside_toy,
                             paper_vs_toy)
-from osa_lib.experiments import (averaging_verdict, identity_chance, lambda_verdict, probe_chance, seed_difference,
+from osa_lib.experiments import (averaging_verdict, identity_chance, lambda_verdict, pair_probe_verdict, probe_chance,
+                                 seed_difference,
                                  switch_variants, trio_verdict, with_errors, worst_scored)
 from osa_lib.masks import otsu_threshold
 from osa_lib.toy.probes.appearance import _colour_chance
@@ -166,3 +167,13 @@ def test_check_mark_chance():
     assert "Right" in check_mark_chance(100 * 2 / 9, 22.5, n=4000)
     with pytest.raises(AssertionError, match="both are none"):
         check_mark_chance(100 / 3, 22.5, n=4000)
+
+
+def test_pair_probe_verdict_uses_the_multinomial_error_of_the_difference():
+    none = {"setting": "none", "own": 0.2, "swapped": 0.2, "neither": 0.6, "drawn": 1.0, "n": 100}
+    # own 0.5, swapped 0.2 of 100 drawn: d = 0.3, se = sqrt((0.7 - 0.09) / 100) = 0.0781 -> beyond 2 se
+    verdict = pair_probe_verdict([none, {"setting": "up", "own": 0.5, "swapped": 0.2, "neither": 0.3, "drawn": 1.0, "n": 100}])
+    assert verdict["se"] == pytest.approx(np.sqrt(0.61 / 100)) and verdict["word"] == "more often than"
+    assert "confusion" not in verdict["sentence"]
+    verdict = pair_probe_verdict([none, {"setting": "up", "own": 0.3, "swapped": 0.29, "neither": 0.41, "drawn": 0.5, "n": 100}])
+    assert verdict["drawn"] == 50 and verdict["word"] == "as often as" and "confusion" in verdict["sentence"]

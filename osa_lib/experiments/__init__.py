@@ -20,7 +20,7 @@ from .stories import (ablation_rows, carry_over, colour_kept_rows, compare_metho
                       prompts_vs_attention, StoryScorer,
                       summary_means, summary_rows, trio_summary, uncoloured_scene_prompts)
 from .teaching import (averaging_verdict, carry_over_errors, identity_chance, lambda_sweep_errors, lambda_verdict,
-                       probe_chance, rule_ious, scored_overlapping, seed_difference, switch_variants, trio_verdict,
+                       pair_probe_verdict, probe_chance, rule_ious, scored_overlapping, seed_difference, switch_variants, trio_verdict,
                        with_errors,
                        worst_scored)
 
@@ -33,5 +33,5 @@ __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_mas
            "carry_over", "detail_gains", "colour_kept_rows", "trio_summary", "compare_methods",
            "averaging_verdict", "worst_scored", "scored_overlapping", "rule_ious", "identity_chance",
            "switch_variants", "lambda_sweep_errors", "with_errors", "lambda_verdict", "trio_verdict", "probe_chance",
-           "seed_difference", "carry_over_errors", "PROMPT_EFFECT_METRICS", "prompt_option_effects",
+           "pair_probe_verdict", "seed_difference", "carry_over_errors", "PROMPT_EFFECT_METRICS", "prompt_option_effects",
            "prompt_option_table", "prompt_option_sentences"]

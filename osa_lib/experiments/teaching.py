@@ -16,7 +16,7 @@ from .stories import StoryScorer
 
 __all__ = ["averaging_verdict", "worst_scored", "scored_overlapping", "rule_ious", "identity_chance",
            "switch_variants", "lambda_sweep_errors", "with_errors", "lambda_verdict", "trio_verdict",
-           "probe_chance", "seed_difference", "carry_over_errors"]
+           "probe_chance", "pair_probe_verdict", "seed_difference", "carry_over_errors"]
 
 
 def averaging_verdict(curve: dict, z: float = 2.0) -> dict:
@@ -168,6 +168,25 @@ def probe_chance(probe: list[dict]) -> dict:
                 f"for uncoloured prompts meet these references' colours).")
     return {"none": p, "drawn": n, "se": se, "uniform": uniform, "sample_chance": sample,
             "z_uniform": z_uniform, "z_sample": z_sample, "sentence": sentence}
+
+
+def pair_probe_verdict(rows: list[dict], z: float = 2.0) -> dict:
+    """``toy.probes.appearance.pair_scores``'s reference row in words: does a drawn character take
+    its own reference colour more often than the other character's? The difference of the two
+    shares comes from one multinomial sample, so its standard error is
+    sqrt((p_own + p_swapped − (p_own − p_swapped)²) / n), n the characters drawn."""
+    row = next(r for r in rows if r["setting"] != "none")
+    n = int(round(row["drawn"] * row["n"]))
+    own, swapped = row["own"], row["swapped"]
+    d = own - swapped
+    se = float(np.sqrt(max(own + swapped - d ** 2, 0.0) / n)) if n else float("nan")
+    word = compare(d, 0.0, ("more often than", "less often than", "as often as"), tol=z * se)
+    sentence = (f"Shown a two-character reference with every token visible, a drawn character took its own colour "
+                f"family in {own:.0%} of {n} and the other character's in {swapped:.0%} (difference {d:+.0%} ± "
+                f"{se:.0%}): it takes its own colour {word} the other's"
+                + (", the confusion of shared self-attention the paper's method is meant to remove." if word != "more often than"
+                   else "."))
+    return {"own": own, "swapped": swapped, "drawn": n, "difference": d, "se": se, "word": word, "sentence": sentence}
 
 
 def seed_difference(scorer: StoryScorer, story, a: tuple, b: tuple, metric: str = "IIS-toy") -> tuple[float, float, int]:
