@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -346,7 +347,8 @@ def main(argv=None) -> list[dict] | None:
     started = time.perf_counter()
     rows = []
     with state.split_between_processes(jobs) as mine:
-        for path, k in mine:
+        # progress on stderr (the report goes to stdout); one bar per process, labelled by its index
+        for path, k in tqdm(mine, desc=f"stories x seeds (process {state.process_index})", unit="job"):
             rows += run_job(backbone, path, k, args.methods, args.steps, config, models, args.export, args.seeds,
                             state.device)
     rows = gather_rows(state, rows)
