@@ -72,13 +72,13 @@ def report(args, rows: list[dict], seconds: float, config: IsolationConfig) -> s
     paper = IsolationConfig()
     changed = ", ".join(f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config)
                         if getattr(config, f.name) != getattr(paper, f.name))
-    label = "the switches tuned for these weights" if args.tuned else "the paper's switches"
+    label = (f"the switches tuned for these weights (the paper's except {changed})" if changed
+             else "the paper's switches (IsolationConfig's defaults)")
     out = io.StringIO()
     with redirect_stdout(out):
         print(f"{len(args.prompts)} prompts x {args.seeds} seeds x {len(args.methods)} methods, {args.frames} frames, "
               f"shift {args.shift} latent pixels per frame, {seconds:.0f} s. Isolated attention ran with "
-              f"{label}: METHOD.md's defaults "
-              f"except {changed or 'none'}.\n")
+              f"{label}.\n")
         print("Measures (``osa_lib.toy.flipbook``): drawn, colour kept (frame 0's colour family), identity constancy "
               "(the mean of IIS-toy's hue, brightness, size and mark terms against frame 0) and its hue, size and mark "
               "terms, mixed (later frames with a character in another's colour), all %; motion error (image pixels "
