@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from osa_lib.toy.probes.binding import binding_scores, own_object_share
+from osa_lib.toy.probes.binding import _mask_iou, binding_scores, own_object_share
 from osa_lib.toy.model import build_toy_pipeline
 
 
@@ -20,6 +20,18 @@ def test_own_share_is_one_for_bound_maps_half_for_shared_maps_zero_for_swapped()
     assert torch.allclose(own_object_share(bound.flip(1), truth), torch.zeros(1, 2))
     shared = bound.sum(1, keepdim=True).expand(1, 2, 8, 8)  # both words light both objects
     assert torch.allclose(own_object_share(shared, truth), torch.full((1, 2), 0.5))
+
+
+def test_mask_iou_of_bound_maps_is_one_and_of_swapped_maps_zero():
+    truth = _two_squares()
+    bound = torch.nn.functional.adaptive_avg_pool2d(truth.float(), (8, 8))  # (1, 2, 8, 8): each map on its square
+    assert torch.allclose(_mask_iou(bound, truth).float(), torch.ones(1, 2))
+    assert torch.allclose(_mask_iou(bound.flip(1), truth).float(), torch.zeros(1, 2))
+    # by hand: a map on the left half of the first square cuts an 8x4 mask; IoU with the 8x8 square = 32 / 64
+    half = bound.clone()
+    half[0, 0] = 0
+    half[0, 0, 1:3, 1:2] = 1.0  # 8x8 map cell (1..2, 1) covers image pixels rows 4..11, columns 4..7
+    assert _mask_iou(half, truth)[0, 0].item() == pytest.approx(0.5)
 
 
 def test_own_share_needs_two_characters():
