@@ -32,6 +32,11 @@ def test_mask_iou_of_bound_maps_is_one_and_of_swapped_maps_zero():
     half[0, 0] = 0
     half[0, 0, 1:3, 1:2] = 1.0  # 8x8 map cell (1..2, 1) covers image pixels rows 4..11, columns 4..7
     assert _mask_iou(half, truth)[0, 0].item() == pytest.approx(0.5)
+    # a mask spilling past the square: map cells (1..2, 1..3) = pixels rows 4..11, columns 4..15 -> 64 / 96
+    wide = bound.clone()
+    wide[0, 0] = 0
+    wide[0, 0, 1:3, 1:4] = 1.0
+    assert _mask_iou(wide, truth)[0, 0].item() == pytest.approx(64 / 96)
 
 
 def test_own_share_needs_two_characters():
