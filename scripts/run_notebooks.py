@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     print(timing_table({p.stem: times[p.stem] for p, _ in runs}, wall=time.time() - started), flush=True)
 
 
-START_ORDER = ("01", "04", "03", "05", "02")  # side by side: 04 fills the cache 05 reads; 01 is short
+START_ORDER = ("05", "04", "03", "01", "06", "02")  # longest first: the short ones fill in beside them
 
 
 def run_all(runs: list[tuple[Path, dict]], out_dir: Path, jobs: int) -> dict[str, float]:
@@ -273,9 +273,9 @@ def run_all(runs: list[tuple[Path, dict]], out_dir: Path, jobs: int) -> dict[str
     The toy model is small, so a second torch thread barely shortens a U-Net call; kernels on one
     thread each use the cores fully. One kernel more than there are cores keeps both cores busy
     while the longest notebooks finish (on 2 cores: 8.4 min with 3 kernels against 9.3 min with 2,
-    although 04 and 05 then measure some stories twice). The notebooks start in ``START_ORDER``:
-    04 before 05, because 05 reads the story metrics 04 has already measured (``StoryScorer``'s
-    disk cache, ``$OSA_CACHE_DIR``), 01 first and 02 last."""
+    although 04 and 05 then measure some stories twice). The notebooks start in ``START_ORDER``,
+    longest first, so the longest (05) is never the last to start; 04 and 05 share the story metrics
+    either has measured (``StoryScorer``'s disk cache, ``$OSA_CACHE_DIR``)."""
     def one(path: Path, parameters: dict) -> float:
         print(f"running {path.name} with {parameters} ...", flush=True)
         seconds = run(path, parameters, out_dir)
