@@ -398,7 +398,7 @@ def flipbook_answer(summary: list[dict], differences: list[dict], named: str, un
 
     def three(prompt, name, digits=0):
         return ", ".join(f"{label} {mean[prompt, m][name][0]:.{digits}f}" for m, label in
-                         (("isolated", "isolated"), ("cross-frame", "cross-frame"), ("vanilla", "independent frames")))
+                         (("isolated", "isolated"), ("cross-frame", "cross-frame"), ("vanilla", "vanilla (independent frames)")))
 
     def paired(prompt, name, pair="isolated − cross-frame"):
         d = diff[prompt, pair][name]
@@ -408,8 +408,9 @@ def flipbook_answer(summary: list[dict], differences: list[dict], named: str, un
     sentences = [
         f"Named colours, mixing (% of later frames with a character in the other's colour): {three(named, 'mixed')} "
         f"({paired(named, 'mixed')}).",
-        f"Uncoloured characters, colour kept (% of later frames in frame 0's colour family): "
-        f"{three(uncoloured, 'colour kept')} ({paired(uncoloured, 'colour kept')}).",
+        f"Uncoloured characters, colour kept (% of later frames in frame 0's colour family, among the characters "
+        f"drawn): {three(uncoloured, 'colour kept')} ({paired(uncoloured, 'colour kept')}); drawn at all (%): "
+        f"{three(uncoloured, 'drawn')}.",
         f"Uncoloured characters, mixing: {three(uncoloured, 'mixed')} ({paired(uncoloured, 'mixed')}).",
         f"Identity constancy against frame 0 (%), named colours: {three(named, 'identity constancy')} "
         f"({paired(named, 'identity constancy')}); uncoloured: {three(uncoloured, 'identity constancy')} "

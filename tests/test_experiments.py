@@ -10,6 +10,7 @@ import pytest
 import osa_lib.experiments
 from osa_lib import IsolationConfig, load_story
 from osa_lib.experiments import (BINDING_OWN_SHARE, StoryScorer, binding_table, binding_verdict, content_words,
+                                 rendered_vs_generated,
                                  detail_gains, first_overlapping, iis_gain, lowest_iou, mask_iou_summary, mean_and_sem,
                                  pooled_rule_scores, rule_rows, summary_means, summary_rows, trio_summary,
                                  uncoloured_scene_prompts)
@@ -106,6 +107,14 @@ def test_binding_verdict_reads_shape_words_at_the_mask_resolution_against_the_na
                                                          ("up 16×16", "colour"), ("up 16×16", "shape")]
     assert table[1]["own share"] == pytest.approx(0.55) and table[1]["Otsu IoU"] == pytest.approx(0.3)
     assert np.isnan(table[1]["own share SE"])  # rows without per-scene values: no error to give
+
+
+def test_rendered_vs_generated_reads_the_mask_layers_and_splits_the_miss():
+    table = binding_table(_probe(0.55))  # up 8x8 shape: IoU 0.3; up 16x16 shape: 0.7 (not the mask layers)
+    account = rendered_vs_generated(table, generated_iou=0.2)
+    assert account["rendered"] == pytest.approx(0.3)
+    assert "reach IoU 0.30" in account["sentence"] and "(0.80), 0.70 is missed even on perfect drawings" in account["sentence"]
+    assert "+0.10 comes with the drawings" in account["sentence"]
 
 
 def test_binding_table_errors_are_over_scenes_after_averaging_the_timesteps():

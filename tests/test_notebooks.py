@@ -110,6 +110,8 @@ def check_02(c):
     assert in_range(share, 0, 1)
     # every bar of the binding figure has a standard error over the probe's scenes
     assert c["binding_table"] and all(r["own share SE"] > 0 and r["Otsu IoU SE"] >= 0 for r in c["binding_table"])
+    account = c["rendered_vs_generated"]
+    assert account["generated"] == c["mean_iou"] and f"reach IoU {account['rendered']:.2f}" in account["sentence"]
     from osa_lib.experiments import BINDING_OWN_SHARE
     assert c["binding_verdict"] == ("so the mask maps do not tell the two characters apart: the overlap rule has "
                                     "nothing to split them by" if share < BINDING_OWN_SHARE
@@ -166,6 +168,10 @@ def check_04(c):
     for method, value in c["colour_kept"].items():
         tabled = next(v for k, v in c["metrics"].items() if k == f"{c['story']} / {method}")
         assert missing(value) and missing(tabled["colour kept"]) or value == tabled["colour kept"], (method, value)
+    # the attribute test's answer is the metrics table's, when the table has its story
+    for method, numbers in c["attribute_test"].items():
+        tabled = c["metrics"][f"{c['attribute_story']} / {method}"]
+        assert all(numbers[k] == tabled[k] for k in ("attribute accuracy", "mixing rate")), (method, numbers)
     mean, sem, n = c["colour_kept_gap"]
     assert n <= c["seeds"] and f"isolated is {direction(mean if mean is not None else float('nan'), sem if sem is not None else float('nan'))} vanilla" in c["colour_kept_sentence"]
     for metric, (mean, sem, n) in c["gaps"].items():
@@ -202,7 +208,7 @@ def check_05(c):
     assert [r["setting"] for r in pair] == ["none", "up, all steps, neutral"]
     assert all(abs(r["own"] + r["swapped"] + r["neither"] - 1) < 1e-9 for r in pair if r["drawn"] > 0)
     d, se = pair[1]["own"] - pair[1]["swapped"], verdict["se"]
-    said = "more often than" if d > 2 * se else "less often than" if d < -2 * se else "as often as"
+    said = "more often than" if d > 2 * se else "less often than" if d < -2 * se else "not distinguishably more often than"
     assert verdict["word"] == said and f"its own colour {said} the other's" in verdict["sentence"]
     if len(sweep) == 2 and len(c["ablation"]) == 2:  # the quick run: λ in (0, 0.5), two ablation variants
         # sections share generations: λ sweep 2×2, ablation 2×2 (λ = 1.1 is not in the quick sweep),
@@ -210,11 +216,11 @@ def check_05(c):
         # off on both), vanilla single, carry-over 3 new (CSA single, vanilla and CSA pair), uncoloured single 3
         # = 23 story runs per seed
         assert c["generations"] == 23 * c["seeds"], c["generations"]
-    # the same words for every method: each method described, then isolated cross-attention alone on both texts
+    # the same words for every method: each method described, then solo-scene isolated cross-attention on both texts
     options = c["prompt_options"]
     assert [(r["change"], r["prompts"], r["method"]) for r in options] == (
         [("descriptions in the prompts", "stripped -> described", m) for m in ("vanilla", "csa", "isolated")]
-        + [("isolated cross-attention alone", text, "isolated") for text in ("stripped", "described")])
+        + [("solo-scene isolated cross-attention, off -> on", text, "isolated") for text in ("stripped", "described")])
     for r, sentence in zip(options, c["prompt_option_sentences"], strict=True):
         d, se = r["IIS-toy"], r["IIS-toy se"]
         said = ("cannot be judged" if missing(se) else "is higher" if d > 2 * se else "is lower" if d < -2 * se
@@ -230,15 +236,19 @@ def check_05(c):
     assert all(missing(v) or v >= 0 for e in errors for k, v in e.items() if k != "λ")
     lams = [r["λ"] for r in sweep]
     if 0 in lams and 1.1 in lams:
-        by, err = dict(zip(lams, sweep)), dict(zip(lams, errors))
-        for key, name in (("IIS-toy (single)", "IIS-toy"), ("TIS-toy (single)", "TIS-toy")):
-            d = by[1.1][key] - by[0][key]
-            se = math.sqrt(sum(v ** 2 for v in (err[0][key], err[1.1][key]) if not missing(v)))
+        by = dict(zip(lams, sweep))
+        for name in ("IIS-toy", "TIS-toy"):
+            d, se, n = c["lambda_differences"][name]  # paired by seed: the verdict's error, not the rows'
+            assert n == c["seeds"] and math.isclose(d, by[1.1][f"{name} (single)"] - by[0][f"{name} (single)"], abs_tol=1e-6)
             said = "higher" if d > 2 * se else "lower" if d < -2 * se else "within noise"
             assert f"{name} is {said}" in c["lambda_verdict"] or f"{name} at λ = 1.1 is {said}" in c["lambda_verdict"]
     trio = c["trio"]
-    word = ("more often than" if trio["isolated_mixed"] > trio["vanilla_mixed"] else "less often than"
-            if trio["isolated_mixed"] < trio["vanilla_mixed"] else "as often as")
+    n = trio["three_character_scenes"]
+    assert n > 0, trio
+    p_iso, p_van = trio["isolated_mixed"] / n, trio["vanilla_mixed"] / n
+    se = math.sqrt((p_iso * (1 - p_iso) + p_van * (1 - p_van)) / n)
+    word = ("more often than" if p_iso - p_van > 2 * se else "less often than" if p_van - p_iso > 2 * se
+            else "not distinguishably more or less often than")
     assert f"isolated mixes {word} vanilla" in trio["verdict"], trio
     assert c["my_prediction"] == "same as vanilla"
     # chance: the world's identity details and the probe's "none" row

@@ -11,7 +11,7 @@ from osa_lib.experiments.exercises import (between_class_variance, check_cv, che
                                           check_mark_chance, check_otsu)
 from osa_lib.claims import (compare, difference_sentence, direction, paired_difference, paper_beside_toy,
                             paper_vs_toy)
-from osa_lib.experiments import (averaging_verdict, identity_chance, lambda_verdict, pair_probe_verdict, probe_chance,
+from osa_lib.experiments import (averaging_verdict, identity_chance, lambda_differences, lambda_verdict, pair_probe_verdict, probe_chance,
                                  seed_difference,
                                  switch_variants, trio_verdict, with_errors, worst_scored)
 from osa_lib.masks import otsu_threshold
@@ -64,19 +64,35 @@ def test_probe_chance_judges_the_none_row_by_its_standard_error():
     assert abs(pc["z_sample"]) <= 2 and "within noise of the chance for these samples" in pc["sentence"]
 
 
-def test_lambda_verdict_counts_a_change_only_beyond_two_standard_errors():
+def test_lambda_verdict_counts_a_change_only_beyond_two_paired_standard_errors():
     sweep = [{"λ": 0.0, "IIS-toy (single)": 50.0, "TIS-toy (single)": 90.0},
              {"λ": 1.1, "IIS-toy (single)": 60.0, "TIS-toy (single)": 89.0}]
-    errors = [{"λ": 0.0, "IIS-toy (single)": 1.0, "TIS-toy (single)": 1.0},
-              {"λ": 1.1, "IIS-toy (single)": 1.0, "TIS-toy (single)": 1.0}]
-    text = lambda_verdict(sweep, errors)
-    assert "IIS-toy is higher" in text and "TIS-toy at λ = 1.1 is within noise" in text and "at λ = 1.1." in text
+    text = lambda_verdict(sweep, {"IIS-toy": (10.0, 2.0, 4), "TIS-toy": (-1.0, 1.0, 4)})
+    assert "IIS-toy is higher at λ = 1.1 than at λ = 0 (+10.0 ± 2.0 points, paired over seeds)" in text
+    assert "TIS-toy at λ = 1.1 is within noise" in text and "at λ = 1.1." in text
+    assert "IIS-toy at λ = 1.1 is within noise" in lambda_verdict(sweep, {"IIS-toy": (10.0, 8.0, 4), "TIS-toy": (0, 1, 4)})
+
+
+def test_lambda_differences_pair_the_paper_lambda_with_lambda_zero_by_seed():
+    per_seed = {(1.1, 0): 60.0, (1.1, 1): 64.0, (0.0, 0): 50.0, (0.0, 1): 52.0}
+    backbone = SimpleNamespace(isolation_config=lambda **o: IsolationConfig(**o))
+    scorer = SimpleNamespace(n_seeds=2, backbone=backbone, seed_metrics=lambda story, method, config, k: {
+        "IIS-toy": per_seed[(config.lam, k)], "TIS-toy": 90.0})
+    diffs = lambda_differences(scorer, None)
+    # by hand: differences 10 and 12 -> mean 11, se = sd / sqrt(2) = 1.414 / 1.414 = 1
+    assert diffs["IIS-toy"] == pytest.approx((11.0, 1.0, 2)) and diffs["TIS-toy"][:1] == (0.0,)
 
 
 def test_trio_verdict_direction():
-    counts = {"three-character scenes": 6, "isolated mixed": 0, "vanilla mixed": 0}
-    assert "mixes as often as vanilla" in trio_verdict(counts)
-    assert "mixes more often than" in trio_verdict({**counts, "isolated mixed": 2})
+    counts = {"three-character scenes": 12, "isolated mixed": 0, "vanilla mixed": 0}
+    assert "mixes not distinguishably more or less often than vanilla" in trio_verdict(counts)
+    # 2 of 12 against 0: d = 0.167, se = sqrt(0.167 * 0.833 / 12) = 0.108 -> within two standard errors
+    assert "not distinguishably" in trio_verdict({**counts, "isolated mixed": 2}) and "(difference +17 ± 11 points)" in \
+        trio_verdict({**counts, "isolated mixed": 2})
+    assert "mixes more often than" in trio_verdict({"three-character scenes": 60, "isolated mixed": 10, "vanilla mixed": 0})
+    where = trio_verdict({**counts, "isolated mixed": 2, "isolated mixed where vanilla left one out": 2, "vanilla leaves one out": 8})
+    assert "Every one of them is a scene where vanilla, from the same noise, left a character out (vanilla left one out in 8 of 12)" in where
+    assert "1 of them" in trio_verdict({**counts, "isolated mixed": 2, "isolated mixed where vanilla left one out": 1})
 
 
 def test_paired_difference_pairs_by_seed_and_difference_sentence_reads_it():
@@ -174,6 +190,7 @@ def test_pair_probe_verdict_uses_the_multinomial_error_of_the_difference():
     # own 0.5, swapped 0.2 of 100 drawn: d = 0.3, se = sqrt((0.7 - 0.09) / 100) = 0.0781 -> beyond 2 se
     verdict = pair_probe_verdict([none, {"setting": "up", "own": 0.5, "swapped": 0.2, "neither": 0.3, "drawn": 1.0, "n": 100}])
     assert verdict["se"] == pytest.approx(np.sqrt(0.61 / 100)) and verdict["word"] == "more often than"
-    assert "confusion" not in verdict["sentence"]
+    assert "(with no reference: 20% and 20%)" in verdict["sentence"]
     verdict = pair_probe_verdict([none, {"setting": "up", "own": 0.3, "swapped": 0.29, "neither": 0.41, "drawn": 0.5, "n": 100}])
-    assert verdict["drawn"] == 50 and verdict["word"] == "as often as" and "confusion" in verdict["sentence"]
+    assert verdict["drawn"] == 50 and verdict["word"] == "not distinguishably more often than"
+    assert "its own colour not distinguishably more often than the other's" in verdict["sentence"]

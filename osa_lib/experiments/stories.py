@@ -219,7 +219,7 @@ def prompt_option_effects(scorer: StoryScorer, story, methods=("vanilla", "csa",
 
     - "descriptions in the prompts": every method drawn with ``describe=True`` (each scene prompt
       gets its characters' descriptions back, the same text for every method) minus without;
-    - "isolated cross-attention alone" (isolated only, on the stripped prompts and on the
+    - "solo-scene isolated cross-attention, off -> on" (isolated only, on the stripped prompts and on the
       described ones): ``solo_cross=True`` (the ID prompt blended in a character's solo first
       scene, METHOD.md's story loop) minus ``solo_cross=False`` (that scene drawn as the model is).
 
@@ -249,7 +249,8 @@ def prompt_option_effects(scorer: StoryScorer, story, methods=("vanilla", "csa",
             for m in methods]
     if "isolated" in methods:
         for label, variant in (("stripped", raw), ("described", described)):
-            rows.append(paired("isolated cross-attention alone", label, "isolated", variant, config, variant, no_solo))
+            rows.append(paired("solo-scene isolated cross-attention, off -> on", label, "isolated", variant, config,
+                               variant, no_solo))
     return rows
 
 

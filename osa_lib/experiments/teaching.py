@@ -10,12 +10,12 @@ import numpy as np
 from ..config import OVERLAP_RULES
 from ..toy.analyzer import analyze_image
 from ..toy.metrics import IDENTITY_DETAILS
-from ..claims import compare, paired_difference
+from ..claims import compare, direction, paired_difference
 from .maps import CapturedRun, character_masks_vs_truth, rule_masks
 from .stories import StoryScorer
 
 __all__ = ["averaging_verdict", "worst_scored", "scored_overlapping", "rule_ious", "identity_chance",
-           "switch_variants", "lambda_sweep_errors", "with_errors", "lambda_verdict", "trio_verdict",
+           "switch_variants", "lambda_sweep_errors", "with_errors", "lambda_differences", "lambda_verdict", "trio_verdict",
            "probe_chance", "pair_probe_verdict", "seed_difference", "carry_over_errors"]
 
 
@@ -117,31 +117,52 @@ def with_errors(rows: list[dict], errors: list[dict], digits: int = 1) -> list[d
     return [{k: (v if k == "λ" else cell(v, e[k])) for k, v in r.items()} for r, e in zip(rows, errors)]
 
 
-def lambda_verdict(sweep: list[dict], errors: list[dict], paper_lam: float = 1.1, z: float = 2.0) -> str:
+def lambda_differences(scorer: StoryScorer, single, paper_lam: float = 1.1) -> dict[str, tuple[float, float, int]]:
+    """IIS-toy and TIS-toy on ``single`` at the paper's λ minus at λ = 0 (the unmodified model),
+    paired by seed (``seed_difference``): the same noise on both sides, so the seeds' shared part
+    cancels, which the two rows' separate standard errors would not show."""
+    at = lambda lam: ("isolated", scorer.backbone.isolation_config(lam=lam))  # noqa: E731
+    return {metric: seed_difference(scorer, single, at(paper_lam), at(0.0), metric) for metric in ("IIS-toy", "TIS-toy")}
+
+
+def lambda_verdict(sweep: list[dict], differences: dict, paper_lam: float = 1.1, z: float = 2.0) -> str:
     """How identity and text fidelity on the single story move from λ = 0 (the unmodified model)
-    to the paper's λ, in words computed from the rows: a change counts only beyond ``z`` standard
-    errors of the difference (the two rows' errors combined); and which swept λ has the highest identity."""
-    by, err = {r["λ"]: r for r in sweep}, {r["λ"]: r for r in errors}
-    if 0 not in by or paper_lam not in by:
+    to the paper's λ, in words computed from ``lambda_differences`` (a change counts only beyond
+    ``z`` standard errors of the paired difference); and which swept λ has the highest identity."""
+    lams = [r["λ"] for r in sweep]
+    if 0 not in lams or paper_lam not in lams:
         return f"the sweep needs λ = 0 and λ = {paper_lam:g} to compare them"
     parts = []
-    for key in ("IIS-toy (single)", "TIS-toy (single)"):
-        d = by[paper_lam][key] - by[0][key]
-        se = float(np.sqrt(np.nansum([err[0][key] ** 2, err[paper_lam][key] ** 2])))
-        name, numbers = key.split(" ")[0], f"({d:+.1f} ± {se:.1f} points)"
-        word = compare(d, 0, ("higher", "lower", ""), tol=z * se)
+    for name in ("IIS-toy", "TIS-toy"):
+        d, se = differences[name][:2]
+        numbers = f"({d:+.1f} ± {se:.1f} points, paired over seeds)"
+        word = direction(d, se, z, "higher", "lower", "")
         parts.append(f"{name} is {word} at λ = {paper_lam:g} than at λ = 0 {numbers}" if word
                      else f"{name} at λ = {paper_lam:g} is within noise of λ = 0 {numbers}")
     best = max(sweep, key=lambda r: r["IIS-toy (single)"])
     return "; ".join(parts) + f"; the highest IIS-toy of the sweep is at λ = {best['λ']:g}."
 
 
-def trio_verdict(counts: dict) -> str:
-    """``trio_summary``'s mixing counts in a sentence whose direction word is computed."""
+def trio_verdict(counts: dict, z: float = 2.0) -> str:
+    """``trio_summary``'s mixing counts in a sentence whose direction word is computed: a gap counts
+    only beyond ``z`` standard errors of the difference of the two shares,
+    sqrt((p_iso (1 − p_iso) + p_van (1 − p_van)) / n) (the same n scenes for both)."""
     n, iso, van = counts["three-character scenes"], counts["isolated mixed"], counts["vanilla mixed"]
-    word = compare(iso, van, ("more often than", "less often than", "as often as"))
-    return (f"Isolated attention mixed {iso} of {n} three-character scenes, vanilla {van}: "
-            f"isolated mixes {word} vanilla here.")
+    p_iso, p_van = (iso / n, van / n) if n else (float("nan"), float("nan"))
+    se = float(np.sqrt((p_iso * (1 - p_iso) + p_van * (1 - p_van)) / n)) if n else float("nan")
+    word = compare(p_iso, p_van, ("more often than", "less often than", "not distinguishably more or less often than"),
+                   tol=z * se)
+    sentence = (f"Isolated attention mixed {iso} of {n} three-character scenes, vanilla {van} (difference "
+                f"{100 * (p_iso - p_van):+.0f} ± {100 * se:.0f} points): isolated mixes {word} vanilla here, counting "
+                f"only beyond two standard errors.")
+    left_out = counts.get("isolated mixed where vanilla left one out")
+    if iso and left_out is not None:
+        where = ("Every one of them" if left_out == iso else f"{left_out} of them")
+        sentence += (f" {where} is a scene where vanilla, from the same noise, left a character out (vanilla left one "
+                     f"out in {counts.get('vanilla leaves one out', '?')} of {n}): "
+                     + ("mixing comes where the model does not fit three characters." if left_out == iso else
+                        "the rest happen where vanilla drew all three."))
+    return sentence
 
 
 def probe_chance(probe: list[dict]) -> dict:
@@ -180,12 +201,13 @@ def pair_probe_verdict(rows: list[dict], z: float = 2.0) -> dict:
     own, swapped = row["own"], row["swapped"]
     d = own - swapped
     se = float(np.sqrt(max(own + swapped - d ** 2, 0.0) / n)) if n else float("nan")
-    word = compare(d, 0.0, ("more often than", "less often than", "as often as"), tol=z * se)
+    word = compare(d, 0.0, ("more often than", "less often than", "not distinguishably more often than"), tol=z * se)
+    none = next((r for r in rows if r["setting"] == "none"), None)
+    baseline = "" if none is None else f" (with no reference: {none['own']:.0%} and {none['swapped']:.0%})"
     sentence = (f"Shown a two-character reference with every token visible, a drawn character took its own colour "
-                f"family in {own:.0%} of {n} and the other character's in {swapped:.0%} (difference {d:+.0%} ± "
-                f"{se:.0%}): it takes its own colour {word} the other's"
-                + (", the confusion of shared self-attention the paper's method is meant to remove." if word != "more often than"
-                   else "."))
+                f"family in {own:.0%} of {n} and the other character's in {swapped:.0%}{baseline}; the difference, "
+                f"{d:+.0%} ± {se:.0%}, says it takes its own colour {word} the other's, counting only beyond two "
+                f"standard errors.")
     return {"own": own, "swapped": swapped, "drawn": n, "difference": d, "se": se, "word": word, "sentence": sentence}
 
 
