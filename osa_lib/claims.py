@@ -9,8 +9,8 @@ import math
 
 import numpy as np
 
-__all__ = ["compare", "direction", "paired_difference", "difference_sentence", "colour_marks", "PAPER_TABLES",
-           "paper_beside_toy", "paper_vs_toy"]
+__all__ = ["compare", "direction", "paired_difference", "difference_sentence", "with_error", "colour_marks",
+           "PAPER_TABLES", "paper_beside_toy", "paper_vs_toy"]
 
 #: The paper's Tables I and II (SDXL at 1024², its test stories): its method, StoryDiffusion where the
 #: paper gives it (TIS: 1.56 under the method), and IIS without the re-weighting (Table II, about 69 %).
@@ -44,6 +44,14 @@ def direction(mean: float, sem: float, z: float = 2.0, more: str = "higher than"
     if not (math.isfinite(mean) and math.isfinite(sem)):
         return same
     return compare(mean, 0.0, (more, less, same), tol=z * sem)
+
+
+def with_error(mean: float, se: float, digits: int = 1, signed: bool = False) -> str:
+    """A table cell "mean ± se" ("n/a" for a NaN mean, no "± …" for a NaN error); ``signed`` writes
+    the mean's sign, for differences."""
+    if mean != mean:
+        return "n/a"
+    return f"{mean:{'+' if signed else ''}.{digits}f}" + ("" if se != se else f" ± {se:.{digits}f}")
 
 
 def difference_sentence(name: str, difference: tuple, words=("higher", "lower"), z: float = 2.0) -> str:

@@ -10,7 +10,7 @@ from osa_lib import IsolationConfig
 from osa_lib.experiments.exercises import (between_class_variance, check_cv, check_iou, check_lambda_zero,
                                           check_mark_chance, check_otsu)
 from osa_lib.claims import (compare, difference_sentence, direction, paired_difference, paper_beside_toy,
-                            paper_vs_toy)
+                            paper_vs_toy, with_error)
 from osa_lib.experiments import (averaging_verdict, identity_chance, lambda_differences, lambda_verdict, pair_probe_verdict, probe_chance,
                                  seed_difference,
                                  switch_variants, trio_verdict, with_errors, worst_scored)
@@ -125,6 +125,12 @@ def test_switch_variants_label_the_paper_and_the_tuned_switches():
     configs = switch_variants(variant)
     assert list(configs) == ["paper's switches", "switches tuned for this model (reweight=4)"]
     assert list(configs.values())[1] == IsolationConfig(reweight=4.0)
+
+
+def test_with_error_cells():
+    assert with_error(1.234, 0.5) == "1.2 ± 0.5" and with_error(0.68, 0.0049, 3) == "0.680 ± 0.005"
+    assert with_error(2.0, 0.25, signed=True) == "+2.0 ± 0.2" and with_error(-2.0, float("nan"), signed=True) == "-2.0"
+    assert with_error(float("nan"), 1.0) == "n/a"
 
 
 def test_with_errors_and_paper_rows():

@@ -11,6 +11,7 @@ import torch
 
 from ..attention import AttentionStore, capture_attention
 from ..masks import OVERLAP_RULES, resize_masks, subject_masks
+from ..claims import with_error
 from ..toy.analyzer import analyze_image, largest_detection, mask_iou
 
 __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_masks_vs_truth",
@@ -234,10 +235,8 @@ def binding_table(probe: list[dict]) -> list[dict]:
 
 def binding_rows(table: list[dict], digits: int = 2) -> list[dict]:
     """``binding_table`` for display: each value as "mean ± standard error"."""
-    def cell(mean, se):
-        return f"{mean:.{digits}f}" + ("" if se != se else f" ± {se:.{digits}f}")
-    return [{"layers": r["layers"], "word": r["word"], "own share": cell(r["own share"], r["own share SE"]),
-             "Otsu IoU": cell(r["Otsu IoU"], r["Otsu IoU SE"])} for r in table]
+    return [{"layers": r["layers"], "word": r["word"], "own share": with_error(r["own share"], r["own share SE"], digits),
+             "Otsu IoU": with_error(r["Otsu IoU"], r["Otsu IoU SE"], digits)} for r in table]
 
 
 def rendered_vs_generated(table: list[dict], generated_iou: float) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..claims import difference_sentence, with_error
 from ..generation import generate_story
 from ..toy.metrics import IDENTITY_DETAILS, id_colours, is_mixed, read_scene, toy_story_metrics
 from ..toy.world import parse_caption
@@ -256,16 +257,13 @@ def prompt_option_effects(scorer: StoryScorer, story, methods=("vanilla", "csa",
 
 def prompt_option_table(rows: list[dict], digits: int = 1) -> list[dict]:
     """``prompt_option_effects`` rows for display: each metric as "difference ± standard error"."""
-    def cell(mean, se):
-        return "n/a" if mean != mean else f"{mean:+.{digits}f}" + ("" if se != se else f" ± {se:.{digits}f}")
     return [{"change": r["change"], "prompts": r["prompts"], "method": r["method"],
-             **{m: cell(r[m], r[f"{m} se"]) for m in PROMPT_EFFECT_METRICS}} for r in rows]
+             **{m: with_error(r[m], r[f"{m} se"], digits, signed=True) for m in PROMPT_EFFECT_METRICS}} for r in rows]
 
 
 def prompt_option_sentences(rows: list[dict], metric: str = "IIS-toy") -> list[str]:
     """One sentence per row of ``prompt_option_effects`` on ``metric``, its direction word computed
     from the difference and its standard error (``claims.difference_sentence``)."""
-    from ..claims import difference_sentence
     return [difference_sentence(f"{r['change'].capitalize()} ({r['prompts']}): {r['method']}'s {metric}",
                                 (r[metric], r[f"{metric} se"])) + "." for r in rows]
 

@@ -10,7 +10,7 @@ import numpy as np
 from ..config import OVERLAP_RULES
 from ..toy.analyzer import analyze_image
 from ..toy.metrics import IDENTITY_DETAILS
-from ..claims import compare, direction, paired_difference
+from ..claims import compare, direction, paired_difference, with_error
 from .maps import CapturedRun, character_masks_vs_truth, rule_masks
 from .stories import StoryScorer
 
@@ -110,11 +110,8 @@ def lambda_sweep_errors(scorer: StoryScorer, single, pair, lams) -> list[dict]:
 
 def with_errors(rows: list[dict], errors: list[dict], digits: int = 1) -> list[dict]:
     """Rows of means and rows of standard errors (same keys) as "mean ± se" strings for a table."""
-    def cell(mean, se):
-        if not isinstance(mean, float):
-            return mean
-        return "n/a" if mean != mean else f"{mean:.{digits}f}" + ("" if se != se else f" ± {se:.{digits}f}")
-    return [{k: (v if k == "λ" else cell(v, e[k])) for k, v in r.items()} for r, e in zip(rows, errors)]
+    return [{k: (with_error(v, e[k], digits) if k != "λ" and isinstance(v, float) else v) for k, v in r.items()}
+            for r, e in zip(rows, errors)]
 
 
 def lambda_differences(scorer: StoryScorer, single, paper_lam: float = 1.1) -> dict[str, tuple[float, float, int]]:
