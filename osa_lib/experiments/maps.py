@@ -228,7 +228,8 @@ def binding_table(probe: list[dict]) -> list[dict]:
     table = []
     for (place, res, word), rows in sorted(groups.items()):
         (share, share_se), (iou, iou_se) = mean_and_error(rows, "own_share"), mean_and_error(rows, "iou")
-        table.append({"layers": f"{place} {res}×{res}", "word": word, "own share": share, "own share SE": share_se,
+        table.append({"layers": f"{place} {res}×{res}", "place": place, "resolution": res, "word": word,
+                      "own share": share, "own share SE": share_se,
                       "Otsu IoU": iou, "Otsu IoU SE": iou_se})
     return table
 
@@ -244,8 +245,8 @@ def rendered_vs_generated(table: list[dict], generated_iou: float) -> dict:
     layers the masks come from (the smallest up resolution) on *rendered* scenes, where the drawing
     is exactly right (``binding_table``), against the mean IoU on generated scenes. What the
     rendered scenes miss is the maps' own loss; the gap between the two is what the drawings add."""
-    smallest = min(int(r["layers"].split("×")[-1]) for r in table if r["layers"].startswith("up "))
-    row = next(r for r in table if r["word"] == "shape" and r["layers"] == f"up {smallest}×{smallest}")
+    smallest = min(r["resolution"] for r in table if r["place"] == "up")
+    row = next(r for r in table if r["word"] == "shape" and r["place"] == "up" and r["resolution"] == smallest)
     rendered, se = row["Otsu IoU"], row["Otsu IoU SE"]
     sentence = (f"On rendered scenes, drawn exactly right, the masks from the {row['layers']} maps reach IoU "
                 f"{rendered:.2f} ± {se:.2f}; on the generated scenes above, {generated_iou:.2f}. Of the IoU the masks miss "
