@@ -16,7 +16,8 @@ from ..toy.analyzer import analyze_image, largest_detection, mask_iou
 
 __all__ = ["CapturedRun", "generate_with_maps", "upsample_masks", "character_masks_vs_truth",
            "mask_iou_records", "overlap_rule_table", "rule_verdict", "layer_table", "iou_over_steps", "content_words",
-           "mask_layer_iou", "mask_iou_summary", "lowest_iou", "BINDING_OWN_SHARE", "binding_rows", "binding_table", "binding_verdict", "rendered_vs_generated",
+           "mask_layer_iou", "mask_iou_summary", "lowest_iou", "BINDING_OWN_SHARE", "binding_rows", "binding_table",
+           "binding_verdict", "rendered_vs_generated",
            "overlap_rule_runs", "pooled_rule_scores", "rule_rows", "first_overlapping", "rule_masks"]
 
 

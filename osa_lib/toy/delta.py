@@ -137,9 +137,10 @@ def apply_delta(delta: Path, base_dir: Path, out: Path, isolation: Path | None =
 TOY_VARIANTS = {
     "isolation-tuned": (SHIPPED_DELTA, SHIPPED_ISOLATION,
                         "data/toy_model with a fine-tune of its up-block self-attention trained with 80 % of its "
-                        "reference pairs in isolated attention's own view (the pixels of each character nearest its centre, "
-                        "8 % of the image, see the other scene's character there, with the w = 4 re-weighting): it copies appearance mainly when shown a reference that "
-                        "way, so comparisons with other methods on it favour isolated attention"),
+                        "reference pairs in isolated attention's own view (the pixels of each character nearest its "
+                        "centre, 8 % of the image, see the other scene's character there, with the w = 4 "
+                        "re-weighting): it copies appearance mainly when shown a reference that way, so comparisons "
+                        "with other methods on it favour isolated attention"),
     "base": (None, None, "data/toy_model alone, trained on single scenes and never shown a reference: no method "
                          "can carry appearance from scene to scene on it"),
     "neutral": (NEUTRAL_DELTA, None,
